@@ -1,0 +1,42 @@
+"""locksafe: row locks and lock failures that behave the same, and safely, on SQLite,
+PostgreSQL and MySQL/MariaDB, for any SQLAlchemy application.
+
+Everything public is importable from here; the modules say where it lives.
+"""
+
+from locksafe.capabilities import LockCapabilities, lock_capabilities
+from locksafe.classify import (
+    classify,
+    is_deadlock_error,
+    is_lock_not_available_error,
+    is_retryable_lock_error,
+)
+from locksafe.kinds import (
+    LockDegradedWarning,
+    LockErrorKind,
+    LocksafeError,
+    LockUnavailable,
+    UnsupportedLockOption,
+)
+from locksafe.rowlocks import LockOptions, RowLockPlan, plan_row_locks, with_row_locks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LockCapabilities",
+    "LockDegradedWarning",
+    "LockErrorKind",
+    "LockOptions",
+    "LockUnavailable",
+    "LocksafeError",
+    "RowLockPlan",
+    "UnsupportedLockOption",
+    "__version__",
+    "classify",
+    "is_deadlock_error",
+    "is_lock_not_available_error",
+    "is_retryable_lock_error",
+    "lock_capabilities",
+    "plan_row_locks",
+    "with_row_locks",
+]

@@ -1,0 +1,144 @@
+"""What a database can lock, and how locksafe asks for it: :class:`LockCapabilities`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from locksafe.kinds import UnsupportedLockOption
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
+
+__all__ = ["LockCapabilities", "Mechanism", "dialect_of", "lock_capabilities"]
+
+#: How row locks are taken on a database:
+#: ``"row"``: a ``FOR UPDATE``-style clause on the SELECT locks the rows it returns;
+#: ``"database"``: the whole database is write-locked for the rest of the transaction (SQLite);
+#: ``"none"``: locksafe knows no way to lock rows there, so every request raises.
+Mechanism = Literal["row", "database", "none"]
+
+
+@dataclass(frozen=True)
+class LockCapabilities:
+    """The row-lock features of one server, resolved from dialect, flavour and version.
+
+    >>> from sqlalchemy.dialects import postgresql
+    >>> lock_capabilities(postgresql.dialect()).skip_locked
+    True
+    """
+
+    #: SQLAlchemy dialect name (``"postgresql"``, ``"mysql"``, ``"sqlite"``...).
+    dialect: str
+    #: The server product: ``"postgresql"``, ``"mysql"``, ``"mariadb"``, ``"sqlite"``...
+    flavour: str
+    #: The server version, when known (``None`` before the first connection).
+    server_version: tuple[int, ...] | None
+    mechanism: Mechanism
+    #: Exclusive row locks (``FOR UPDATE``).
+    for_update: bool
+    #: Shared row locks (``FOR SHARE`` / ``LOCK IN SHARE MODE``).
+    for_share: bool
+    #: PostgreSQL's weaker ``FOR NO KEY UPDATE`` / ``FOR KEY SHARE``.
+    key_share: bool
+    #: Fail at once instead of waiting (``NOWAIT``).
+    nowait: bool
+    #: Skip rows locked by others (``SKIP LOCKED``).
+    skip_locked: bool
+    #: Lock only the named tables of a join (``FOR UPDATE OF t``).
+    of: bool
+    #: One line on how locking works there, for logs, docs and ``locksafe doctor``.
+    summary: str = ""
+
+    @property
+    def version_string(self) -> str:
+        """The server version as text (``"unknown"`` before the first connection)."""
+        if self.server_version is None:
+            return "unknown"
+        return ".".join(str(part) for part in self.server_version)
+
+    def supports(self, option: str) -> bool:
+        """Whether the named option (a field name such as ``"nowait"``) is supported."""
+        value = getattr(self, option, None)
+        return value is True
+
+
+def dialect_of(bind: Any) -> Dialect:
+    """The SQLAlchemy :class:`~sqlalchemy.engine.Dialect` behind any bind-like object.
+
+    Accepts a Dialect, Engine, Connection, Session, AsyncEngine, AsyncConnection or
+    AsyncSession (or anything with ``get_bind()`` or ``dialect``).
+    """
+    from sqlalchemy.engine import Dialect
+
+    if isinstance(bind, Dialect):
+        return bind
+    for attribute in ("sync_session", "sync_engine"):
+        inner = getattr(bind, attribute, None)
+        if inner is not None:
+            return dialect_of(inner)
+    get_bind = getattr(bind, "get_bind", None)
+    if callable(get_bind):
+        return dialect_of(get_bind())
+    dialect = getattr(bind, "dialect", None)
+    if isinstance(dialect, Dialect):
+        return dialect
+    raise TypeError(
+        f"cannot find a SQLAlchemy dialect on {type(bind).__name__!r}: pass a Session, "
+        "AsyncSession, Connection, AsyncConnection, Engine, AsyncEngine or Dialect"
+    )
+
+
+def lock_capabilities(bind: Any) -> LockCapabilities:
+    """What the database behind ``bind`` can lock, and how.
+
+    ``bind`` is a Session, AsyncSession, Connection, AsyncConnection, Engine, AsyncEngine or a
+    Dialect. The server version is read from the dialect, which learns it on its first
+    connection; before that, version-dependent features are reported for the oldest server
+    locksafe supports.
+
+    >>> from sqlalchemy import create_engine
+    >>> caps = lock_capabilities(create_engine("sqlite://"))
+    >>> caps.mechanism
+    'database'
+    """
+    from locksafe.dialects import support_for
+
+    dialect = dialect_of(bind)
+    support = support_for(dialect.name)
+    if support is None:
+        version = getattr(dialect, "server_version_info", None)
+        return LockCapabilities(
+            dialect=dialect.name,
+            flavour=dialect.name,
+            server_version=tuple(version) if version else None,
+            mechanism="none",
+            for_update=False,
+            for_share=False,
+            key_share=False,
+            nowait=False,
+            skip_locked=False,
+            of=False,
+            summary=f"locksafe has no module for the {dialect.name!r} dialect",
+        )
+    return support.capabilities(dialect)
+
+
+def version_of(dialect: Dialect) -> tuple[int, ...] | None:
+    """The numeric part of ``dialect.server_version_info``, or ``None`` before connecting."""
+    info = getattr(dialect, "server_version_info", None)
+    if not info:
+        return None
+    numbers: list[int] = []
+    for part in info:
+        if not isinstance(part, int):
+            break
+        numbers.append(part)
+    return tuple(numbers) or None
+
+
+def unsupported(caps: LockCapabilities, *options: str, reason: str = "") -> UnsupportedLockOption:
+    """An :class:`UnsupportedLockOption` for these capabilities."""
+    return UnsupportedLockOption(
+        options, dialect=caps.flavour, server_version=caps.server_version, reason=reason
+    )

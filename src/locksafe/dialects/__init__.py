@@ -1,0 +1,218 @@
+"""What locksafe knows about each database, one module per dialect.
+
+Each module in this package describes one SQLAlchemy dialect (or a family: ``mysql`` serves MySQL
+and MariaDB) as a :class:`DialectSupport` named ``SUPPORT``: the lock-error codes of every driver
+it knows, its row-lock capabilities per server version, and any extra step its row locks need
+(SQLite's database write lock). The generic layer (``classify``, ``capabilities``, ``rowlocks``)
+finds a dialect here by name and asks it; it never branches on a dialect's name itself.
+
+Adding a dialect is one module plus one line in :data:`MODULES`; adding a driver is one
+:class:`DriverErrors` row in its dialect's module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from locksafe.kinds import LockErrorKind
+
+if TYPE_CHECKING:
+    from sqlalchemy import Table
+    from sqlalchemy.engine import Dialect
+    from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
+
+    from locksafe.capabilities import LockCapabilities
+    from locksafe.rowlocks import RowLockPlan
+
+__all__ = [
+    "MODULES",
+    "DialectSupport",
+    "DriverErrors",
+    "ErrorContext",
+    "ErrorTable",
+    "all_supports",
+    "driver_for_module",
+    "support_for",
+]
+
+Code = str | int
+
+#: SQLAlchemy dialect name -> the module in this package that describes it.
+MODULES: Mapping[str, str] = {
+    "postgresql": "postgresql",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+    "sqlite": "sqlite",
+    "oracle": "oracle",
+    "mssql": "mssql",
+}
+
+
+@dataclass(frozen=True)
+class ErrorContext:
+    """What classification knows about one driver exception, handed to a table's ``refine``."""
+
+    code: Code
+    kind: LockErrorKind | None
+    message: str
+    statement: str | None
+
+
+@dataclass(frozen=True)
+class DriverErrors:
+    """How one driver carries its error code.
+
+    ``modules`` are the module prefixes of the driver's exception classes (``"psycopg2"``,
+    ``"mysql.connector"``); ``read_code`` returns the code carried by one of its exceptions, or
+    ``None`` when it carries none.
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    read_code: Callable[[BaseException], Code | None]
+
+
+@dataclass(frozen=True)
+class ErrorTable:
+    """A dialect's lock-error knowledge, as data.
+
+    ``codes`` maps a code to its kind (``None`` marks a code known *not* to be a lock error);
+    ``refine`` may change the kind using the message and the failed statement (PostgreSQL's
+    55P03 is both "NOWAIT failed" and "lock_timeout expired"); ``messages`` are a last resort
+    for exceptions that carry no code at all: (exception class name, lower-case message
+    fragment, kind).
+    """
+
+    drivers: tuple[DriverErrors, ...]
+    codes: Mapping[Code, LockErrorKind | None]
+    refine: Callable[[ErrorContext], LockErrorKind | None] | None = None
+    messages: tuple[tuple[str, str, LockErrorKind], ...] = ()
+
+
+@dataclass(frozen=True)
+class DialectSupport:
+    """Everything locksafe knows about one dialect."""
+
+    #: The SQLAlchemy dialect names this module serves.
+    names: tuple[str, ...]
+    #: Human name for docs and messages.
+    title: str
+    #: Returns this server's row-lock capabilities; ``dialect`` has been initialised (it has
+    #: connected once) when ``server_version_info`` is set.
+    capabilities: Callable[[Dialect], LockCapabilities]
+    errors: ErrorTable = field(default_factory=lambda: ErrorTable(drivers=(), codes={}))
+    #: Run on the DBAPI cursor right before a statement locked with a "database" mechanism is
+    #: executed; returns a replacement SQL string or ``None`` to run the statement unchanged.
+    #: Called with (cursor, context, plan, SQL string, tables the statement reads).
+    before_locking_select: (
+        Callable[
+            [DBAPICursor, ExecutionContext, RowLockPlan, str, Sequence[Table]], str | None
+        ]
+        | None
+    ) = None
+    #: Whether capabilities depend on the server version (then a statement is planned when
+    #: the version is known, at the latest by the connection that executes it).
+    version_dependent: bool = False
+    #: Servers worth documenting in the generated capability matrix:
+    #: (label, SQLAlchemy dialect name, server version).
+    documented_versions: tuple[tuple[str, str, tuple[int, ...] | None], ...] = ()
+    #: Extra facts for the docs.
+    notes: str = ""
+
+
+_loaded: dict[str, DialectSupport] = {}
+_by_module: dict[str, tuple[DialectSupport, DriverErrors] | None] = {}
+
+
+def support_for(dialect_name: str) -> DialectSupport | None:
+    """The :class:`DialectSupport` for a SQLAlchemy dialect name, or ``None`` if unknown."""
+    support = _loaded.get(dialect_name)
+    if support is None:
+        module_name = MODULES.get(dialect_name)
+        if module_name is None:
+            return None
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        support = module.SUPPORT
+        assert isinstance(support, DialectSupport)
+        for name in support.names:
+            _loaded[name] = support
+    return support
+
+
+def all_supports() -> list[DialectSupport]:
+    """Every known dialect, each once, in :data:`MODULES` order."""
+    seen: list[DialectSupport] = []
+    for name in MODULES:
+        support = support_for(name)
+        if support is not None and support not in seen:
+            seen.append(support)
+    return seen
+
+
+def _driver_index() -> dict[str, tuple[DialectSupport, DriverErrors]]:
+    index: dict[str, tuple[DialectSupport, DriverErrors]] = {}
+    for support in all_supports():
+        for driver in support.errors.drivers:
+            for module in driver.modules:
+                index[module] = (support, driver)
+    return index
+
+
+_index: dict[str, tuple[DialectSupport, DriverErrors]] | None = None
+
+
+def driver_for_module(module: str) -> tuple[DialectSupport, DriverErrors] | None:
+    """The dialect and driver whose exceptions live in ``module`` (longest prefix wins)."""
+    global _index
+    try:
+        return _by_module[module]
+    except KeyError:
+        pass
+    if _index is None:
+        _index = _driver_index()
+    found = None
+    candidate = module
+    while candidate:
+        found = _index.get(candidate)
+        if found is not None:
+            break
+        candidate = candidate.rpartition(".")[0]
+    if len(_by_module) < 4096:
+        _by_module[module] = found
+    return found
+
+
+# -- code readers shared by several dialect modules ------------------------------------------
+
+
+def read_attribute(*names: str) -> Callable[[BaseException], Code | None]:
+    """A reader returning the first of ``names`` that is a non-empty str or an int."""
+
+    def read(exc: BaseException) -> Code | None:
+        for name in names:
+            obj: Any = exc
+            for part in name.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+            if isinstance(obj, int) and not isinstance(obj, bool):
+                return obj
+            if isinstance(obj, str) and obj:
+                return obj
+        return None
+
+    read.__name__ = f"read_{'_or_'.join(n.replace('.', '_') for n in names)}"
+    return read
+
+
+def read_first_int_arg(exc: BaseException) -> Code | None:
+    """MySQL drivers that raise ``Error(errno, message)``: PyMySQL, mysqlclient, asyncmy."""
+    args = getattr(exc, "args", None)
+    if isinstance(args, tuple) and args:
+        first = args[0]
+        if isinstance(first, int) and not isinstance(first, bool):
+            return first
+    return None

@@ -1,0 +1,132 @@
+"""MySQL and MariaDB: error numbers of every driver, and version-dependent row-lock rules.
+
+Error numbers come from the MySQL server error reference and MariaDB's error-code list; a
+MariaDB server reports a failed ``NOWAIT`` as 1205 (``ER_LOCK_WAIT_TIMEOUT``), MySQL 8 as
+3572 (``ER_LOCK_NOWAIT``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from locksafe.capabilities import LockCapabilities, version_of
+from locksafe.dialects import (
+    DialectSupport,
+    DriverErrors,
+    ErrorContext,
+    ErrorTable,
+    read_attribute,
+    read_first_int_arg,
+)
+from locksafe.kinds import LockErrorKind
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
+
+ER_RECORD_CHANGED = 1020  # MariaDB: "Record has changed since last read" (snapshot isolation)
+ER_LOCK_WAIT_TIMEOUT = 1205
+ER_LOCK_DEADLOCK = 1213
+ER_STATEMENT_TIMEOUT = 1969  # MariaDB max_statement_time
+ER_QUERY_TIMEOUT = 3024  # MySQL max_execution_time
+ER_USER_LOCK_DEADLOCK = 3058  # MySQL GET_LOCK deadlock
+ER_LOCK_NOWAIT = 3572  # MySQL 8 NOWAIT
+
+_NOWAIT = re.compile(r"\bNOWAIT\b", re.IGNORECASE)
+
+
+def _refine(error: ErrorContext) -> LockErrorKind | None:
+    if (
+        error.code == ER_LOCK_WAIT_TIMEOUT
+        and error.statement is not None
+        and _NOWAIT.search(error.statement)
+    ):
+        # MariaDB answers a failed NOWAIT with 1205, like a lock wait that timed out.
+        return LockErrorKind.LOCK_NOT_AVAILABLE
+    return error.kind
+
+
+ERRORS = ErrorTable(
+    drivers=(
+        # PyMySQL and aiomysql (which raises PyMySQL's classes) carry (errno, message) in args.
+        DriverErrors("pymysql", ("pymysql",), read_first_int_arg),
+        DriverErrors("aiomysql", ("aiomysql",), read_first_int_arg),
+        DriverErrors("mysqlclient", ("MySQLdb",), read_first_int_arg),
+        DriverErrors("asyncmy", ("asyncmy",), read_first_int_arg),
+        DriverErrors("mysql-connector", ("mysql.connector",), read_attribute("errno")),
+        DriverErrors("mariadb", ("mariadb",), read_attribute("errno")),
+        # SQLAlchemy's async adapters may re-raise driver errors as their own classes with the
+        # driver's args; the original is the ``__cause__``.
+        DriverErrors(
+            "SQLAlchemy MySQL async adapter",
+            ("sqlalchemy.dialects.mysql.aiomysql", "sqlalchemy.dialects.mysql.asyncmy"),
+            read_first_int_arg,
+        ),
+    ),
+    codes={
+        ER_RECORD_CHANGED: LockErrorKind.SERIALIZATION_FAILURE,
+        ER_LOCK_WAIT_TIMEOUT: LockErrorKind.LOCK_TIMEOUT,
+        ER_LOCK_DEADLOCK: LockErrorKind.DEADLOCK,
+        ER_USER_LOCK_DEADLOCK: LockErrorKind.DEADLOCK,
+        ER_LOCK_NOWAIT: LockErrorKind.LOCK_NOT_AVAILABLE,
+        ER_QUERY_TIMEOUT: LockErrorKind.STATEMENT_TIMEOUT,
+        ER_STATEMENT_TIMEOUT: LockErrorKind.STATEMENT_TIMEOUT,
+    },
+    refine=_refine,
+)
+
+#: (flavour, first version, feature): a feature is available from that version on.
+VERSION_RULES: tuple[tuple[str, tuple[int, ...], str], ...] = (
+    ("mysql", (8, 0, 1), "nowait"),
+    ("mysql", (8, 0, 1), "skip_locked"),
+    ("mysql", (8, 0, 1), "of"),
+    ("mariadb", (10, 3, 0), "nowait"),
+    ("mariadb", (10, 6, 0), "skip_locked"),
+)
+
+#: The version assumed before the first connection tells the real one: the oldest supported.
+OLDEST = {"mysql": (5, 7), "mariadb": (10, 2)}
+
+
+def capabilities(dialect: Dialect) -> LockCapabilities:
+    flavour = "mariadb" if getattr(dialect, "is_mariadb", False) else "mysql"
+    version = version_of(dialect)
+    effective = version or OLDEST[flavour]
+    features = {
+        feature
+        for rule_flavour, since, feature in VERSION_RULES
+        if rule_flavour == flavour and effective >= since
+    }
+    return LockCapabilities(
+        dialect=dialect.name,
+        flavour=flavour,
+        server_version=version,
+        mechanism="row",
+        for_update=True,
+        for_share=True,
+        key_share=False,
+        nowait="nowait" in features,
+        skip_locked="skip_locked" in features,
+        of="of" in features,
+        summary=(
+            "InnoDB row locks: FOR UPDATE, "
+            + ("FOR SHARE" if flavour == "mysql" and "of" in features else "LOCK IN SHARE MODE")
+            + "".join(f", {f.replace('_', ' ').upper()}" for f in sorted(features))
+        ),
+    )
+
+
+SUPPORT = DialectSupport(
+    names=("mysql", "mariadb"),
+    title="MySQL / MariaDB",
+    capabilities=capabilities,
+    errors=ERRORS,
+    version_dependent=True,
+    documented_versions=(
+        ("MySQL 5.7", "mysql", (5, 7, 44)),
+        ("MySQL ≥ 8.0.1", "mysql", (8, 0, 36)),
+        ("MariaDB 10.2", "mariadb", (10, 2, 44)),
+        ("MariaDB 10.3 to 10.5", "mariadb", (10, 5, 0)),
+        ("MariaDB ≥ 10.6", "mariadb", (10, 11, 0)),
+    ),
+)

@@ -1,0 +1,195 @@
+"""SQLite: SQLITE_BUSY / SQLITE_LOCKED families, and row locks as the database write lock.
+
+SQLite has no row locks, and SQLAlchemy renders nothing for ``with_for_update()`` there. A
+transaction that must not race takes SQLite's single write lock (RESERVED, or the WAL write
+lock) *before* its SELECT runs and keeps it until it ends; locksafe does that with a write
+statement that changes nothing (``DELETE FROM t WHERE 0``), which waits for the busy timeout
+like any write, and fails at once with SQLITE_BUSY_SNAPSHOT when a WAL snapshot the transaction
+already read is stale (the write lock can then never be had: the transaction must start again).
+
+Result codes: https://www.sqlite.org/rescode.html (primary code = extended code & 0xFF).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from locksafe.capabilities import LockCapabilities, version_of
+from locksafe.dialects import (
+    Code,
+    DialectSupport,
+    DriverErrors,
+    ErrorContext,
+    ErrorTable,
+)
+from locksafe.kinds import LockErrorKind
+
+if TYPE_CHECKING:
+    from sqlalchemy import Table
+    from sqlalchemy.engine import Dialect
+    from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
+
+    from locksafe.rowlocks import RowLockPlan
+
+SQLITE_BUSY = 5
+SQLITE_LOCKED = 6
+SQLITE_BUSY_SNAPSHOT = 517  # 5 | (2 << 8)
+
+_NAMES = {"SQLITE_BUSY": SQLITE_BUSY, "SQLITE_LOCKED": SQLITE_LOCKED}
+
+
+def _read_sqlite(exc: BaseException) -> Code | None:
+    """``sqlite_errorcode`` (Python ≥ 3.11), else the name in ``sqlite_errorname``."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code & 0xFF
+    name = getattr(exc, "sqlite_errorname", None)
+    if isinstance(name, str) and name:
+        for prefix, primary in _NAMES.items():
+            if name == prefix or name.startswith(prefix + "_"):
+                return primary
+        return name
+    return None
+
+
+def _refine(error: ErrorContext) -> LockErrorKind | None:
+    return error.kind
+
+
+ERRORS = ErrorTable(
+    drivers=(
+        # pysqlite and aiosqlite both raise the sqlite3 module's classes.
+        DriverErrors("sqlite3", ("sqlite3", "_sqlite3"), _read_sqlite),
+    ),
+    codes={
+        SQLITE_BUSY: LockErrorKind.DATABASE_BUSY,
+        SQLITE_LOCKED: LockErrorKind.TABLE_LOCKED,
+    },
+    refine=_refine,
+    # Python 3.10's sqlite3 exceptions carry no code: fall back to SQLite's fixed messages for
+    # SQLITE_BUSY / SQLITE_LOCKED, on OperationalError only (a trigger's RAISE(ABORT, 'database
+    # is locked') is an IntegrityError).
+    messages=(
+        ("OperationalError", "database table is locked", LockErrorKind.TABLE_LOCKED),
+        ("OperationalError", "database schema is locked", LockErrorKind.TABLE_LOCKED),
+        ("OperationalError", "database is locked", LockErrorKind.DATABASE_BUSY),
+    ),
+)
+
+
+def capabilities(dialect: Dialect) -> LockCapabilities:
+    return LockCapabilities(
+        dialect=dialect.name,
+        flavour="sqlite",
+        server_version=version_of(dialect) or tuple(sqlite3.sqlite_version_info),
+        mechanism="database",
+        for_update=True,
+        for_share=True,
+        key_share=True,
+        nowait=True,
+        skip_locked=True,
+        of=True,
+        summary=(
+            "no row locks: every lock is the database write lock, taken before the SELECT "
+            "and held to the end of the transaction"
+        ),
+    )
+
+
+# -- the write lock ---------------------------------------------------------------------------
+
+
+def _busy_timeout(cursor: DBAPICursor) -> int:
+    cursor.execute("PRAGMA busy_timeout")
+    row = cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _primary_code(exc: BaseException) -> int | None:
+    code = _read_sqlite(exc)
+    return code if isinstance(code, int) else None
+
+
+def _extended_code(exc: BaseException) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code if isinstance(code, int) else None
+
+
+def _in_transaction(dbapi_connection: Any) -> bool:
+    for candidate in (dbapi_connection, getattr(dbapi_connection, "_connection", None)):
+        value = getattr(candidate, "in_transaction", None)
+        if isinstance(value, bool):
+            return value
+    return True
+
+
+def write_lock_sql(context: ExecutionContext, tables: Sequence[Table]) -> list[str]:
+    """The statements that take the write lock of every database the SELECT reads."""
+    preparer = context.dialect.identifier_preparer
+    seen: set[str | None] = set()
+    statements = []
+    for table in tables:
+        schema = table.schema
+        if schema in seen:
+            continue
+        seen.add(schema)
+        statements.append(f"DELETE FROM {preparer.format_table(table)} WHERE 0")
+    return statements
+
+
+def take_write_lock(
+    cursor: DBAPICursor,
+    context: ExecutionContext,
+    plan: RowLockPlan,
+    statement: str,
+    tables: Sequence[Table],
+) -> str | None:
+    """Take SQLite's write lock before a locking SELECT; see the module docstring.
+
+    ``nowait`` and ``skip_locked`` use a zero busy timeout for the attempt. Under
+    ``skip_locked`` a busy database makes the SELECT return no rows (every row is locked by
+    the writer) instead of waiting; a stale WAL snapshot (SQLITE_BUSY_SNAPSHOT) always raises.
+    """
+    requested = plan.effective
+    fail_fast = requested.nowait or requested.skip_locked
+    dbapi_connection = context.root_connection.connection.dbapi_connection
+    if not _in_transaction(dbapi_connection):
+        statements = ["BEGIN IMMEDIATE"]
+    else:
+        statements = write_lock_sql(context, tables)
+        if not statements:
+            statements = ["BEGIN IMMEDIATE"]
+    saved = _busy_timeout(cursor) if fail_fast else None
+    try:
+        if saved is not None:
+            cursor.execute("PRAGMA busy_timeout = 0")
+        for sql in statements:
+            cursor.execute(sql)
+    except Exception as exc:
+        if (
+            requested.skip_locked
+            and _primary_code(exc) == SQLITE_BUSY
+            and _extended_code(exc) != SQLITE_BUSY_SNAPSHOT
+        ):
+            return f"SELECT * FROM ({statement}) WHERE 0"
+        raise
+    finally:
+        if saved is not None:
+            cursor.execute(f"PRAGMA busy_timeout = {saved:d}")
+    return None
+
+
+SUPPORT = DialectSupport(
+    names=("sqlite",),
+    title="SQLite",
+    capabilities=capabilities,
+    errors=ERRORS,
+    before_locking_select=take_write_lock,
+    documented_versions=(("SQLite 3", "sqlite", None),),
+    notes=(
+        "SQLAlchemy renders nothing for FOR UPDATE on SQLite; locksafe takes the database "
+        "write lock instead (see the row-locks page)."
+    ),
+)

@@ -1,0 +1,119 @@
+"""The vocabulary of locksafe: kinds of lock failure and the typed exceptions.
+
+This module imports nothing from the rest of locksafe, so every other module (the per-dialect
+modules included) can depend on it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+__all__ = [
+    "LockDegradedWarning",
+    "LockErrorKind",
+    "LockUnavailable",
+    "LocksafeError",
+    "UnsupportedLockOption",
+]
+
+
+class LockErrorKind(str, enum.Enum):
+    """What kind of lock failure a database error is.
+
+    Each kind calls for a different reaction: skip the row, retry the whole transaction, or
+    answer "try again later".
+
+    ``str`` valued, so it logs and serialises as its value::
+
+        >>> LockErrorKind.DEADLOCK == "deadlock"
+        True
+    """
+
+    #: A NOWAIT / try-lock request could not get the lock at once.
+    LOCK_NOT_AVAILABLE = "lock_not_available"
+    #: The statement waited for a lock and gave up (lock_timeout, innodb_lock_wait_timeout).
+    LOCK_TIMEOUT = "lock_timeout"
+    #: The server broke a deadlock by aborting this transaction.
+    DEADLOCK = "deadlock"
+    #: SERIALIZABLE / REPEATABLE READ conflict: the transaction must be run again.
+    SERIALIZATION_FAILURE = "serialization_failure"
+    #: SQLite's SQLITE_BUSY family: another connection holds the database lock.
+    DATABASE_BUSY = "database_busy"
+    #: SQLite's SQLITE_LOCKED family: a conflict inside one process (shared cache, same db).
+    TABLE_LOCKED = "table_locked"
+    #: A statement time limit cancelled the statement. Not a lock error, but often confused with
+    #: one; it is never retried by locksafe.
+    STATEMENT_TIMEOUT = "statement_timeout"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class LocksafeError(Exception):
+    """Base class of the exceptions locksafe raises itself."""
+
+
+class UnsupportedLockOption(LocksafeError):
+    """The database cannot honour a requested lock option, and degrading was not allowed.
+
+    Raised by :func:`locksafe.with_row_locks` under ``on_unsupported="raise"`` (the default), and
+    always when no lock at least as strong exists on that database.
+    """
+
+    def __init__(
+        self,
+        options: Sequence[str],
+        *,
+        dialect: str,
+        server_version: tuple[int, ...] | None,
+        reason: str = "",
+    ) -> None:
+        self.options = tuple(options)
+        self.dialect = dialect
+        self.server_version = server_version
+        self.reason = reason
+        version = ".".join(map(str, server_version)) if server_version else "unknown version"
+        names = ", ".join(self.options)
+        message = f"{names} not supported by {dialect} {version}"
+        if reason:
+            message += f": {reason}"
+        super().__init__(message)
+
+    @property
+    def option(self) -> str:
+        """The first (usually the only) unsupported option."""
+        return self.options[0]
+
+
+class LockUnavailable(LocksafeError):
+    """A transaction kept failing on lock errors and locksafe gave up retrying it.
+
+    It is retryable by the caller: an HTTP API answers it with ``503`` and a ``Retry-After``
+    header of :attr:`retry_after` seconds. The last database error is its ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        kind: LockErrorKind,
+        *,
+        attempts: int,
+        elapsed: float,
+        retry_after: float,
+        operation: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.retry_after = retry_after
+        self.operation = operation
+        what = f"{operation} " if operation else ""
+        super().__init__(
+            f"{what}failed with {kind.value} after {attempts} attempt"
+            f"{'s' if attempts != 1 else ''} in {elapsed:.2f}s; retry after {retry_after:g}s"
+        )
+
+
+class LockDegradedWarning(UserWarning):
+    """A row lock was replaced by a stronger one the database supports
+    (``on_unsupported="warn"``)."""
