@@ -69,7 +69,7 @@ def _driver_of(exc_type: type) -> _Match | None:
         pass
     found = None
     for cls in exc_type.__mro__:
-        module = cls.__dict__.get("__module__")
+        module = getattr(cls, "__module__", None)
         if isinstance(module, str):
             found = driver_for_module(module)
             if found is not None:

@@ -113,6 +113,11 @@ class DialectSupport:
         ]
         | None
     ) = None
+    #: SQL that makes this session's lock waits give up after ``seconds`` (a lock-wait
+    #: timeout, not a statement timeout).
+    lock_timeout_sql: Callable[[float], list[str]] | None = None
+    #: SQL that locks a whole table (given its quoted name) until the transaction ends.
+    lock_table_sql: Callable[[str], list[str]] | None = None
     #: Whether capabilities depend on the server version (then a statement is planned when
     #: the version is known, at the latest by the connection that executes it).
     version_dependent: bool = False

@@ -116,11 +116,24 @@ def capabilities(dialect: Dialect) -> LockCapabilities:
     )
 
 
+def lock_timeout_sql(seconds: float) -> list[str]:
+    # innodb_lock_wait_timeout is whole seconds, at least 1 (MariaDB also accepts 0 = NOWAIT).
+    return [f"SET SESSION innodb_lock_wait_timeout = {max(1, round(seconds)):d}"]
+
+
+def lock_table_sql(quoted_table: str) -> list[str]:
+    # LOCK TABLES would commit the transaction; locking every row (and gap) of the table with
+    # a locking read blocks every writer and every locking reader of it, transactionally.
+    return [f"SELECT 1 FROM {quoted_table} FOR UPDATE"]
+
+
 SUPPORT = DialectSupport(
     names=("mysql", "mariadb"),
     title="MySQL / MariaDB",
     capabilities=capabilities,
     errors=ERRORS,
+    lock_timeout_sql=lock_timeout_sql,
+    lock_table_sql=lock_table_sql,
     version_dependent=True,
     documented_versions=(
         ("MySQL 5.7", "mysql", (5, 7, 44)),

@@ -101,10 +101,20 @@ def capabilities(dialect: Dialect) -> LockCapabilities:
     )
 
 
+def lock_timeout_sql(seconds: float) -> list[str]:
+    return [f"SET lock_timeout = {max(1, round(seconds * 1000)):d}"]
+
+
+def lock_table_sql(quoted_table: str) -> list[str]:
+    return [f"LOCK TABLE {quoted_table} IN ACCESS EXCLUSIVE MODE"]
+
+
 SUPPORT = DialectSupport(
     names=("postgresql",),
     title="PostgreSQL",
     capabilities=capabilities,
     errors=ERRORS,
+    lock_timeout_sql=lock_timeout_sql,
+    lock_table_sql=lock_table_sql,
     documented_versions=(("PostgreSQL ≥ 9.5", "postgresql", (15, 0)),),
 )

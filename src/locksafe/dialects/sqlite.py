@@ -181,12 +181,23 @@ def take_write_lock(
     return None
 
 
+def lock_timeout_sql(seconds: float) -> list[str]:
+    return [f"PRAGMA busy_timeout = {max(0, round(seconds * 1000)):d}"]
+
+
+def lock_table_sql(quoted_table: str) -> list[str]:
+    # No table locks in SQLite: the database write lock covers every table.
+    return [f"DELETE FROM {quoted_table} WHERE 0"]
+
+
 SUPPORT = DialectSupport(
     names=("sqlite",),
     title="SQLite",
     capabilities=capabilities,
     errors=ERRORS,
     before_locking_select=take_write_lock,
+    lock_timeout_sql=lock_timeout_sql,
+    lock_table_sql=lock_table_sql,
     documented_versions=(("SQLite 3", "sqlite", None),),
     notes=(
         "SQLAlchemy renders nothing for FOR UPDATE on SQLite; locksafe takes the database "

@@ -1,0 +1,77 @@
+"""Each driver cell talks to a real server: version, a real write and a real read."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text
+from sqlalchemy.engine import Connection
+
+from conftest import Cell
+
+metadata = MetaData()
+notes = Table(
+    "harness_notes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("body", String(50)),
+)
+
+VERSION_SQL = {
+    "sqlite": "select sqlite_version()",
+    "postgresql": "show server_version",
+    "mariadb": "select version()",
+}
+
+
+def test_cell_talks_to_a_real_server(cell: Cell) -> None:
+    cell.create_all(metadata)
+
+    def work(conn: Connection) -> tuple[str, list[tuple[int, str]], str]:
+        version = conn.execute(text(VERSION_SQL[cell.backend])).scalar_one()
+        conn.execute(insert(notes), [{"id": 1, "body": cell.name}, {"id": 2, "body": "two"}])
+        conn.commit()
+        rows = [tuple(r) for r in conn.execute(select(notes).order_by(notes.c.id))]
+        return str(version), rows, f"{conn.dialect.driver}:{conn.dialect.is_async}"
+
+    version, rows, driver = cell.run(work)
+    assert rows == [(1, cell.name), (2, "two")]
+    assert driver == f"{cell.driver.removesuffix('_async')}:{cell.is_async}"
+    if cell.backend == "postgresql":
+        assert version.startswith("15.")
+    elif cell.backend == "mariadb":
+        assert "MariaDB" in version
+    else:
+        assert version.startswith("3.")
+
+    # What one connection committed, another (a different driver) reads.
+    with cell.sync_engine().connect() as other:
+        assert other.execute(select(func.count()).select_from(notes)).scalar_one() == 2
+
+
+def test_other_connection_holds_a_real_row_lock(cell: Cell) -> None:
+    """locksafe.testing: a row lock held from another connection blocks this one's NOWAIT."""
+    import locksafe
+    from locksafe.testing import hold_row_lock
+
+    cell.create_all(metadata)
+    with cell.sync_engine().begin() as conn:
+        conn.execute(insert(notes), [{"id": 1, "body": "x"}])
+
+    def try_lock(conn: Connection) -> str:
+        stmt = locksafe.with_row_locks(select(notes).where(notes.c.id == 1), nowait=True)
+        try:
+            with conn.begin():
+                conn.execute(stmt).all()
+        except Exception as exc:
+            return str(locksafe.classify(exc))
+        return "locked"
+
+    with hold_row_lock(cell.url, select(notes).where(notes.c.id == 1)):
+        kind = cell.run(try_lock)
+    assert kind in {"lock_not_available", "database_busy"}
+    assert cell.run(try_lock) == "locked"  # released when the holder's block ended
+
+
+@pytest.mark.cells("sqlite+pysqlite")
+def test_cells_marker_restricts_cells(cell: Cell) -> None:
+    assert cell.name == "sqlite+pysqlite"
