@@ -19,6 +19,7 @@ from locksafe.kinds import (
     UnsupportedLockOption,
 )
 from locksafe.rowlocks import LockOptions, RowLockPlan, plan_row_locks, with_row_locks
+from locksafe.transactions import RetryDetails, retry_if_lock_error, set_testing, transactional
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "LockOptions",
     "LockUnavailable",
     "LocksafeError",
+    "RetryDetails",
     "RowLockPlan",
     "UnsupportedLockOption",
     "__version__",
@@ -38,5 +40,8 @@ __all__ = [
     "is_retryable_lock_error",
     "lock_capabilities",
     "plan_row_locks",
+    "retry_if_lock_error",
+    "set_testing",
+    "transactional",
     "with_row_locks",
 ]

@@ -1,0 +1,1 @@
+"""Drop-in replacements for the helpers other projects hand-roll today."""
