@@ -218,6 +218,26 @@ class Cell:
         self._engines.append(engine)
         return engine
 
+    def warm_up(self, engine: Any) -> Any:
+        """Connect once, in this thread, before threads share ``engine``.
+
+        SQLAlchemy runs an engine's first ``connect`` under a mutex that, for an AsyncEngine,
+        is an asyncio lock bound to the first event loop: two threads (two loops) connecting
+        for the first time at once can wait on it forever. Call this after adding ``connect``
+        listeners and before handing an async engine to several threads.
+        """
+        if isinstance(engine, AsyncEngine):
+
+            async def touch() -> None:
+                async with engine.connect():
+                    pass
+
+            self.run_async(touch)
+        else:
+            with engine.connect():
+                pass
+        return engine
+
     def sync_engine(self, **kw: Any) -> Engine:
         """A sync engine on the same database (for set-up, checks and holders)."""
         kw.setdefault("poolclass", NullPool)
@@ -274,7 +294,7 @@ class Cell:
     def default_engine(self) -> Any:
         engine = getattr(self, "_default_engine", None)
         if engine is None:
-            engine = self._default_engine = self.engine()
+            engine = self._default_engine = self.warm_up(self.engine())
         return engine
 
     def other(self, **kw: Any) -> OtherConnection:
@@ -319,7 +339,6 @@ class Cell:
         for old in self._loops:
             with contextlib.suppress(Exception):
                 if not old.is_closed():
-                    old.run_until_complete(old.shutdown_asyncgens())
                     old.close()
         if errors:
             raise errors[0]

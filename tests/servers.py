@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import getpass
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -72,54 +72,90 @@ class Server:
         """
         if self._stopped:
             return
-        try:
-            _terminate(self.pid, self._starttime, self._stop_signal, self._reap)
-        finally:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-            self._stopped = True
-            _forget(self)
+        _terminate(self.pid, self._starttime, self._stop_signal, self._reap)
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+        # Only now: a stop interrupted above (Ctrl-C) is done again by the atexit safety net.
+        self._stopped = True
+        _forget(self)
 
 
 # ---------------------------------------------------------------------------------------------
-# Safety net: stop every live server at exit and on SIGTERM / SIGHUP.
+# Safety net: at interpreter exit and on SIGTERM / SIGHUP, stop every live server and undo every
+# start-up in progress.  No locks: the signal handler runs on the main thread between bytecodes
+# and must never wait for a lock that the code it interrupted holds.
 
 _live: list[Server] = []
-_live_lock = threading.Lock()
-_safety_net_installed = False
+_pending: list[_Pending] = []
+_atexit_registered = False
+_handlers_installed = False
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
-def _remember(server: Server) -> None:
-    with _live_lock:
-        _live.append(server)
+class _Pending:
+    """A start-up in progress: what to undo if it fails or is interrupted."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.helper: subprocess.Popen[str] | None = None  # the helper command running now
+        self.stop_server: Callable[[], None] | None = None
+
+    def undo(self) -> None:
+        helper = self.helper
+        if helper is not None and helper.poll() is None:
+            _kill_group(helper)
+        stop_server = self.stop_server
+        if stop_server is not None:
+            stop_server()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _starting(prefix: str, owner: str) -> Iterator[_Pending]:
+    """Make the base directory and undo everything if the block does not complete."""
     _install_safety_net()
+    pending = _Pending(_make_base_dir(prefix, owner))
+    _pending.append(pending)
+    try:
+        yield pending
+    except BaseException:
+        pending.undo()
+        raise
+    finally:
+        with contextlib.suppress(ValueError):
+            _pending.remove(pending)
+
+
+def _remember(server: Server) -> None:
+    _live.append(server)
 
 
 def _forget(server: Server) -> None:
-    with _live_lock:
-        if server in _live:
-            _live.remove(server)
+    with contextlib.suppress(ValueError):
+        _live.remove(server)
 
 
 def stop_all() -> None:
-    """Stop every server started by this process that is still running."""
-    with _live_lock:
-        servers = list(reversed(_live))
-    for server in servers:
+    """Undo start-ups in progress and stop every server this process started."""
+    for pending in list(_pending):
+        try:
+            pending.undo()
+        except Exception as exc:  # keep going: the others must be cleaned up too
+            print(f"servers.py: undoing a start-up failed: {exc!r}", file=sys.stderr)
+    for server in reversed(list(_live)):
         try:
             server.stop()
-        except Exception as exc:  # keep going: the others must be stopped too
+        except Exception as exc:
             print(f"servers.py: stopping {server.name} failed: {exc!r}", file=sys.stderr)
 
 
 def _install_safety_net() -> None:
-    global _safety_net_installed
-    if _safety_net_installed:
-        return
-    _safety_net_installed = True
-    atexit.register(stop_all)
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can only be installed from the main thread
+    global _atexit_registered, _handlers_installed
+    if not _atexit_registered:
+        _atexit_registered = True
+        atexit.register(stop_all)
+    if _handlers_installed or threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be installed from the main thread: maybe next time
+    _handlers_installed = True
     for signum in _HANDLED_SIGNALS:
         previous = signal.getsignal(signum)
         if previous == signal.SIG_IGN:
@@ -132,7 +168,7 @@ _SignalHandler = Callable[[int, FrameType | None], object]
 
 def _make_handler(previous: _SignalHandler | int | None) -> _SignalHandler:
     def handler(signum: int, frame: FrameType | None) -> None:
-        if _live:
+        if _live or _pending:
             name = signal.Signals(signum).name
             print(f"servers.py: {name} received, stopping the test servers", file=sys.stderr)
         stop_all()
@@ -229,8 +265,21 @@ def _no_reap() -> None:
     return None
 
 
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a helper started in its own session, with everything else in its group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+
+
 def _run(
-    args: Sequence[str | Path], *, what: str, timeout: float = COMMAND_TIMEOUT, cwd: Path
+    args: Sequence[str | Path],
+    *,
+    what: str,
+    pending: _Pending,
+    timeout: float = COMMAND_TIMEOUT,
+    env: dict[str, str] | None = None,
 ) -> str:
     """Run a helper command in its own process group; return its output or raise.
 
@@ -246,20 +295,24 @@ def _run(
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
-            cwd=cwd,
+            cwd=pending.base,
+            env=env,
             start_new_session=True,
         )
     except OSError as exc:
         raise ServerStartError(f"{what}: cannot run {argv[0]}: {exc}") from exc
+    pending.helper = proc
     try:
         output, _ = proc.communicate(timeout=timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.kill()
+    except BaseException as exc:
+        _kill_group(proc)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.communicate(timeout=5)
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise ServerStartError(f"{what} timed out after {timeout:.0f} s") from None
         raise
+    finally:
+        pending.helper = None
     if proc.returncode != 0:
         raise ServerStartError(
             f"{what} failed (exit {proc.returncode}): {shlex.join(argv)}\n{_tail_text(output)}"
@@ -314,7 +367,11 @@ def _make_base_dir(prefix: str, owner: str) -> Path:
         parent = "/tmp"
     base = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     if _is_root():
-        shutil.chown(base, owner, owner)
+        try:
+            shutil.chown(base, owner, owner)
+        except BaseException:
+            shutil.rmtree(base, ignore_errors=True)
+            raise
     return base
 
 
@@ -334,14 +391,15 @@ def start_postgresql() -> Server:
     started = time.monotonic()
     initdb = _find("initdb", PG_BIN, dirs_first=True)
     pg_ctl = str(Path(initdb).with_name("pg_ctl"))
-    base = _make_base_dir("locksafe-pg-", "postgres")
-    data = base / "data"
-    log = base / "postgresql.log"
-    pid: int | None = None
-    try:
+    with _starting("locksafe-pg-", "postgres") as pending:
+        base = pending.base
+        data = base / "data"
+        log = base / "postgresql.log"
+        # From here on, a postmaster that wrote its pid file is stopped if anything goes wrong.
+        pending.stop_server = lambda: _stop_postmaster(data)
         initdb_cmd: list[str | Path] = [initdb, "-D", data, "-U", "postgres", "--auth=trust"]
         initdb_cmd += ["-E", "UTF8", "--no-locale", "--no-sync"]
-        _run(_as_user("postgres", initdb_cmd), what="initdb", cwd=base)
+        _run(_as_user("postgres", initdb_cmd), what="initdb", pending=pending)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             port = _free_port()
             settings = [
@@ -360,12 +418,12 @@ def start_postgresql() -> Server:
                 _run(
                     _as_user("postgres", start_cmd),
                     what="pg_ctl start",
+                    pending=pending,
                     timeout=START_TIMEOUT + 15,
-                    cwd=base,
                 )
             except ServerStartError as exc:
-                pid = _postmaster_pid(data)  # set if it runs but did not get ready: cleaned below
-                if pid is None and attempt < PORT_ATTEMPTS and "already in use" in _tail(log):
+                clash = "already in use" in _tail(log)
+                if clash and attempt < PORT_ATTEMPTS and _postmaster_pid(data) is None:
                     continue
                 raise ServerStartError(f"{exc}\n{_tail(log)}") from None
             break
@@ -380,20 +438,23 @@ def start_postgresql() -> Server:
             base_dir=base,
             log_path=log,
             startup_seconds=time.monotonic() - started,
-            # SIGTERM is PostgreSQL's "smart" shutdown, which waits for every client to leave;
-            # SIGINT is the "fast" shutdown (pg_ctl -m fast): abort sessions, checkpoint, exit.
-            _stop_signal=signal.SIGINT,
+            _stop_signal=_PG_STOP_SIGNAL,
             _starttime=_starttime(pid),
             _reap=_no_reap,
         )
-    except BaseException:
-        pid = pid if pid is not None else _postmaster_pid(data)
-        if pid is not None:
-            _terminate(pid, _starttime(pid), signal.SIGINT, _no_reap)
-        shutil.rmtree(base, ignore_errors=True)
-        raise
-    _remember(server)
+        _remember(server)
     return server
+
+
+# SIGTERM is PostgreSQL's "smart" shutdown, which waits for every client to disconnect; SIGINT
+# is its "fast" shutdown (pg_ctl stop -m fast): abort the sessions, checkpoint, exit.
+_PG_STOP_SIGNAL = signal.SIGINT
+
+
+def _stop_postmaster(data: Path) -> None:
+    pid = _postmaster_pid(data)
+    if pid is not None:
+        _terminate(pid, _starttime(pid), _PG_STOP_SIGNAL, _no_reap)
 
 
 def _postmaster_pid(data: Path) -> int | None:
@@ -420,29 +481,22 @@ def start_mariadb() -> Server:
     install_db = _find("mariadb-install-db", *_SBIN)
     admin = _find("mariadb-admin", *_SBIN)
     client = _find("mariadb", *_SBIN)
-    base = _make_base_dir("locksafe-mariadb-", "mysql")
-    data = base / "data"
-    sock = base / "mariadb.sock"
-    err_log = base / "error.log"
-    out_log = base / "stdout.log"
     # The unix account that may log in as a MariaDB superuser over the socket (unix_socket auth).
-    socket_user = "root" if _is_root() else getpass.getuser()
+    socket_user = pwd.getpwuid(os.geteuid()).pw_name
     user_args = ["--user=mysql"] if _is_root() else []
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        _run(
-            [
-                install_db,
-                "--no-defaults",
-                *user_args,
-                f"--datadir={data}",
-                "--skip-test-db",
-                "--auth-root-authentication-method=socket",
-                f"--auth-root-socket-user={socket_user}",
-            ],
-            what="mariadb-install-db",
-            cwd=base,
-        )
+    with _starting("locksafe-mariadb-", "mysql") as pending:
+        base = pending.base
+        data = base / "data"
+        sock = base / "mariadb.sock"
+        err_log = base / "error.log"
+        out_log = base / "stdout.log"
+        # mariadbd puts temporary files in $TMPDIR, which its unprivileged user may not be able
+        # to write (e.g. a TMPDIR owned by root): use the base directory, which it owns.
+        env = {**os.environ, "TMPDIR": str(base)}
+        install_cmd = [install_db, "--no-defaults", *user_args, f"--datadir={data}"]
+        install_cmd += ["--skip-test-db", "--auth-root-authentication-method=socket"]
+        install_cmd += [f"--auth-root-socket-user={socket_user}"]
+        _run(install_cmd, what="mariadb-install-db", pending=pending, env=env)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             port = _free_port()
             argv = [
@@ -455,6 +509,7 @@ def start_mariadb() -> Server:
                 "--bind-address=127.0.0.1",
                 f"--pid-file={base / 'mariadbd.pid'}",
                 f"--log-error={err_log}",
+                f"--tmpdir={base}",
                 "--skip-name-resolve",
                 "--max-connections=300",
                 "--innodb-buffer-pool-size=64M",
@@ -470,8 +525,10 @@ def start_mariadb() -> Server:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     cwd=base,
+                    env=env,
                     start_new_session=True,
                 )
+            pending.stop_server = _mariadbd_stopper(proc)
             if _wait_mariadb_ready(proc, admin, sock, socket_user):
                 break
             returncode = proc.poll()
@@ -479,14 +536,12 @@ def start_mariadb() -> Server:
                 raise ServerStartError(
                     f"MariaDB not ready after {START_TIMEOUT:.0f} s\n{_tail(err_log)}"
                 )
-            proc = None
             if attempt < PORT_ATTEMPTS and "already in use" in _tail(err_log):
                 continue
             raise ServerStartError(
                 f"mariadbd exited with status {returncode} during start-up\n{_tail(err_log)}"
                 f"\n{_tail(out_log)}"
             )
-        assert proc is not None
         quoted_user = f"'{MARIADB_USER}'@'127.0.0.1'"
         sql = (
             f"CREATE DATABASE IF NOT EXISTS `{MARIADB_DATABASE}`;"
@@ -496,8 +551,8 @@ def start_mariadb() -> Server:
         _run(
             [client, "--no-defaults", f"--socket={sock}", f"--user={socket_user}", "-e", sql],
             what="creating the MariaDB user",
+            pending=pending,
             timeout=30,
-            cwd=base,
         )
         server = Server(
             name="mariadb",
@@ -511,13 +566,17 @@ def start_mariadb() -> Server:
             _starttime=_starttime(proc.pid),
             _reap=proc.poll,
         )
-    except BaseException:
-        if proc is not None:
-            _terminate(proc.pid, _starttime(proc.pid), signal.SIGTERM, proc.poll)
-        shutil.rmtree(base, ignore_errors=True)
-        raise
-    _remember(server)
+        _remember(server)
     return server
+
+
+def _mariadbd_stopper(proc: subprocess.Popen[bytes]) -> Callable[[], None]:
+    starttime = _starttime(proc.pid)
+
+    def stop() -> None:
+        _terminate(proc.pid, starttime, signal.SIGTERM, proc.poll)
+
+    return stop
 
 
 def _wait_mariadb_ready(
@@ -531,14 +590,17 @@ def _wait_mariadb_ready(
         if proc.poll() is not None:
             return False
         if sock.exists():
-            result = subprocess.run(
-                ping,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=15,
-                check=False,
-            )
+            try:
+                result = subprocess.run(
+                    ping,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=10,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                continue
             if result.returncode == 0:
                 return True
         time.sleep(0.1)

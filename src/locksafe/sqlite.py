@@ -80,8 +80,6 @@ def configure(
         raise ValueError("this engine was already configured by locksafe.sqlite.configure()")
 
     pragmas = [f"PRAGMA busy_timeout = {round(busy_timeout * 1000):d}"]
-    if journal_mode is not None:
-        pragmas.append(f"PRAGMA journal_mode = {journal_mode}")
     if foreign_keys is not None:
         pragmas.append(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
     begin_sql = _BEGIN_SQL[begin]
@@ -92,6 +90,13 @@ def configure(
         try:
             for pragma in pragmas:
                 cursor.execute(pragma)
+            if journal_mode is not None:
+                # Changing the journal mode needs the database to itself; it is persistent, so
+                # only the first connection ever changes it and the others just read it.
+                cursor.execute("PRAGMA journal_mode")
+                row = cursor.fetchone()
+                if row is None or str(row[0]).lower() != journal_mode:
+                    cursor.execute(f"PRAGMA journal_mode = {journal_mode}")
         finally:
             cursor.close()
 

@@ -9,6 +9,7 @@ outcome is unknown.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -296,6 +297,17 @@ def transactional(
     ...     ...
     """
 
+    base = _Policy(  # validates the options now, at call time
+        attempts=attempts,
+        timeout=timeout,
+        retry_on=retry_on,
+        on_retry=on_retry,
+        wait_initial=wait_initial,
+        wait_max=wait_max,
+        retry_after=retry_after,
+        operation="",
+    )
+
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         position = _session_parameter(func)
         if position is None:
@@ -303,16 +315,8 @@ def transactional(
                 f"@transactional: {func.__qualname__}() needs a `session` parameter (the "
                 "decorator begins, commits and retries that session's transaction)"
             )
-        policy = _Policy(
-            attempts=attempts,
-            timeout=timeout,
-            retry_on=retry_on,
-            on_retry=on_retry,
-            wait_initial=wait_initial,
-            wait_max=wait_max,
-            retry_after=retry_after,
-            operation=func.__qualname__,
-        )
+        policy = copy.copy(base)
+        policy.operation = func.__qualname__
         if inspect.iscoroutinefunction(func):
             return _async_wrapper(func, policy, position, sessionmaker)
         return _sync_wrapper(func, policy, position, sessionmaker)

@@ -1,0 +1,578 @@
+"""@transactional against real contention on every driver cell.
+
+Sync cells run the sync decorator with a Session; async cells run the ``async def`` variant with
+an AsyncSession *and* the sync variant through ``run_sync``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, event, insert, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+import locksafe
+import locksafe.sqlite
+from conftest import Cell
+from locksafe import LockErrorKind, LockUnavailable, RetryDetails, transactional
+
+metadata = MetaData()
+accounts = Table(
+    "tx_accounts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("balance", Integer, nullable=False),
+    Column("note", String(40)),
+)
+
+BARRIER_TIMEOUT = 10
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff() -> Iterator[None]:
+    locksafe.set_testing(True)
+    try:
+        yield
+    finally:
+        locksafe.set_testing(False)
+
+
+def engine_for(cell: Cell, **kw: Any) -> Any:
+    """The cell's engine, with fast deadlock detection and bounded lock waits."""
+    engine = cell.engine(**kw)
+    sync = engine.sync_engine if cell.is_async else engine
+    if cell.backend == "sqlite":
+        locksafe.sqlite.configure(engine, busy_timeout=5, begin="deferred")
+    else:
+        settings = (
+            ["SET deadlock_timeout = '100ms'", "SET lock_timeout = '10s'"]
+            if cell.backend == "postgresql"
+            else ["SET SESSION innodb_lock_wait_timeout = 10"]
+        )
+
+        @event.listens_for(sync, "connect")
+        def _session_settings(dbapi_connection: Any, record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            for sql in settings:
+                cursor.execute(sql)
+            cursor.close()
+            dbapi_connection.commit()
+
+    return cell.warm_up(engine)
+
+
+def seed(cell: Cell, rows: dict[int, int]) -> None:
+    cell.create_all(metadata)
+    if cell.backend == "sqlite":  # WAL is persistent: switch once, before any contention
+        with cell.sync_engine().connect() as conn:
+            conn.exec_driver_sql("PRAGMA journal_mode = wal")
+    with cell.sync_engine().begin() as conn:
+        conn.execute(insert(accounts), [{"id": k, "balance": v} for k, v in rows.items()])
+
+
+def balances(cell: Cell) -> dict[int, int]:
+    with cell.sync_engine().connect() as conn:
+        return {r.id: r.balance for r in conn.execute(select(accounts))}
+
+
+def variants(cell: Cell) -> list[str]:
+    return ["async", "sync-through-run_sync"] if cell.is_async else ["sync"]
+
+
+def run_concurrently(*jobs: Callable[[], Any], timeout: float = 60) -> list[Any]:
+    results: list[Any] = [None] * len(jobs)
+    errors: list[BaseException] = []
+
+    def runner(index: int, job: Callable[[], Any]) -> None:
+        try:
+            results[index] = job()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=runner, args=(i, j)) for i, j in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+        assert not thread.is_alive(), "a worker did not finish in time"
+    if errors:
+        raise errors[0]
+    return results
+
+
+# -- the conflicting work, per backend -------------------------------------------------------
+
+
+def conflicting_step(
+    cell: Cell, session: Session, mine: int, theirs: int, first: bool, barrier: threading.Barrier
+) -> None:
+    """One transaction of a pair that the server must resolve by failing one of them.
+
+    PostgreSQL / MariaDB: lock my row, then the other's (opposite orders: a deadlock).
+    SQLite: read both rows, then write (two deferred read→write upgrades: SQLITE_BUSY).
+    """
+    if cell.backend == "sqlite":
+        session.execute(select(accounts)).all()
+        if first:
+            barrier.wait(BARRIER_TIMEOUT)
+        session.execute(
+            update(accounts).where(accounts.c.id == mine).values(balance=accounts.c.balance - 1)
+        )
+        session.execute(
+            update(accounts).where(accounts.c.id == theirs).values(balance=accounts.c.balance + 1)
+        )
+        return
+    session.execute(
+        locksafe.with_row_locks(select(accounts).where(accounts.c.id == mine), session)
+    ).all()
+    if first:
+        barrier.wait(BARRIER_TIMEOUT)
+    session.execute(
+        locksafe.with_row_locks(select(accounts).where(accounts.c.id == theirs), session)
+    ).all()
+    session.execute(
+        update(accounts).where(accounts.c.id == mine).values(balance=accounts.c.balance - 1)
+    )
+    session.execute(
+        update(accounts).where(accounts.c.id == theirs).values(balance=accounts.c.balance + 1)
+    )
+
+
+def test_conflict_is_retried_to_success(cell: Cell) -> None:
+    """Deadlocks (PostgreSQL, MariaDB) and busy upgrades (SQLite) are retried until both
+    transactions succeed; the money is conserved and both transfers happened exactly once."""
+    for variant in variants(cell):
+        _conflict_round(cell, variant)
+
+
+def _conflict_round(cell: Cell, variant: str) -> None:
+    seed(cell, {1: 100, 2: 100})
+    engine = engine_for(cell)
+    barrier = threading.Barrier(2)
+    seen: list[RetryDetails] = []
+    attempts = {1: 0, 2: 0}
+
+    def step(session: Session, mine: int, theirs: int) -> str:
+        attempts[mine] += 1
+        conflicting_step(cell, session, mine, theirs, attempts[mine] == 1, barrier)
+        return f"{mine}->{theirs}"
+
+    @transactional(attempts=10, on_retry=seen.append)
+    def transfer_sync(mine: int, theirs: int, *, session: Session) -> str:
+        return step(session, mine, theirs)
+
+    @transactional(attempts=10, on_retry=seen.append)
+    async def transfer_async(mine: int, theirs: int, *, session: AsyncSession) -> str:
+        return await session.run_sync(step, mine, theirs)
+
+    def job(mine: int, theirs: int) -> str:
+        if variant == "async":
+
+            async def main() -> str:
+                async with AsyncSession(engine) as session:
+                    return await transfer_async(mine, theirs, session=session)
+
+            return cell.run_async(main)
+        return cell.run_session(lambda s: transfer_sync(mine, theirs, session=s), engine=engine)
+
+    results = run_concurrently(lambda: job(1, 2), lambda: job(2, 1))
+    assert sorted(results) == ["1->2", "2->1"]
+    assert balances(cell) == {1: 100, 2: 100}, "each transfer applied exactly once"
+    assert sum(attempts.values()) >= 3, f"no conflict was provoked: {attempts}"
+    assert seen, "on_retry was not called"
+    expected = LockErrorKind.DATABASE_BUSY if cell.backend == "sqlite" else LockErrorKind.DEADLOCK
+    assert {d.kind for d in seen} == {expected}, [d.kind for d in seen]
+    assert all(d.wait == 0 for d in seen)  # set_testing(True)
+
+
+@pytest.mark.cells("postgresql")
+def test_serialization_failure_is_retried_to_success(cell: Cell) -> None:
+    seed(cell, {1: 0})
+    engine = engine_for(cell, isolation_level="REPEATABLE READ")
+    barrier = threading.Barrier(2)
+    calls: list[int] = []
+    kinds: list[LockErrorKind] = []
+
+    def increment(session: Session, first: bool) -> None:
+        value = session.execute(select(accounts.c.balance).where(accounts.c.id == 1)).scalar_one()
+        if first:
+            barrier.wait(BARRIER_TIMEOUT)
+        session.execute(update(accounts).where(accounts.c.id == 1).values(balance=value + 1))
+
+    @transactional(attempts=10, on_retry=lambda d: kinds.append(d.kind))
+    def work_sync(*, session: Session) -> None:
+        calls.append(1)
+        increment(session, len(calls) <= 2)
+
+    @transactional(attempts=10, on_retry=lambda d: kinds.append(d.kind))
+    async def work_async(*, session: AsyncSession) -> None:
+        calls.append(1)
+        first = len(calls) <= 2
+        await session.run_sync(increment, first)
+
+    def job() -> None:
+        if cell.is_async:
+
+            async def main() -> None:
+                async with AsyncSession(engine) as session:
+                    await work_async(session=session)
+
+            cell.run_async(main)
+        else:
+            cell.run_session(lambda s: work_sync(session=s), engine=engine)
+
+    run_concurrently(job, job)
+    assert balances(cell) == {1: 2}, "a lost update: the serialization failure was not retried"
+    assert LockErrorKind.SERIALIZATION_FAILURE in kinds
+    assert len(calls) >= 3
+
+
+def test_integrity_error_is_raised_at_once_untouched(cell: Cell) -> None:
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    calls: list[int] = []
+
+    def insert_duplicate(session: Session) -> None:
+        calls.append(1)
+        session.execute(insert(accounts).values(id=2, balance=0, note="new"))
+        session.execute(insert(accounts).values(id=1, balance=0))
+
+    @transactional(attempts=5)
+    def work(*, session: Session) -> None:
+        insert_duplicate(session)
+
+    def check(session: Session) -> tuple[type[BaseException], int]:
+        with pytest.raises(IntegrityError) as info:
+            work(session=session)
+        # the session is usable at once: no PendingRollbackError, nothing half-written
+        count = session.execute(select(accounts.c.id)).all()
+        return type(info.value), len(count)
+
+    if cell.is_async:
+
+        @transactional(attempts=5)
+        async def work_async(*, session: AsyncSession) -> None:
+            await session.run_sync(insert_duplicate)
+
+        async def main() -> int:
+            async with AsyncSession(engine) as session:
+                with pytest.raises(IntegrityError):
+                    await work_async(session=session)
+                return len((await session.execute(select(accounts.c.id))).all())
+
+        assert cell.run_async(main) == 1
+    error_type, count = cell.run_session(check, engine=engine)
+    assert issubclass(error_type, IntegrityError)
+    assert count == 1, "the row inserted before the failure was not rolled back"
+    assert len(calls) == (2 if cell.is_async else 1), "an IntegrityError was retried"
+
+
+def test_exhausted_retries_raise_lock_unavailable(cell: Cell) -> None:
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    calls: list[int] = []
+
+    def grab(session: Session) -> None:
+        calls.append(1)
+        session.execute(
+            locksafe.with_row_locks(
+                select(accounts).where(accounts.c.id == 1), session, nowait=True
+            )
+        ).all()
+
+    @transactional(attempts=3, retry_after=7)
+    def work(*, session: Session) -> None:
+        grab(session)
+
+    @transactional(attempts=3, retry_after=7)
+    async def work_async(*, session: AsyncSession) -> None:
+        await session.run_sync(grab)
+
+    def attempt(session: Session) -> LockUnavailable:
+        with pytest.raises(LockUnavailable) as info:
+            work(session=session)
+        assert not session.in_transaction()
+        session.execute(select(accounts)).all()  # still usable
+        return info.value
+
+    with locksafe.testing.hold_row_lock(cell.url, select(accounts).where(accounts.c.id == 1)):
+        error = cell.run_session(attempt, engine=engine)
+        if cell.is_async:
+
+            async def main() -> LockUnavailable:
+                async with AsyncSession(engine) as session:
+                    with pytest.raises(LockUnavailable) as info:
+                        await work_async(session=session)
+                    return info.value
+
+            async_error = cell.run_async(main)
+            assert async_error.attempts == 3
+    assert error.attempts == 3
+    assert len(calls) == (6 if cell.is_async else 3)
+    expected = (
+        LockErrorKind.DATABASE_BUSY
+        if cell.backend == "sqlite"
+        else LockErrorKind.LOCK_NOT_AVAILABLE
+    )
+    assert error.kind is expected
+    assert error.retry_after == 7
+    assert error.elapsed >= 0
+    assert isinstance(error.__cause__, DBAPIError)
+    assert locksafe.classify(error.__cause__) is expected
+    assert "work" in str(error)
+
+
+def test_nested_use_runs_once_and_leaves_the_callers_transaction_alone(cell: Cell) -> None:
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    calls: list[int] = []
+
+    @transactional(attempts=5)
+    def inner(*, session: Session) -> None:
+        calls.append(1)
+        session.execute(
+            locksafe.with_row_locks(
+                select(accounts).where(accounts.c.id == 1), session, nowait=True
+            )
+        ).all()
+
+    def outer(session: Session) -> tuple[bool, int]:
+        session.begin()
+        session.execute(select(accounts)).all()  # the caller's own work
+        with pytest.raises(DBAPIError) as info:
+            inner(session=session)
+        assert not isinstance(info.value, LockUnavailable)
+        still_open = session.in_transaction()
+        session.rollback()
+        return still_open, len(calls)
+
+    with locksafe.testing.hold_row_lock(cell.url, select(accounts).where(accounts.c.id == 1)):
+        still_open, count = cell.run_session(outer, engine=engine)
+    assert still_open, "the decorator ended a transaction it did not begin"
+    assert count == 1, "nested use was retried"
+
+
+def test_sessionmaker_gives_a_fresh_session_per_attempt(cell: Cell) -> None:
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    sessions: list[Any] = []
+    failures: list[RetryDetails] = []
+
+    if cell.is_async:
+        factory: Any = async_sessionmaker(engine)
+
+        @transactional(attempts=4, sessionmaker=factory, on_retry=failures.append)
+        async def work(*, session: AsyncSession) -> int:
+            sessions.append(session)
+            if len(sessions) < 3:
+                await session.run_sync(
+                    lambda s: s.execute(
+                        locksafe.with_row_locks(
+                            select(accounts).where(accounts.c.id == 1), s, nowait=True
+                        )
+                    ).all()
+                )
+            await session.execute(update(accounts).values(balance=accounts.c.balance + 1))
+            return len(sessions)
+
+        def call() -> int:
+            return cell.run_async(work)
+
+    else:
+        factory = sessionmaker(engine)
+
+        @transactional(attempts=4, sessionmaker=factory, on_retry=failures.append)
+        def work_sync(*, session: Session) -> int:
+            sessions.append(session)
+            if len(sessions) < 3:
+                session.execute(
+                    locksafe.with_row_locks(
+                        select(accounts).where(accounts.c.id == 1), session, nowait=True
+                    )
+                ).all()
+            session.execute(update(accounts).values(balance=accounts.c.balance + 1))
+            return len(sessions)
+
+        def call() -> int:
+            return work_sync()
+
+    other = locksafe.testing.OtherConnection(cell.url)
+    with other:
+        other.execute(locksafe.with_row_locks(select(accounts).where(accounts.c.id == 1)))
+
+        def release_after_two() -> None:
+            # the third attempt must succeed: release once two attempts have failed
+            for _ in range(1000):
+                if len(failures) >= 2:
+                    break
+                threading.Event().wait(0.01)
+            other.rollback()
+
+        releaser = threading.Thread(target=release_after_two)
+        releaser.start()
+        try:
+            # attempts 1 and 2 fail on NOWAIT while the lock is held; attempt 3 does no NOWAIT
+            result = call()
+        finally:
+            releaser.join(15)
+    assert result == 3
+    assert len({id(s) for s in sessions}) == 3, "sessions were reused across attempts"
+    assert balances(cell) == {1: 1}, "only the successful attempt's write is committed"
+
+
+@pytest.mark.cells("postgresql+psycopg2", "postgresql+asyncpg", "mysql+pymysql", "mysql+aiomysql")
+def test_commit_that_may_have_succeeded_is_never_retried(cell: Cell) -> None:
+    """The connection dies during COMMIT (killed for real by another connection): the outcome
+    is unknown, so the error goes up as it is — even with a retry_on that accepts anything."""
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    sync = engine.sync_engine if cell.is_async else engine
+    calls: list[int] = []
+    killer = locksafe.testing.OtherConnection(cell.admin_url)
+
+    @event.listens_for(sync, "commit")
+    def kill_own_connection(conn: Any) -> None:
+        pid = conn.exec_driver_sql(
+            "SELECT pg_backend_pid()" if cell.backend == "postgresql" else "SELECT CONNECTION_ID()"
+        ).scalar_one()
+        sql = (
+            f"SELECT pg_terminate_backend({pid}, 5000)"
+            if cell.backend == "postgresql"
+            else f"KILL CONNECTION {pid}"
+        )
+        killer.execute(sql)
+
+    def body(session: Session) -> None:
+        calls.append(1)
+        session.execute(update(accounts).values(balance=accounts.c.balance + 1))
+
+    @transactional(attempts=5, retry_on=lambda exc: True)
+    def work(*, session: Session) -> None:
+        body(session)
+
+    @transactional(attempts=5, retry_on=lambda exc: True)
+    async def work_async(*, session: AsyncSession) -> None:
+        await session.run_sync(body)
+
+    with killer:
+        if cell.is_async:
+
+            async def main() -> BaseException:
+                async with AsyncSession(engine) as session:
+                    with pytest.raises(DBAPIError) as info:
+                        await work_async(session=session)
+                    return info.value
+
+            error = cell.run_async(main)
+        else:
+
+            def run(session: Session) -> BaseException:
+                with pytest.raises(DBAPIError) as info:
+                    work(session=session)
+                return info.value
+
+            error = cell.run_session(run, engine=engine)
+    assert not isinstance(error, LockUnavailable)
+    assert locksafe.classify(error) is None
+    assert calls == [1], "a COMMIT with an unknown outcome was retried"
+    assert balances(cell) == {1: 0}
+
+
+def test_retries_are_logged(cell: Cell, caplog: pytest.LogCaptureFixture) -> None:
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    calls: list[int] = []
+
+    @transactional(attempts=2)
+    def work(*, session: Session) -> None:
+        calls.append(1)
+        session.execute(
+            locksafe.with_row_locks(
+                select(accounts).where(accounts.c.id == 1), session, nowait=True
+            )
+        ).all()
+
+    with (
+        caplog.at_level(logging.WARNING, logger="locksafe.transactions"),
+        locksafe.testing.hold_row_lock(cell.url, select(accounts).where(accounts.c.id == 1)),
+    ):
+
+        def run(session: Session) -> None:
+            with pytest.raises(LockUnavailable):
+                work(session=session)
+
+        cell.run_session(run, engine=engine)
+    records = [r for r in caplog.records if r.name == "locksafe.transactions"]
+    assert len(records) == 1  # one retry between two attempts
+    assert records[0].locksafe_attempt == 1  # type: ignore[attr-defined]
+    assert records[0].locksafe_kind in {"lock_not_available", "database_busy"}  # type: ignore[attr-defined]
+    assert records[0].locksafe_wait == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.cells("sqlite+pysqlite")
+def test_backoff_waits_with_jitter_when_not_testing(cell: Cell) -> None:
+    locksafe.set_testing(False)
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    waits: list[float] = []
+
+    @transactional(
+        attempts=4, wait_initial=0.001, wait_max=0.004, on_retry=lambda d: waits.append(d.wait)
+    )
+    def work(*, session: Session) -> None:
+        session.execute(locksafe.with_row_locks(select(accounts), session, nowait=True)).all()
+
+    held = locksafe.testing.hold_row_lock(cell.url, select(accounts))
+    with held, pytest.raises(LockUnavailable):
+        cell.run_session(lambda s: work(session=s), engine=engine)
+    assert len(waits) == 3
+    assert all(0 <= w <= 0.004 for w in waits)
+    assert any(w > 0 for w in waits)
+
+
+def test_bad_arguments_fail_at_decoration_time() -> None:
+    with pytest.raises(TypeError, match="session"):
+        transactional()(lambda x: x)
+    with pytest.raises(ValueError, match="attempts"):
+        transactional(attempts=0)
+    with pytest.raises(ValueError, match="timeout"):
+        transactional(timeout=0)
+    with pytest.raises(ValueError, match="wait_initial"):
+        transactional(wait_initial=2, wait_max=1)
+
+    @transactional
+    def needs_session(*, session: Session | None = None) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="no session"):
+        needs_session()
+
+
+def test_retry_if_lock_error_is_a_tenacity_predicate(tmp_path: Any) -> None:
+    import sqlite3
+
+    import tenacity
+
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "ok"
+
+    policy = tenacity.Retrying(
+        retry=locksafe.retry_if_lock_error, stop=tenacity.stop_after_attempt(5)
+    )
+    assert policy(flaky) == "ok"
+    assert len(calls) == 3
+    with pytest.raises(ValueError):
+        tenacity.Retrying(retry=locksafe.retry_if_lock_error, reraise=True)(
+            lambda: (_ for _ in ()).throw(ValueError("x"))
+        )
