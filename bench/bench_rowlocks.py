@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 import locksafe
@@ -89,8 +88,9 @@ def main() -> int:
     results.append(("SQLite: locked read+commit vs unlocked", base, mine))
 
     deferred = locksafe.with_row_locks(stmt)
+    base = per_call_us(run(locked), 2000)
     mine = per_call_us(run(deferred), 2000)
-    results.append(("SQLite: planned at execution vs at call", per_call_us(run(locked), 2000), mine))
+    results.append(("SQLite: planned at execution vs at call", base, mine))
 
     width = max(len(name) for name, _, _ in results)
     print(f"{'benchmark':<{width}}  baseline µs  locksafe µs  ratio")
