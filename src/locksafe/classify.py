@@ -7,10 +7,15 @@ class. The driver's dialect module then says, as data, where the code is and wha
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Final
 
-from locksafe.dialects import DialectSupport, DriverErrors, ErrorContext, driver_for_module
+from locksafe.dialects import (
+    DialectSupport,
+    DriverErrors,
+    ErrorContext,
+    ErrorTable,
+    driver_for_module,
+)
 from locksafe.kinds import LockErrorKind, LockUnavailable
 
 __all__ = [
@@ -33,6 +38,7 @@ LOCK_NOT_AVAILABLE_KINDS: Final = frozenset(
 RETRYABLE_KINDS: Final = frozenset(LockErrorKind) - {LockErrorKind.STATEMENT_TIMEOUT}
 
 _MAX_NODES: Final = 64
+_MAX_CACHED_TYPES: Final = 4096
 _LINKS: Final = ("orig", "__cause__", "__context__")
 
 _Match = tuple[DialectSupport, DriverErrors]
@@ -46,20 +52,26 @@ def _attribute(obj: object, name: str) -> object:
         return None
 
 
-def _walk(exc: BaseException) -> Iterator[BaseException]:
-    """Breadth first over the exception graph, each exception once, bounded."""
-    seen: set[int] = set()
-    queue = [exc]
-    while queue and len(seen) < _MAX_NODES:
-        node = queue.pop(0)
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        yield node
+def _walk(exc: BaseException) -> list[BaseException]:
+    """Breadth first over the exception graph, each exception once, at most ``_MAX_NODES``."""
+    nodes = [exc]
+    seen = {id(exc)}
+    index = 0
+    while index < len(nodes):
+        node = nodes[index]
+        index += 1
         for link in _LINKS:
-            nxt = _attribute(node, link)
-            if isinstance(nxt, BaseException) and id(nxt) not in seen:
-                queue.append(nxt)
+            try:  # a property that raises (EmulatedDBAPIException.driver_exception...)
+                nxt = getattr(node, link, None)
+                if nxt is None or not isinstance(nxt, BaseException) or id(nxt) in seen:
+                    continue
+            except Exception:
+                continue
+            seen.add(id(nxt))
+            nodes.append(nxt)
+            if len(nodes) >= _MAX_NODES:
+                return nodes
+    return nodes
 
 
 def _driver_of(exc_type: type) -> _Match | None:
@@ -74,8 +86,11 @@ def _driver_of(exc_type: type) -> _Match | None:
             found = driver_for_module(module)
             if found is not None:
                 break
-    if len(_by_type) < 4096:
-        _by_type[exc_type] = found
+    if len(_by_type) >= _MAX_CACHED_TYPES:
+        # Applications that make exception classes on the fly must not fill it for good (nor
+        # keep those classes alive): start over, the classes in use come back at once.
+        _by_type.clear()
+    _by_type[exc_type] = found
     return found
 
 
@@ -86,24 +101,41 @@ def _message(exc: BaseException) -> str:
         return ""
 
 
-def _statement(nodes: list[BaseException]) -> str | None:
+def _statement(nodes: list[BaseException], failed: BaseException) -> str | None:
+    """The SQL that raised ``failed``: the ``statement`` of the SQLAlchemy exception wrapping
+    it. Another exception's statement (an earlier error in the chain) says nothing about it."""
     for node in nodes:
-        statement = _attribute(node, "statement")
-        if isinstance(statement, str):
-            return statement
+        if node is not failed and _attribute(node, "orig") is failed:
+            statement = _attribute(node, "statement")
+            if isinstance(statement, str):
+                return statement
+    return None
+
+
+def _by_message(table: ErrorTable, node: BaseException) -> LockErrorKind | None:
+    """The last resort for an exception without a code: the server's fixed message, matched
+    from its start (a message that merely contains it, such as "no such table: database is
+    locked", is another error)."""
+    message = _message(node).lower().lstrip()
+    names = {cls.__name__ for cls in type(node).__mro__}
+    for class_name, start, kind in table.messages:
+        if class_name in names and message.startswith(start):
+            return kind
     return None
 
 
 def _classify(exc: object) -> LockErrorKind | None:
     if not isinstance(exc, BaseException):
         return None
-    if isinstance(exc, LockUnavailable) and isinstance(exc.kind, LockErrorKind):
-        return exc.kind
-    nodes = list(_walk(exc))
+    nodes = _walk(exc)
     fallback: LockErrorKind | None = None
-    statement: str | None = None
-    statement_read = False
     for node in nodes:
+        if isinstance(node, LockUnavailable):
+            # locksafe gave up retrying: it says which kind (anywhere in the graph, e.g.
+            # behind an application's own exception).
+            kind = _attribute(node, "kind")
+            if isinstance(kind, LockErrorKind):
+                return kind
         match = _driver_of(type(node))
         if match is None:
             continue
@@ -114,20 +146,15 @@ def _classify(exc: object) -> LockErrorKind | None:
         except Exception:
             code = None
         if code is None:
+            # No code: remember what the message says, but a code further on decides.
             if fallback is None and table.messages:
-                message = _message(node).lower()
-                names = {cls.__name__ for cls in type(node).__mro__}
-                for class_name, fragment, message_kind in table.messages:
-                    if class_name in names and fragment in message:
-                        fallback = message_kind
-                        break
+                fallback = _by_message(table, node)
             continue
+        # The first driver exception with a code decides, whatever it says.
         kind = table.codes.get(code)
         if table.refine is None:
             return kind
-        if not statement_read:
-            statement, statement_read = _statement(nodes), True
-        return table.refine(ErrorContext(code, kind, _message(node), statement))
+        return table.refine(ErrorContext(code, kind, _message(node), _statement(nodes, node)))
     return fallback
 
 

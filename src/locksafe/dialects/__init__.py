@@ -82,8 +82,8 @@ class ErrorTable:
     ``codes`` maps a code to its kind (``None`` marks a code known *not* to be a lock error);
     ``refine`` may change the kind using the message and the failed statement (PostgreSQL's
     55P03 is both "NOWAIT failed" and "lock_timeout expired"); ``messages`` are a last resort
-    for exceptions that carry no code at all: (exception class name, lower-case message
-    fragment, kind).
+    for exceptions that carry no code at all: (exception class name, lower-case start of the
+    message, kind).
     """
 
     drivers: tuple[DriverErrors, ...]
@@ -113,6 +113,10 @@ class DialectSupport:
         ]
         | None
     ) = None
+    #: Turns the ``of=`` elements of a row-lock request (tables, ORM entities, columns) into
+    #: what this dialect's ``FOR UPDATE OF`` needs (Oracle: a column of each table); ``None``
+    #: keeps them as given.
+    lock_targets: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
     #: SQL that makes this session's lock waits give up after ``seconds`` (a lock-wait
     #: timeout, not a statement timeout).
     lock_timeout_sql: Callable[[float], list[str]] | None = None

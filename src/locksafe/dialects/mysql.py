@@ -7,6 +7,7 @@ MariaDB server reports a failed ``NOWAIT`` as 1205 (``ER_LOCK_WAIT_TIMEOUT``), M
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import TYPE_CHECKING
 
@@ -32,16 +33,45 @@ ER_QUERY_TIMEOUT = 3024  # MySQL max_execution_time
 ER_USER_LOCK_DEADLOCK = 3058  # MySQL GET_LOCK deadlock
 ER_LOCK_NOWAIT = 3572  # MySQL 8 NOWAIT
 
-_NOWAIT = re.compile(r"\bNOWAIT\b", re.IGNORECASE)
+# What cannot hold a keyword: literals ('...', "..." unless ANSI_QUOTES), `quoted names`,
+# comments (#, -- , /* */).
+_NOT_SQL = re.compile(
+    r"""(?P<str>'(?:[^'\\]|\\.|'')*'|"(?:[^"\\]|\\.|"")*")"""
+    r"""|(?P<ident>`(?:[^`]|``)*`)"""
+    r"""|(?P<comment>\#[^\n]*|--(?=\s|$)[^\n]*|/\*.*?\*/)""",
+    re.DOTALL | re.MULTILINE,
+)
+_NOWAIT_CLAUSE = re.compile(
+    # SELECT ... FOR UPDATE / FOR SHARE [OF t, ...] NOWAIT, ... LOCK IN SHARE MODE NOWAIT
+    r"\b(?:FOR\s+(?:UPDATE|SHARE)(?:\s+OF\s+[\w$.]+(?:\s*,\s*[\w$.]+)*)?"
+    r"|LOCK\s+IN\s+SHARE\s+MODE)\s+NOWAIT\b"
+    # MariaDB's DDL and LOCK TABLES: ALTER TABLE t NOWAIT ..., LOCK TABLES t WRITE NOWAIT
+    r"|^\s*(?:ALTER|CREATE|DROP|RENAME|TRUNCATE|OPTIMIZE|LOCK)\b.*\bNOWAIT\b",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _scrub(match: re.Match[str]) -> str:
+    return "_" if match.lastgroup == "ident" else " "
+
+
+@functools.lru_cache(maxsize=512)
+def asks_nowait(statement: str) -> bool:
+    """Whether ``statement`` has a NOWAIT lock clause, not merely the word in a literal, a
+    comment or a name (a column called ``nowait``)."""
+    if "nowait" not in statement.lower():  # the common case, without the scan
+        return False
+    return _NOWAIT_CLAUSE.search(_NOT_SQL.sub(_scrub, statement)) is not None
 
 
 def _refine(error: ErrorContext) -> LockErrorKind | None:
     if (
         error.code == ER_LOCK_WAIT_TIMEOUT
         and error.statement is not None
-        and _NOWAIT.search(error.statement)
+        and asks_nowait(error.statement)
     ):
-        # MariaDB answers a failed NOWAIT with 1205, like a lock wait that timed out.
+        # MariaDB answers a failed NOWAIT with 1205, like a lock wait that timed out; the
+        # message is the same, only the statement tells them apart.
         return LockErrorKind.LOCK_NOT_AVAILABLE
     return error.kind
 

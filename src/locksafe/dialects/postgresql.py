@@ -6,6 +6,7 @@ has no version rules. SQLSTATEs are documented in the PostgreSQL manual, appendi
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import TYPE_CHECKING
 
@@ -39,25 +40,79 @@ def _read_pg8000(exc: BaseException) -> Code | None:
     return None
 
 
-_NOWAIT = re.compile(r"\bNOWAIT\b", re.IGNORECASE)
+# PostgreSQL's own words (the server's ``lc_messages`` is English unless set otherwise). Only
+# the primary message is compared, from its start: the relation's name and the CONTEXT line
+# ("while locking tuple (0,1) in relation ...") are user data and may contain anything.
+_NOWAIT_FAILED = "could not obtain lock"  # "... on row in relation", "... on relation"
+_LOCK_TIMEOUT = "canceling statement due to lock timeout"
+_STATEMENT_TIMEOUT = "canceling statement due to statement timeout"
+
+# pg8000 carries the server's fields as a dict: str(exc) is its repr; "M" is the message.
+_PG8000_MESSAGE = re.compile(r"""['"]M['"]: (?:'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)")""")
+_ERROR_PREFIX = re.compile(r"^\s*(?:ERROR|FATAL):\s+")
+
+# What cannot hold a keyword: literals, quoted identifiers, comments.
+_NOT_SQL = re.compile(
+    r"""(?P<str>[EeBbXxUu]&?'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*')"""
+    r"""|(?P<ident>"(?:[^"]|"")*")"""
+    r"""|(?P<dollar>\$(?P<tag>[A-Za-z_][A-Za-z_0-9]*|)\$.*?\$(?P=tag)\$)"""
+    r"""|(?P<comment>--[^\n]*|/\*.*?\*/)""",
+    re.DOTALL,
+)
+_NOWAIT_CLAUSE = re.compile(
+    r"\bFOR\s+(?:NO\s+KEY\s+UPDATE|UPDATE|KEY\s+SHARE|SHARE)"
+    r"(?:\s+OF\s+[\w$.]+(?:\s*,\s*[\w$.]+)*)?\s+NOWAIT\b"
+    r"|^\s*LOCK\b.*\bNOWAIT\s*;?\s*$",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _scrub(match: re.Match[str]) -> str:
+    return "_" if match.lastgroup == "ident" else " "
+
+
+@functools.lru_cache(maxsize=512)
+def asks_nowait(statement: str) -> bool:
+    """Whether ``statement`` has a NOWAIT lock clause (``FOR UPDATE ... NOWAIT``, ``LOCK ...
+    NOWAIT``), not merely the word in a literal, a comment or a name."""
+    if "nowait" not in statement.lower():  # the common case, without the scan
+        return False
+    return _NOWAIT_CLAUSE.search(_NOT_SQL.sub(_scrub, statement)) is not None
+
+
+def primary_message(message: str) -> str:
+    """The server's primary message out of a driver's ``str(exc)``, lower case: its first line
+    (psycopg2, psycopg, asyncpg), or the "M" field of pg8000's dict."""
+    if message.startswith("{"):
+        found = _PG8000_MESSAGE.search(message)
+        if found is not None:
+            message = found.group(1) if found.group(1) is not None else found.group(2)
+    first = message.partition("\n")[0].strip()
+    if first[:6] in ("ERROR:", "FATAL:"):
+        first = _ERROR_PREFIX.sub("", first)
+    return first.lower()
 
 
 def _refine(error: ErrorContext) -> LockErrorKind | None:
-    message = error.message.lower()
     if error.code == LOCK_NOT_AVAILABLE:
         # 55P03 is raised both by NOWAIT ("could not obtain lock on row in relation ...") and by
-        # lock_timeout ("canceling statement due to lock timeout").
-        if "lock timeout" in message:
+        # lock_timeout ("canceling statement due to lock timeout"). A NOWAIT statement can time
+        # out on a lock NOWAIT does not cover (the table's), so the message decides first; the
+        # statement only when the message is not English.
+        message = primary_message(error.message)
+        if message.startswith(_LOCK_TIMEOUT):
             return LockErrorKind.LOCK_TIMEOUT
-        if "could not obtain lock" in message:
+        if message.startswith(_NOWAIT_FAILED):
             return LockErrorKind.LOCK_NOT_AVAILABLE
-        if error.statement is not None and not _NOWAIT.search(error.statement):
+        if error.statement is not None and not asks_nowait(error.statement):
             return LockErrorKind.LOCK_TIMEOUT
         return LockErrorKind.LOCK_NOT_AVAILABLE
     if error.code == QUERY_CANCELED:
         # 57014 is also a cancel "due to user request" (pg_cancel_backend, Ctrl-C): not a
         # time limit.
-        return LockErrorKind.STATEMENT_TIMEOUT if "statement timeout" in message else None
+        if primary_message(error.message).startswith(_STATEMENT_TIMEOUT):
+            return LockErrorKind.STATEMENT_TIMEOUT
+        return None
     return error.kind
 
 

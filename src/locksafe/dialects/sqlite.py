@@ -21,7 +21,6 @@ from locksafe.dialects import (
     Code,
     DialectSupport,
     DriverErrors,
-    ErrorContext,
     ErrorTable,
 )
 from locksafe.kinds import LockErrorKind
@@ -54,10 +53,6 @@ def _read_sqlite(exc: BaseException) -> Code | None:
     return None
 
 
-def _refine(error: ErrorContext) -> LockErrorKind | None:
-    return error.kind
-
-
 ERRORS = ErrorTable(
     drivers=(
         # pysqlite and aiosqlite both raise the sqlite3 module's classes.
@@ -67,10 +62,12 @@ ERRORS = ErrorTable(
         SQLITE_BUSY: LockErrorKind.DATABASE_BUSY,
         SQLITE_LOCKED: LockErrorKind.TABLE_LOCKED,
     },
-    refine=_refine,
+    # The code alone decides (no refine): every SQLITE_BUSY / SQLITE_LOCKED extended code is
+    # the same kind as its primary code.
     # Python 3.10's sqlite3 exceptions carry no code: fall back to SQLite's fixed messages for
-    # SQLITE_BUSY / SQLITE_LOCKED, on OperationalError only (a trigger's RAISE(ABORT, 'database
-    # is locked') is an IntegrityError).
+    # SQLITE_BUSY / SQLITE_LOCKED, matched from the start of the message ("no such table:
+    # database is locked" is another error), on OperationalError only (a trigger's
+    # RAISE(ABORT, 'database is locked') is an IntegrityError).
     messages=(
         ("OperationalError", "database table is locked", LockErrorKind.TABLE_LOCKED),
         ("OperationalError", "database schema is locked", LockErrorKind.TABLE_LOCKED),
@@ -109,7 +106,16 @@ def _busy_timeout(cursor: DBAPICursor) -> int:
 
 def _primary_code(exc: BaseException) -> int | None:
     code = _read_sqlite(exc)
-    return code if isinstance(code, int) else None
+    if isinstance(code, int):
+        return code
+    if (
+        code is None
+        and type(exc).__name__ == "OperationalError"
+        and "database is locked" in str(exc).lower()
+    ):
+        # Python 3.10's sqlite3 exceptions carry no code; this is SQLite's SQLITE_BUSY text.
+        return SQLITE_BUSY
+    return None
 
 
 def _extended_code(exc: BaseException) -> int | None:
@@ -125,18 +131,37 @@ def _in_transaction(dbapi_connection: Any) -> bool:
     return True
 
 
+def _is_temporary(table: Table) -> bool:
+    return any(str(prefix).upper() in ("TEMP", "TEMPORARY") for prefix in table._prefixes)
+
+
 def write_lock_sql(context: ExecutionContext, tables: Sequence[Table]) -> list[str]:
-    """The statements that take the write lock of every database the SELECT reads."""
+    """The statements that take the write lock of every database the SELECT reads (one per
+    database: main, each attached schema, and temp)."""
     preparer = context.dialect.identifier_preparer
-    seen: set[str | None] = set()
+    seen: set[tuple[str | None, bool]] = set()
     statements = []
     for table in tables:
-        schema = table.schema
-        if schema in seen:
+        database = (table.schema, _is_temporary(table))
+        if database in seen:
             continue
-        seen.add(schema)
+        seen.add(database)
         statements.append(f"DELETE FROM {preparer.format_table(table)} WHERE 0")
     return statements
+
+
+def _any_main_table(cursor: DBAPICursor) -> list[str]:
+    """A no-op write on some table of the main database, for a SELECT whose tables SQLAlchemy
+    cannot see (a textual FROM) inside a transaction, where ``BEGIN IMMEDIATE`` is refused."""
+    cursor.execute(
+        "SELECT name FROM main.sqlite_master WHERE type = 'table' "
+        "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY rowid LIMIT 1"
+    )
+    row = cursor.fetchone()
+    if not row:
+        return []  # no table in the database: nothing a SELECT could read there
+    quoted = '"' + str(row[0]).replace('"', '""') + '"'
+    return [f"DELETE FROM main.{quoted} WHERE 0"]
 
 
 def take_write_lock(
@@ -159,12 +184,12 @@ def take_write_lock(
         statements = ["BEGIN IMMEDIATE"]
     else:
         statements = write_lock_sql(context, tables)
-        if not statements:
-            statements = ["BEGIN IMMEDIATE"]
     saved = _busy_timeout(cursor) if fail_fast else None
     try:
         if saved is not None:
             cursor.execute("PRAGMA busy_timeout = 0")
+        if not statements:
+            statements = _any_main_table(cursor)
         for sql in statements:
             cursor.execute(sql)
     except Exception as exc:
