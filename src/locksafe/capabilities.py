@@ -58,9 +58,15 @@ class LockCapabilities:
         return ".".join(str(part) for part in self.server_version)
 
     def supports(self, option: str) -> bool:
-        """Whether the named option (a field name such as ``"nowait"``) is supported."""
-        value = getattr(self, option, None)
+        """Whether the named option is supported: a :func:`~locksafe.with_row_locks` keyword
+        (``"read"``, ``"key_share"``, ``"nowait"``, ``"skip_locked"``, ``"of"``) or a field
+        name (``"for_update"``, ``"for_share"``)."""
+        value = getattr(self, _FIELD_OF_OPTION.get(option, option), None)
         return value is True
+
+
+#: with_row_locks() keywords whose capability field has another name.
+_FIELD_OF_OPTION = {"read": "for_share"}
 
 
 def dialect_of(bind: Any) -> Dialect:

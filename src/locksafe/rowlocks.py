@@ -137,6 +137,11 @@ DEGRADATIONS: Final = (
 )
 
 
+def _server_key(dialect: Dialect) -> tuple[Any, ...]:
+    """What a plan depends on: dialect, server version and flavour (MySQL vs MariaDB)."""
+    return (dialect.name, version_of(dialect), getattr(dialect, "is_mariadb", False))
+
+
 @dataclass(frozen=True)
 class _Request:
     options: LockOptions
@@ -146,7 +151,7 @@ class _Request:
     )
 
     def plan_for(self, dialect: Dialect) -> RowLockPlan:
-        key = (dialect.name, version_of(dialect), getattr(dialect, "is_mariadb", False))
+        key = _server_key(dialect)
         plan = self.plans.get(key)
         if plan is None:
             plan = _plan(dialect, self.options, self.on_unsupported, self)
@@ -186,19 +191,11 @@ class RowLockPlan:
         """
         if self.mechanism != "row":
             return ""
-        dummy = table("t")
-        of = None
-        if self.effective.of:
-            of = [table("t")]
-        stmt = dummy.select().with_only_columns(_literal_one())
-        locked = stmt.with_for_update(**{**self.effective.for_update_kwargs(), "of": of})
+        stmt = table("t").select().with_only_columns(_literal_one())
+        locked = stmt.with_for_update(**self.effective.for_update_kwargs())
         plain = str(stmt.compile(dialect=self.dialect))
         rendered = str(locked.compile(dialect=self.dialect))
-        clause = rendered[len(plain) :].strip()
-        if self.effective.of:
-            names = ", ".join(_name_of(element) for element in self.effective.of)
-            clause = clause.replace(" OF t", f" OF {names}")
-        return clause
+        return rendered[len(plain) :].strip()
 
     def describe(self) -> str:
         """One line for logs, docs and ``locksafe doctor``."""
@@ -223,14 +220,6 @@ def _literal_one() -> Any:
     from sqlalchemy import literal_column
 
     return literal_column("1")
-
-
-def _name_of(element: Any) -> str:
-    for attribute in ("name", "__tablename__", "__name__"):
-        value = getattr(element, attribute, None)
-        if isinstance(value, str):
-            return value
-    return str(element)
 
 
 def _title(caps: LockCapabilities) -> str:
@@ -272,7 +261,10 @@ def _plan(
     options: LockOptions,
     on_unsupported: OnUnsupported,
     request: _Request | None,
+    stacklevel: int = 4,
 ) -> RowLockPlan:
+    """``stacklevel`` points a LockDegradedWarning at the caller's line: 4 when called
+    through :meth:`_Request.plan_for` from :func:`with_row_locks`."""
     caps = lock_capabilities(dialect)
     if caps.mechanism == "none":
         raise unsupported(
@@ -288,6 +280,9 @@ def _plan(
             missing.append(rule)
             effective = rule.weaken(effective)
     degradations = tuple(f"{rule.option}: {rule.meaning}" for rule in missing)
+    support = support_for(dialect.name)
+    if effective.of and support is not None and support.lock_targets is not None:
+        effective = dataclasses.replace(effective, of=support.lock_targets(effective.of))
     if missing:
         if on_unsupported == "raise":
             raise unsupported(
@@ -296,12 +291,10 @@ def _plan(
                 reason="; ".join(rule.meaning for rule in missing)
                 + ' would apply with on_unsupported="degrade"',
             )
-        message = (
-            f"row lock degraded on {_title(caps)} {caps.version_string}: "
-            + "; ".join(degradations)
-        )
+        where = f"{_title(caps)} {caps.version_string}"
+        message = f"row lock degraded on {where}: " + "; ".join(degradations)
         if on_unsupported == "warn":
-            warnings.warn(message, LockDegradedWarning, stacklevel=4)
+            warnings.warn(message, LockDegradedWarning, stacklevel=stacklevel)
         else:
             log.debug(message)
     return RowLockPlan(
@@ -339,7 +332,7 @@ def plan_row_locks(
     options = LockOptions(
         read=read, key_share=key_share, nowait=nowait, skip_locked=skip_locked, of=of_elements
     )
-    return _plan(dialect_of(bind), options, on_unsupported, None)
+    return _plan(dialect_of(bind), options, on_unsupported, None, stacklevel=3)
 
 
 def with_row_locks(
@@ -387,8 +380,7 @@ def with_row_locks(
     )
     if not isinstance(query, (Query, Select, CompoundSelect)):
         raise TypeError(
-            "with_row_locks() takes an ORM Query or a select(), "
-            f"not {type(query).__name__!r}"
+            f"with_row_locks() takes an ORM Query or a select(), not {type(query).__name__!r}"
         )
     options = LockOptions(
         read=read, key_share=key_share, nowait=nowait, skip_locked=skip_locked, of=of_elements
@@ -423,8 +415,7 @@ def _install_hooks() -> None:
 
 def _plan_of(value: Any, dialect: Dialect) -> RowLockPlan | None:
     if isinstance(value, RowLockPlan):
-        caps = value.capabilities
-        if caps.dialect == dialect.name and caps.server_version == version_of(dialect):
+        if value.dialect is dialect or _server_key(value.dialect) == _server_key(dialect):
             return value
         return value.request.plan_for(dialect) if value.request is not None else None
     if isinstance(value, _Request):
@@ -469,9 +460,7 @@ def _before_cursor_execute(
     support = support_for(conn.dialect.name)
     if support is None or support.before_locking_select is None:
         return statement, parameters
-    replacement = support.before_locking_select(
-        cursor, context, plan, statement, _tables(context)
-    )
+    replacement = support.before_locking_select(cursor, context, plan, statement, _tables(context))
     return (statement if replacement is None else replacement), parameters
 
 

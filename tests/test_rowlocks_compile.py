@@ -1,0 +1,656 @@
+"""with_row_locks / plan_row_locks / lock_capabilities without a server: what is rendered for
+every server version locksafe distinguishes, and what is refused.
+
+Servers that the test run does not start (MySQL 5.7 / 8.0, MariaDB 10.2 / 10.3 / 10.6, Oracle,
+SQL Server) are checked here at compile level, with a dialect object set up as SQLAlchemy sets
+it up on its first connection (:func:`offline_dialect`). PostgreSQL 15 and MariaDB 10.11 are
+checked here too, and their clauses are executed for real in ``test_rowlocks_real.py``.
+
+The expected clauses and the capability table are written out independently of the library
+(from the issue's capability table and the servers' manuals), not computed by it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Column,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    column,
+    delete,
+    insert,
+    select,
+    table,
+    text,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects import mssql, mysql, oracle, postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, Query, mapped_column
+from sqlalchemy.sql.selectable import Select
+
+import locksafe
+from locksafe import (
+    LockDegradedWarning,
+    UnsupportedLockOption,
+    lock_capabilities,
+    plan_row_locks,
+    with_row_locks,
+)
+
+# -- an "offline" dialect: initialised as on first connect, without a server ------------------
+
+
+def offline_dialect(flavour: str, version: tuple[int, ...] | None = None) -> Dialect:
+    """A SQLAlchemy dialect set up as if it had connected to ``flavour`` ``version``.
+
+    MySQL / MariaDB: the server version string is parsed by the dialect itself (which sets
+    ``server_version_info`` and ``is_mariadb``), then the vendor's ``_initialize_mysql`` /
+    ``_initialize_mariadb`` sets the version flags (``supports_for_update_of``,
+    ``use_mysql_for_share``...) exactly as ``initialize()`` does on a real connection.
+    ``version=None`` leaves the dialect as it is before its first connection.
+    """
+    if flavour in ("mysql", "mariadb"):
+        dialect: Any = mysql.dialect()
+        if version is not None:
+            dialect._casing = 0  # what _detect_casing() reads from the server
+            suffix = "-MariaDB-log" if flavour == "mariadb" else "-log"
+            dialect._parse_server_version(".".join(map(str, version)) + suffix)
+            dialect._dispatch_for_vendor(
+                dialect._initialize_mysql, dialect._initialize_mariadb, None
+            )
+            assert dialect.is_mariadb is (flavour == "mariadb")
+        return dialect  # type: ignore[no-any-return]
+    factory: dict[str, Callable[[], Any]] = {
+        "postgresql": postgresql.dialect,
+        "oracle": oracle.dialect,
+        "mssql": mssql.dialect,
+        "sqlite": sqlite.dialect,
+    }
+    dialect = factory[flavour]()
+    if version is not None:
+        dialect.server_version_info = version
+    return dialect  # type: ignore[no-any-return]
+
+
+# -- the servers, and what the issue says each one can do ------------------------------------
+
+
+@dataclass(frozen=True)
+class Server:
+    label: str
+    flavour: str
+    version: tuple[int, ...] | None
+    #: Options the server supports (the issue's capability table).
+    supported: frozenset[str]
+    #: How a shared lock is spelled there ("" = none).
+    share: str
+
+    def dialect(self) -> Dialect:
+        return offline_dialect(self.flavour, self.version)
+
+
+ALL = frozenset({"read", "key_share", "nowait", "skip_locked", "of"})
+SERVERS = (
+    Server("PostgreSQL 15", "postgresql", (15, 4), ALL, "FOR SHARE"),
+    Server("MySQL 5.7", "mysql", (5, 7, 44), frozenset({"read"}), "LOCK IN SHARE MODE"),
+    Server("MySQL 8.0.0", "mysql", (8, 0, 0), frozenset({"read"}), "LOCK IN SHARE MODE"),
+    Server(
+        "MySQL 8.0.1",
+        "mysql",
+        (8, 0, 1),
+        frozenset({"read", "nowait", "skip_locked", "of"}),
+        "FOR SHARE",
+    ),
+    Server(
+        "MySQL 8.0",
+        "mysql",
+        (8, 0, 36),
+        frozenset({"read", "nowait", "skip_locked", "of"}),
+        "FOR SHARE",
+    ),
+    Server("MariaDB 10.2", "mariadb", (10, 2, 44), frozenset({"read"}), "LOCK IN SHARE MODE"),
+    Server(
+        "MariaDB 10.3",
+        "mariadb",
+        (10, 3, 39),
+        frozenset({"read", "nowait"}),
+        "LOCK IN SHARE MODE",
+    ),
+    Server(
+        "MariaDB 10.5",
+        "mariadb",
+        (10, 5, 27),
+        frozenset({"read", "nowait"}),
+        "LOCK IN SHARE MODE",
+    ),
+    Server(
+        "MariaDB 10.6",
+        "mariadb",
+        (10, 6, 0),
+        frozenset({"read", "nowait", "skip_locked"}),
+        "LOCK IN SHARE MODE",
+    ),
+    Server(
+        "MariaDB 10.11",
+        "mariadb",
+        (10, 11, 8),
+        frozenset({"read", "nowait", "skip_locked"}),
+        "LOCK IN SHARE MODE",
+    ),
+    Server("Oracle 19", "oracle", (19, 0), frozenset({"nowait", "skip_locked", "of"}), ""),
+)
+BY_LABEL = {server.label: server for server in SERVERS}
+
+metadata = MetaData()
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("owner_id", Integer, ForeignKey("owners.id")),
+    Column("state", String(20)),
+)
+owners = Table(
+    "owners", metadata, Column("id", Integer, primary_key=True), Column("name", String(20))
+)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "orm_jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    state: Mapped[str] = mapped_column(String(20))
+
+
+def joined() -> Select[Any]:
+    return select(jobs.c.id, owners.c.name).join_from(jobs, owners).where(jobs.c.id == 1)
+
+
+WAITS = ({}, {"nowait": True}, {"skip_locked": True})
+
+
+def combinations() -> Iterator[dict[str, Any]]:
+    """Every combination of options with_row_locks accepts (24)."""
+    for read, key_share, wait, of in itertools.product(
+        (False, True), (False, True), WAITS, (False, True)
+    ):
+        options: dict[str, Any] = dict(wait)
+        if read:
+            options["read"] = True
+        if key_share:
+            options["key_share"] = True
+        if of:
+            options["of"] = jobs
+        yield options
+
+
+def expected_clause(server: Server, options: dict[str, Any]) -> str:
+    """The clause the server's manual spells for ``options`` (all of them supported there)."""
+    read, key_share = options.get("read", False), options.get("key_share", False)
+    if server.flavour == "postgresql":
+        clause = {
+            (False, False): "FOR UPDATE",
+            (True, False): "FOR SHARE",
+            (False, True): "FOR NO KEY UPDATE",
+            (True, True): "FOR KEY SHARE",
+        }[read, key_share]
+    else:
+        assert not key_share
+        clause = server.share if read else "FOR UPDATE"
+    if options.get("of") is not None:
+        # Oracle names the columns of the tables to lock; the others name the tables.
+        clause += " OF jobs.id" if server.flavour == "oracle" else " OF jobs"
+    if options.get("nowait"):
+        clause += " NOWAIT"
+    if options.get("skip_locked"):
+        clause += " SKIP LOCKED"
+    return clause
+
+
+def degraded(server: Server, options: dict[str, Any]) -> dict[str, Any]:
+    """What the issue says an unsupported request becomes: a lock at least as strong."""
+    result = {name: value for name, value in options.items() if name in server.supported}
+    return result
+
+
+def rendered_clause(stmt: Any, dialect: Dialect) -> str:
+    """The locking clause at the end of ``stmt`` compiled for ``dialect``."""
+    sql = " ".join(str(stmt.compile(dialect=dialect)).split())
+    base = " ".join(str(joined().compile(dialect=dialect)).split())
+    assert sql.startswith(base), (sql, base)
+    return sql[len(base) :].strip()
+
+
+def unsupported_names(server: Server, options: dict[str, Any]) -> set[str]:
+    return {name for name in options if name not in server.supported}
+
+
+# -- lock_capabilities ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", SERVERS, ids=[s.label for s in SERVERS])
+def test_capabilities_follow_the_issue_table(server: Server) -> None:
+    caps = lock_capabilities(server.dialect())
+    assert caps.mechanism == "row"
+    assert caps.flavour == server.flavour
+    assert caps.server_version == server.version
+    assert caps.version_string == ".".join(map(str, server.version or ()))
+    assert caps.for_update is True
+    assert caps.for_share is ("read" in server.supported)
+    assert caps.key_share is ("key_share" in server.supported)
+    assert caps.nowait is ("nowait" in server.supported)
+    assert caps.skip_locked is ("skip_locked" in server.supported)
+    assert caps.of is ("of" in server.supported)
+    for name in ALL:
+        assert caps.supports(name) is (name in server.supported)
+    assert caps.supports("no_such_option") is False
+    assert caps.summary
+
+
+def test_capabilities_of_sqlite_and_sql_server() -> None:
+    caps = lock_capabilities(offline_dialect("sqlite"))
+    assert caps.mechanism == "database"
+    assert caps.flavour == "sqlite"
+    assert caps.server_version is not None
+    assert caps.server_version[0] == 3
+    # Every request is honoured, by the (stronger) database write lock.
+    assert all(caps.supports(name) for name in ALL)
+
+    caps = lock_capabilities(offline_dialect("mssql", (16, 0)))
+    assert caps.mechanism == "none"
+    assert caps.flavour == "mssql"
+    assert not any(caps.supports(name) for name in ALL | {"for_update"})
+
+
+def test_capabilities_before_the_first_connection() -> None:
+    """A MySQL dialect that has not connected does not know the server: locksafe assumes the
+    oldest supported server of the family (the dialect's default flavour is MySQL)."""
+    caps = lock_capabilities(offline_dialect("mysql"))
+    assert caps.server_version is None
+    assert caps.version_string == "unknown"
+    assert (caps.flavour, caps.nowait, caps.skip_locked, caps.of) == ("mysql", False, False, False)
+    # PostgreSQL's capabilities do not depend on the version.
+    caps = lock_capabilities(offline_dialect("postgresql"))
+    assert caps.server_version is None
+    assert caps.skip_locked
+    assert caps.key_share
+
+
+def test_capabilities_of_an_unknown_dialect_lock_nothing() -> None:
+    from sqlalchemy.engine.default import DefaultDialect
+
+    class Exotic(DefaultDialect):
+        name = "exotic"
+
+    caps = lock_capabilities(Exotic())
+    assert caps.mechanism == "none"
+    with pytest.raises(UnsupportedLockOption) as info:
+        plan_row_locks(Exotic(), on_unsupported="degrade")
+    assert info.value.dialect == "exotic"
+    with pytest.raises(UnsupportedLockOption):
+        with_row_locks(select(jobs), Exotic(), on_unsupported="degrade")
+
+
+def test_lock_capabilities_rejects_a_non_bind() -> None:
+    with pytest.raises(TypeError, match="dialect"):
+        lock_capabilities(object())
+
+
+# -- rendering: every combination on every server ---------------------------------------------
+
+
+@pytest.mark.parametrize("server", SERVERS, ids=[s.label for s in SERVERS])
+def test_supported_combinations_render_the_documented_clause(server: Server) -> None:
+    dialect = server.dialect()
+    checked = 0
+    for options in combinations():
+        if unsupported_names(server, options):
+            continue
+        want = expected_clause(server, options)
+        stmt = with_row_locks(joined(), dialect, **options)
+        assert rendered_clause(stmt, dialect) == want, options
+        plan = plan_row_locks(dialect, **options)
+        assert plan.degradations == ()
+        assert plan.clause == want, options
+        assert want in plan.describe()
+        # Planned without a bind, the statement carries the requested options unchanged
+        # (Oracle's OF columns are chosen by the connection that executes it).
+        if not (server.flavour == "oracle" and "of" in options):
+            assert rendered_clause(with_row_locks(joined(), **options), dialect) == want
+        checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("server", SERVERS, ids=[s.label for s in SERVERS])
+def test_unsupported_options_raise_by_default(server: Server) -> None:
+    dialect = server.dialect()
+    raised = 0
+    for options in combinations():
+        missing = unsupported_names(server, options)
+        if not missing:
+            continue
+        for call, kwargs in (
+            (lambda **kw: with_row_locks(joined(), dialect, **kw), options),
+            (lambda **kw: plan_row_locks(dialect, **kw), options),
+            (
+                lambda **kw: with_row_locks(joined(), dialect, **kw),
+                {**options, "on_unsupported": "raise"},
+            ),
+        ):
+            with pytest.raises(UnsupportedLockOption) as info:
+                call(**kwargs)
+            error = info.value
+            assert set(error.options) == missing, options
+            assert error.option in missing
+            assert error.dialect == server.flavour
+            assert error.server_version == server.version
+            message = str(error)
+            for name in missing:
+                assert name in message
+            assert server.flavour in message
+            assert ".".join(map(str, server.version or ())) in message
+        raised += 1
+    if server.supported != ALL:
+        assert raised > 0
+
+
+@pytest.mark.parametrize("mode", ["warn", "degrade"])
+@pytest.mark.parametrize("server", SERVERS, ids=[s.label for s in SERVERS])
+def test_degrading_never_locks_less(server: Server, mode: str) -> None:
+    """warn / degrade: an unsupported option becomes a lock at least as strong, never none:
+    OF is dropped (every table in FROM is locked), key_share becomes FOR UPDATE (or the shared
+    lock with read), a shared lock becomes FOR UPDATE where none exists, and SKIP LOCKED /
+    NOWAIT become a plain waiting lock."""
+    dialect = server.dialect()
+    for options in combinations():
+        missing = unsupported_names(server, options)
+        want = expected_clause(server, degraded(server, options))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stmt = with_row_locks(joined(), dialect, on_unsupported=mode, **options)  # type: ignore[arg-type]
+            plan = plan_row_locks(dialect, on_unsupported=mode, **options)  # type: ignore[arg-type]
+        got = rendered_clause(stmt, dialect)
+        assert got == want, (options, got)
+        assert got.startswith("FOR ") or got.startswith("LOCK IN SHARE MODE")
+        assert plan.clause == want
+        assert {d.split(":")[0] for d in plan.degradations} == missing
+        degradation_warnings = [w for w in caught if issubclass(w.category, LockDegradedWarning)]
+        if mode == "warn" and missing:
+            assert len(degradation_warnings) == 2  # one per call
+            message = str(degradation_warnings[0].message)
+            assert all(name in message for name in missing)
+            assert ".".join(map(str, server.version or ())) in message
+        else:
+            assert degradation_warnings == []
+
+
+def test_degradations_of_the_issue() -> None:
+    """The three examples the issue spells out."""
+    mariadb = BY_LABEL["MariaDB 10.11"].dialect()
+    stmt = with_row_locks(joined(), mariadb, of=jobs, on_unsupported="degrade")
+    assert rendered_clause(stmt, mariadb) == "FOR UPDATE"  # every table in FROM is locked
+
+    mysql8 = BY_LABEL["MySQL 8.0"].dialect()
+    stmt = with_row_locks(joined(), mysql8, key_share=True, on_unsupported="degrade")
+    assert rendered_clause(stmt, mysql8) == "FOR UPDATE"
+    stmt = with_row_locks(joined(), mysql8, key_share=True, read=True, on_unsupported="degrade")
+    assert rendered_clause(stmt, mysql8) == "FOR SHARE"
+
+    mysql57 = BY_LABEL["MySQL 5.7"].dialect()
+    plan = plan_row_locks(mysql57, skip_locked=True, on_unsupported="degrade")
+    assert plan.clause == "FOR UPDATE"
+    assert plan.effective.skip_locked is False
+    assert plan.requested.skip_locked is True
+    assert "waited for" in plan.describe()
+
+
+def test_degradation_warnings_point_at_the_caller() -> None:
+    mariadb = BY_LABEL["MariaDB 10.11"].dialect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with_row_locks(joined(), mariadb, of=jobs, on_unsupported="warn")
+        plan_row_locks(mariadb, key_share=True, on_unsupported="warn")
+    assert [w.category for w in caught] == [LockDegradedWarning, LockDegradedWarning]
+    assert [w.filename for w in caught] == [__file__, __file__]
+
+
+def test_oracle_has_no_shared_lock() -> None:
+    dialect = BY_LABEL["Oracle 19"].dialect()
+    with pytest.raises(UnsupportedLockOption) as info:
+        with_row_locks(joined(), dialect, read=True)
+    assert info.value.options == ("read",)
+    assert info.value.dialect == "oracle"
+    with pytest.warns(LockDegradedWarning, match="read"):
+        stmt = with_row_locks(joined(), dialect, read=True, nowait=True, on_unsupported="warn")
+    assert rendered_clause(stmt, dialect) == "FOR UPDATE NOWAIT"
+
+
+def test_oracle_of_names_columns() -> None:
+    """Oracle's FOR UPDATE OF takes columns; a table, an ORM entity or a column of the table
+    to lock all become a column of it (SQLAlchemy would render an empty ``OF`` for a table)."""
+    dialect = BY_LABEL["Oracle 19"].dialect()
+    for of in (jobs, [jobs], jobs.c.id):
+        stmt = with_row_locks(joined(), dialect, of=of)
+        assert rendered_clause(stmt, dialect) == "FOR UPDATE OF jobs.id"
+    stmt = with_row_locks(select(Job).where(Job.id == 1), dialect, of=Job, skip_locked=True)
+    assert str(stmt.compile(dialect=dialect)).endswith("FOR UPDATE OF orm_jobs.id SKIP LOCKED")
+    assert plan_row_locks(dialect, of=jobs).clause == "FOR UPDATE OF jobs.id"
+    # Without a bind, the Oracle form is chosen when the statement is executed (see the
+    # real tests); compiled directly, SQLAlchemy's own rendering is used.
+
+
+@pytest.mark.parametrize("mode", ["raise", "warn", "degrade"])
+def test_sql_server_always_raises(mode: str) -> None:
+    """SQLAlchemy renders no FOR UPDATE on SQL Server: a locking query would run unlocked."""
+    dialect = offline_dialect("mssql", (16, 0, 4095))
+    plain = select(jobs).where(jobs.c.id == 1)
+    assert str(plain.with_for_update().compile(dialect=dialect)) == str(
+        plain.compile(dialect=dialect)
+    )
+    for options in combinations():
+        with pytest.raises(UnsupportedLockOption) as info:
+            with_row_locks(joined(), dialect, on_unsupported=mode, **options)  # type: ignore[arg-type]
+        assert info.value.dialect == "mssql"
+        assert info.value.server_version == (16, 0, 4095)
+        assert "16.0.4095" in str(info.value)
+        with pytest.raises(UnsupportedLockOption):
+            plan_row_locks(dialect, on_unsupported=mode, **options)  # type: ignore[arg-type]
+
+
+def test_sqlite_renders_no_clause_and_plans_the_write_lock() -> None:
+    dialect = offline_dialect("sqlite")
+    for options in combinations():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is degraded on SQLite
+            stmt = with_row_locks(joined(), dialect, **options)
+            plan = plan_row_locks(dialect, **options)
+        assert rendered_clause(stmt, dialect) == ""
+        assert plan.mechanism == "database"
+        assert plan.clause == ""
+        assert plan.degradations == ()
+        description = plan.describe()
+        assert "write lock" in description
+        if options.get("nowait"):
+            assert "failing at once" in description
+        elif options.get("skip_locked"):
+            assert "no rows" in description
+        else:
+            assert "busy timeout" in description
+
+
+def test_plan_describes_postgresql_clauses() -> None:
+    pg = BY_LABEL["PostgreSQL 15"].dialect()
+    assert plan_row_locks(pg, key_share=True, nowait=True).clause == "FOR NO KEY UPDATE NOWAIT"
+    assert plan_row_locks(pg, key_share=True, read=True).clause == "FOR KEY SHARE"
+    assert (
+        plan_row_locks(pg, of=Job, skip_locked=True).clause == "FOR UPDATE OF orm_jobs SKIP LOCKED"
+    )
+    assert plan_row_locks(pg, of=[jobs, owners]).clause == "FOR UPDATE OF jobs, owners"
+    plan = plan_row_locks(pg, read=True, skip_locked=True)
+    assert plan.describe() == "PostgreSQL 15.4: FOR SHARE SKIP LOCKED"
+    assert plan.requested == plan.effective
+    assert plan.requested.names == ("read", "skip_locked")
+
+
+# -- calls with a bind whose server version is not known yet ----------------------------------
+
+
+def test_version_dependent_dialect_without_version_is_planned_at_execution() -> None:
+    """Before its first connection a MySQL dialect does not know whether it talks to MariaDB
+    10.11 or MySQL 5.7: the request is kept and planned by the executing connection."""
+    fresh = offline_dialect("mysql")
+    stmt = with_row_locks(joined(), fresh, skip_locked=True)  # no error yet
+    assert stmt._execution_options["locksafe_row_locks"] is not None
+    # The requested options stay on the statement; a connected MySQL 8 renders them.
+    mysql8 = BY_LABEL["MySQL 8.0"].dialect()
+    assert rendered_clause(stmt, mysql8) == "FOR UPDATE SKIP LOCKED"
+    # plan_row_locks answers for the oldest server of the family.
+    with pytest.raises(UnsupportedLockOption) as info:
+        plan_row_locks(fresh, skip_locked=True)
+    assert info.value.server_version is None
+    assert "unknown version" in str(info.value)
+
+
+def test_version_independent_dialects_are_planned_at_call_time() -> None:
+    with pytest.raises(UnsupportedLockOption):
+        with_row_locks(joined(), offline_dialect("oracle"), key_share=True)
+    with pytest.raises(UnsupportedLockOption):
+        with_row_locks(joined(), offline_dialect("mssql"))
+    stmt = with_row_locks(joined(), offline_dialect("postgresql"), key_share=True)
+    assert rendered_clause(stmt, offline_dialect("postgresql")) == "FOR NO KEY UPDATE"
+
+
+# -- argument checking ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bind", [None, "postgresql", "sqlite", "mssql"])
+def test_nowait_with_skip_locked_is_a_value_error(bind: str | None) -> None:
+    dialect = offline_dialect(bind) if bind else None
+    with pytest.raises(ValueError, match="nowait") as info:
+        with_row_locks(select(jobs), dialect, nowait=True, skip_locked=True)
+    assert "skip_locked" in str(info.value)
+    with pytest.raises(ValueError, match="skip_locked") as info:
+        plan_row_locks(dialect or offline_dialect("postgresql"), nowait=True, skip_locked=True)
+    assert "nowait" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["ignore", "RAISE", "", None, True])
+def test_bad_on_unsupported_is_a_value_error(value: Any) -> None:
+    with pytest.raises(ValueError, match="on_unsupported") as info:
+        with_row_locks(select(jobs), on_unsupported=value)
+    assert repr(value) in str(info.value)
+    with pytest.raises(ValueError, match="on_unsupported"):
+        plan_row_locks(offline_dialect("postgresql"), on_unsupported=value)
+
+
+def test_empty_of_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="of="):
+        with_row_locks(select(jobs), of=[])
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        text("SELECT * FROM jobs"),
+        insert(jobs),
+        update(jobs).values(state="x"),
+        delete(jobs),
+        jobs,
+        "SELECT * FROM jobs",
+        None,
+        42,
+    ],
+    ids=["text", "insert", "update", "delete", "Table", "str", "None", "int"],
+)
+def test_non_select_is_a_type_error(query: Any) -> None:
+    with pytest.raises(TypeError, match="with_row_locks"):
+        with_row_locks(query)
+    with pytest.raises(TypeError):
+        with_row_locks(query, offline_dialect("postgresql"), nowait=True)
+
+
+# -- what comes back ----------------------------------------------------------------------------
+
+
+def test_returns_the_same_kind_of_object() -> None:
+    pg = offline_dialect("postgresql")
+
+    core = select(jobs).where(jobs.c.id == bindparam("id"))
+    locked_core = with_row_locks(core, nowait=True)
+    assert type(locked_core) is Select
+    assert locked_core is not core
+    assert core._for_update_arg is None  # the input is not changed
+    assert str(locked_core.compile(dialect=pg)).endswith("FOR UPDATE NOWAIT")
+
+    orm = select(Job).where(Job.id == 1)
+    locked_orm = with_row_locks(orm, pg, skip_locked=True)
+    assert type(locked_orm) is Select
+    assert locked_orm.column_descriptions[0]["entity"] is Job
+    assert str(locked_orm.compile(dialect=pg)).endswith("FOR UPDATE SKIP LOCKED")
+
+    query: Query[Job] = Query(Job).filter(Job.id == 1)
+    locked_query = with_row_locks(query, read=True)
+    assert type(locked_query) is Query
+    assert locked_query is not query
+    sql = str(locked_query.statement.compile(dialect=pg))
+    assert sql.endswith("FOR SHARE")
+    assert locked_query._execution_options["locksafe_row_locks"] is not None
+
+    compound = union_all(select(jobs.c.id), select(owners.c.id))
+    assert type(with_row_locks(compound)) is type(compound)
+
+
+def test_options_and_names() -> None:
+    plan = plan_row_locks(offline_dialect("postgresql"), of=jobs, nowait=True, read=True)
+    assert plan.requested.names == ("read", "nowait", "of")
+    assert plan.requested.of == (jobs,)
+    assert plan.requested.for_update_kwargs()["of"] == [jobs]
+
+
+def test_public_names() -> None:
+    for name in (
+        "with_row_locks",
+        "plan_row_locks",
+        "lock_capabilities",
+        "UnsupportedLockOption",
+        "LockDegradedWarning",
+        "RowLockPlan",
+        "LockOptions",
+        "LockCapabilities",
+    ):
+        assert name in locksafe.__all__
+        assert getattr(locksafe, name) is not None
+
+
+def test_unsupported_lock_option_error_text() -> None:
+    error = UnsupportedLockOption(
+        ["skip_locked"], dialect="mysql", server_version=(5, 7, 44), reason="because"
+    )
+    assert str(error) == "skip_locked not supported by mysql 5.7.44: because"
+    assert error.option == "skip_locked"
+    assert isinstance(error, locksafe.LocksafeError)
+    error = UnsupportedLockOption(["of", "nowait"], dialect="mariadb", server_version=None)
+    assert str(error) == "of, nowait not supported by mariadb unknown version"
+
+
+def test_of_accepts_a_column_of_a_lightweight_table() -> None:
+    t = table("t", column("id"))
+    pg = offline_dialect("postgresql")
+    stmt = with_row_locks(select(t).where(t.c.id == 1), pg, of=t.c.id)
+    assert str(stmt.compile(dialect=pg)).endswith("FOR UPDATE OF t")
+    assert plan_row_locks(pg, of=t).clause == "FOR UPDATE OF t"
