@@ -73,7 +73,8 @@ def main() -> None:
 
     # The classifier reads the driver's own error code, for every driver.
     busy = sqlite3.OperationalError("database is locked")
-    print("classify:", locksafe.classify(busy), "| retryable:", locksafe.is_retryable_lock_error(busy))
+    retryable = locksafe.is_retryable_lock_error(busy)
+    print("classify:", locksafe.classify(busy), "| retryable:", retryable)
 
 
 if __name__ == "__main__":

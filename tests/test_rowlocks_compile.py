@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,6 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.dialects import mssql, mysql, oracle, postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, Query, mapped_column
 from sqlalchemy.sql.selectable import Select
@@ -45,6 +44,7 @@ import locksafe
 from locksafe import (
     LockDegradedWarning,
     UnsupportedLockOption,
+    capabilities,
     lock_capabilities,
     plan_row_locks,
     with_row_locks,
@@ -54,35 +54,12 @@ from locksafe import (
 
 
 def offline_dialect(flavour: str, version: tuple[int, ...] | None = None) -> Dialect:
-    """A SQLAlchemy dialect set up as if it had connected to ``flavour`` ``version``.
-
-    MySQL / MariaDB: the server version string is parsed by the dialect itself (which sets
-    ``server_version_info`` and ``is_mariadb``), then the vendor's ``_initialize_mysql`` /
-    ``_initialize_mariadb`` sets the version flags (``supports_for_update_of``,
-    ``use_mysql_for_share``...) exactly as ``initialize()`` does on a real connection.
-    ``version=None`` leaves the dialect as it is before its first connection.
-    """
-    if flavour in ("mysql", "mariadb"):
-        dialect: Any = mysql.dialect()
-        if version is not None:
-            dialect._casing = 0  # what _detect_casing() reads from the server
-            suffix = "-MariaDB-log" if flavour == "mariadb" else "-log"
-            dialect._parse_server_version(".".join(map(str, version)) + suffix)
-            dialect._dispatch_for_vendor(
-                dialect._initialize_mysql, dialect._initialize_mariadb, None
-            )
-            assert dialect.is_mariadb is (flavour == "mariadb")
-        return dialect  # type: ignore[no-any-return]
-    factory: dict[str, Callable[[], Any]] = {
-        "postgresql": postgresql.dialect,
-        "oracle": oracle.dialect,
-        "mssql": mssql.dialect,
-        "sqlite": sqlite.dialect,
-    }
-    dialect = factory[flavour]()
-    if version is not None:
-        dialect.server_version_info = version
-    return dialect  # type: ignore[no-any-return]
+    """The library's offline dialect, checked: MySQL / MariaDB really are the flavour asked."""
+    dialect = capabilities.offline_dialect(flavour, version)
+    if flavour in ("mysql", "mariadb") and version is not None:
+        assert getattr(dialect, "is_mariadb", False) is (flavour == "mariadb")
+        assert dialect.server_version_info == version
+    return dialect
 
 
 # -- the servers, and what the issue says each one can do ------------------------------------

@@ -10,7 +10,13 @@ from locksafe.kinds import UnsupportedLockOption
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
 
-__all__ = ["LockCapabilities", "Mechanism", "dialect_of", "lock_capabilities"]
+__all__ = [
+    "LockCapabilities",
+    "Mechanism",
+    "dialect_of",
+    "lock_capabilities",
+    "offline_dialect",
+]
 
 #: How row locks are taken on a database:
 #: ``"row"``: a ``FOR UPDATE``-style clause on the SELECT locks the rows it returns;
@@ -128,6 +134,26 @@ def lock_capabilities(bind: Any) -> LockCapabilities:
             summary=f"locksafe has no module for the {dialect.name!r} dialect",
         )
     return support.capabilities(dialect)
+
+
+def offline_dialect(name: str, version: tuple[int, ...] | None = None) -> Dialect:
+    """A dialect set up as if it had connected to a ``name`` server of ``version``, without a
+    server: for docs, diagnostics and compile-level checks.
+
+    >>> lock_capabilities(offline_dialect("mariadb", (10, 5, 0))).skip_locked
+    False
+    """
+    from sqlalchemy.engine import make_url
+
+    from locksafe.dialects import support_for
+
+    support = support_for(name)
+    if support is not None and support.offline_dialect is not None:
+        return support.offline_dialect(name, version)
+    dialect: Dialect = make_url(f"{name}://").get_dialect()()
+    if version is not None:
+        dialect.server_version_info = version
+    return dialect
 
 
 def version_of(dialect: Dialect) -> tuple[int, ...] | None:

@@ -122,6 +122,10 @@ class DialectSupport:
     lock_timeout_sql: Callable[[float], list[str]] | None = None
     #: SQL that locks a whole table (given its quoted name) until the transaction ends.
     lock_table_sql: Callable[[str], list[str]] | None = None
+    #: Builds a dialect as if it had connected to a server of that (SQLAlchemy dialect name,
+    #: version), for docs and diagnostics without a server; ``None``: the generic way (the
+    #: dialect class with ``server_version_info`` set).
+    offline_dialect: Callable[[str, tuple[int, ...] | None], Dialect] | None = None
     #: Whether capabilities depend on the server version (then a statement is planned when
     #: the version is known, at the latest by the connection that executes it).
     version_dependent: bool = False

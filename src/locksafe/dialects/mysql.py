@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from locksafe.capabilities import LockCapabilities, version_of
 from locksafe.dialects import (
@@ -157,6 +157,22 @@ def lock_table_sql(quoted_table: str) -> list[str]:
     return [f"SELECT 1 FROM {quoted_table} FOR UPDATE"]
 
 
+def offline_dialect(name: str, version: tuple[int, ...] | None) -> Dialect:
+    """A MySQL/MariaDB dialect as after its first connection: SQLAlchemy parses the version
+    string (setting ``server_version_info`` and ``is_mariadb``), then the vendor's
+    initialisation sets its version flags (``supports_for_update_of``,
+    ``use_mysql_for_share``...) as ``initialize()`` does on a real connection."""
+    from sqlalchemy.engine import make_url
+
+    dialect: Any = make_url(f"{name}://").get_dialect()()
+    if version is not None:
+        dialect._casing = 0  # what _detect_casing() would read from the server
+        suffix = "-MariaDB-log" if name == "mariadb" else "-log"
+        dialect._parse_server_version(".".join(map(str, version)) + suffix)
+        dialect._dispatch_for_vendor(dialect._initialize_mysql, dialect._initialize_mariadb, None)
+    return dialect  # type: ignore[no-any-return]
+
+
 SUPPORT = DialectSupport(
     names=("mysql", "mariadb"),
     title="MySQL / MariaDB",
@@ -165,6 +181,7 @@ SUPPORT = DialectSupport(
     lock_timeout_sql=lock_timeout_sql,
     lock_table_sql=lock_table_sql,
     version_dependent=True,
+    offline_dialect=offline_dialect,
     documented_versions=(
         ("MySQL 5.7", "mysql", (5, 7, 44)),
         ("MySQL ≥ 8.0.1", "mysql", (8, 0, 36)),
