@@ -150,13 +150,37 @@ class _Request:
         default_factory=dict, compare=False, hash=False, repr=False
     )
 
-    def plan_for(self, dialect: Dialect) -> RowLockPlan:
+    def plan_for(self, dialect: Dialect, *, report_new: bool = False) -> RowLockPlan:
+        """The plan for this server, made once; ``report_new``: report its degradations when
+        it is made (the execution path, which has no caller line of its own to warn at)."""
         key = _server_key(dialect)
         plan = self.plans.get(key)
         if plan is None:
             plan = _plan(dialect, self.options, self.on_unsupported, self)
             self.plans[key] = plan
+            if report_new:
+                _report(plan, self.on_unsupported, stacklevel=2)
         return plan
+
+
+_requests: dict[tuple[LockOptions, str], _Request] = {}
+_MAX_REQUESTS: Final = 1024
+
+
+def _request(options: LockOptions, on_unsupported: OnUnsupported) -> _Request:
+    """One shared request (and so one plan per server) for equal options: planning happens
+    once, not on every call."""
+    key = (options, on_unsupported)
+    try:
+        return _requests[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable `of` element: plan this call on its own
+        return _Request(options, on_unsupported)
+    if len(_requests) >= _MAX_REQUESTS:
+        _requests.clear()
+    request = _requests[key] = _Request(options, on_unsupported)
+    return request
 
 
 @dataclass(frozen=True)
@@ -261,10 +285,9 @@ def _plan(
     options: LockOptions,
     on_unsupported: OnUnsupported,
     request: _Request | None,
-    stacklevel: int = 4,
 ) -> RowLockPlan:
-    """``stacklevel`` points a LockDegradedWarning at the caller's line: 4 when called
-    through :meth:`_Request.plan_for` from :func:`with_row_locks`."""
+    """Plan ``options`` for ``dialect``'s server: raises under ``on_unsupported="raise"``,
+    else records the degradations (reported by :func:`_report`)."""
     caps = lock_capabilities(dialect)
     if caps.mechanism == "none":
         raise unsupported(
@@ -283,20 +306,13 @@ def _plan(
     support = support_for(dialect.name)
     if effective.of and support is not None and support.lock_targets is not None:
         effective = dataclasses.replace(effective, of=support.lock_targets(effective.of))
-    if missing:
-        if on_unsupported == "raise":
-            raise unsupported(
-                caps,
-                *(rule.option for rule in missing),
-                reason="; ".join(rule.meaning for rule in missing)
-                + ' would apply with on_unsupported="degrade"',
-            )
-        where = f"{_title(caps)} {caps.version_string}"
-        message = f"row lock degraded on {where}: " + "; ".join(degradations)
-        if on_unsupported == "warn":
-            warnings.warn(message, LockDegradedWarning, stacklevel=stacklevel)
-        else:
-            log.debug(message)
+    if missing and on_unsupported == "raise":
+        raise unsupported(
+            caps,
+            *(rule.option for rule in missing),
+            reason="; ".join(rule.meaning for rule in missing)
+            + ' would apply with on_unsupported="degrade"',
+        )
     return RowLockPlan(
         capabilities=caps,
         requested=options,
@@ -305,6 +321,21 @@ def _plan(
         dialect=dialect,
         request=request,
     )
+
+
+def _report(plan: RowLockPlan, on_unsupported: OnUnsupported, *, stacklevel: int) -> None:
+    """Say that ``plan`` degraded the lock: a LockDegradedWarning under ``"warn"`` pointing
+    ``stacklevel`` frames above the caller, a DEBUG log line under ``"degrade"``."""
+    if not plan.degradations:
+        return
+    caps = plan.capabilities
+    message = f"row lock degraded on {_title(caps)} {caps.version_string}: " + "; ".join(
+        plan.degradations
+    )
+    if on_unsupported == "warn":
+        warnings.warn(message, LockDegradedWarning, stacklevel=stacklevel + 2)
+    else:
+        log.debug(message)
 
 
 def plan_row_locks(
@@ -332,7 +363,9 @@ def plan_row_locks(
     options = LockOptions(
         read=read, key_share=key_share, nowait=nowait, skip_locked=skip_locked, of=of_elements
     )
-    return _plan(dialect_of(bind), options, on_unsupported, None, stacklevel=3)
+    plan = _plan(dialect_of(bind), options, on_unsupported, None)
+    _report(plan, on_unsupported, stacklevel=1)
+    return plan
 
 
 def with_row_locks(
@@ -385,7 +418,7 @@ def with_row_locks(
     options = LockOptions(
         read=read, key_share=key_share, nowait=nowait, skip_locked=skip_locked, of=of_elements
     )
-    request = _Request(options, on_unsupported)
+    request = _request(options, on_unsupported)
     _install_hooks()
     value: _Request | RowLockPlan = request
     effective = options
@@ -394,6 +427,7 @@ def with_row_locks(
         support = support_for(dialect.name)
         if support is None or not support.version_dependent or version_of(dialect):
             plan = request.plan_for(dialect)
+            _report(plan, on_unsupported, stacklevel=1)
             value, effective = plan, plan.effective
     locked: Any = query.with_for_update(**effective.for_update_kwargs())
     return locked.execution_options(**{OPTION: value})  # type: ignore[no-any-return]
@@ -417,9 +451,11 @@ def _plan_of(value: Any, dialect: Dialect) -> RowLockPlan | None:
     if isinstance(value, RowLockPlan):
         if value.dialect is dialect or _server_key(value.dialect) == _server_key(dialect):
             return value
-        return value.request.plan_for(dialect) if value.request is not None else None
+        if value.request is None:
+            return None
+        return value.request.plan_for(dialect, report_new=True)
     if isinstance(value, _Request):
-        return value.plan_for(dialect)
+        return value.plan_for(dialect, report_new=True)
     return None
 
 

@@ -58,9 +58,7 @@ def install_lock_error_handlers(app: Starlette, *, retry_after: float = 1.0) -> 
 
     async def on_lock_unavailable(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, LockUnavailable)
-        log.warning(
-            "%s %s: answered 503, %s", request.method, request.url.path, exc, exc_info=exc
-        )
+        log.warning("%s %s: answered 503, %s", request.method, request.url.path, exc, exc_info=exc)
         return lock_error_response(exc.retry_after)
 
     async def on_database_error(request: Request, exc: Exception) -> Response:

@@ -379,8 +379,10 @@ def _sync_wrapper(
                 if not attempt.retry_state.outcome or not attempt.retry_state.outcome.failed:
                     return result
         except Exception as exc:
-            error = exc if id(exc) in unknown_commits else policy.exhausted(
-                exc, attempt_number, started
+            error = (
+                exc
+                if id(exc) in unknown_commits
+                else policy.exhausted(exc, attempt_number, started)
             )
             if error is exc:
                 raise
@@ -416,9 +418,7 @@ def _async_wrapper(
                     return await run_in(fresh, call_args, call_kwargs)
             return await run_in(session, args, kwargs)
 
-        async def run_in(
-            owned: Any, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]
-        ) -> T:
+        async def run_in(owned: Any, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
             await owned.begin()
             try:
                 result = await func(*call_args, **call_kwargs)
@@ -445,8 +445,10 @@ def _async_wrapper(
                 if not attempt.retry_state.outcome or not attempt.retry_state.outcome.failed:
                     return result
         except Exception as exc:
-            error = exc if id(exc) in unknown_commits else policy.exhausted(
-                exc, attempt_number, started
+            error = (
+                exc
+                if id(exc) in unknown_commits
+                else policy.exhausted(exc, attempt_number, started)
             )
             if error is exc:
                 raise

@@ -108,9 +108,7 @@ class DialectSupport:
     #: executed; returns a replacement SQL string or ``None`` to run the statement unchanged.
     #: Called with (cursor, context, plan, SQL string, tables the statement reads).
     before_locking_select: (
-        Callable[
-            [DBAPICursor, ExecutionContext, RowLockPlan, str, Sequence[Table]], str | None
-        ]
+        Callable[[DBAPICursor, ExecutionContext, RowLockPlan, str, Sequence[Table]], str | None]
         | None
     ) = None
     #: Turns the ``of=`` elements of a row-lock request (tables, ORM entities, columns) into

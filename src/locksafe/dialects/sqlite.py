@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 SQLITE_BUSY = 5
 SQLITE_LOCKED = 6
 SQLITE_BUSY_SNAPSHOT = 517  # 5 | (2 << 8)
+#: sqlite3_errstr(SQLITE_BUSY): the only clue to SQLITE_BUSY where a driver carries no code.
+BUSY_MESSAGE = "database is locked"
 
 _NAMES = {"SQLITE_BUSY": SQLITE_BUSY, "SQLITE_LOCKED": SQLITE_LOCKED}
 
@@ -71,7 +73,7 @@ ERRORS = ErrorTable(
     messages=(
         ("OperationalError", "database table is locked", LockErrorKind.TABLE_LOCKED),
         ("OperationalError", "database schema is locked", LockErrorKind.TABLE_LOCKED),
-        ("OperationalError", "database is locked", LockErrorKind.DATABASE_BUSY),
+        ("OperationalError", BUSY_MESSAGE, LockErrorKind.DATABASE_BUSY),
     ),
 )
 
@@ -111,9 +113,10 @@ def _primary_code(exc: BaseException) -> int | None:
     if (
         code is None
         and type(exc).__name__ == "OperationalError"
-        and "database is locked" in str(exc).lower()
+        and str(exc).lower().lstrip().startswith(BUSY_MESSAGE)
     ):
-        # Python 3.10's sqlite3 exceptions carry no code; this is SQLite's SQLITE_BUSY text.
+        # Python 3.10's sqlite3 exceptions carry no code: SQLite's SQLITE_BUSY message, read
+        # from its start as the classifier reads it (see ERRORS.messages).
         return SQLITE_BUSY
     return None
 
