@@ -158,9 +158,12 @@ class _Policy:
             "reraise": True,
         }
 
-    def exhausted(self, exc: BaseException, attempts: int, started: float) -> BaseException:
-        """What to raise when the last attempt failed with ``exc``."""
-        if not self.should_retry(exc):
+    def final_error(
+        self, exc: BaseException, unknown_commits: set[int], attempts: int, started: float
+    ) -> BaseException:
+        """What to raise when the last attempt failed with ``exc``: ``exc`` itself unless it
+        was a retryable error that ran out of attempts or time."""
+        if id(exc) in unknown_commits or not self.should_retry(exc):
             return exc
         kind = classify(exc) or LockErrorKind.LOCK_NOT_AVAILABLE
         error = LockUnavailable(
@@ -379,11 +382,7 @@ def _sync_wrapper(
                 if not attempt.retry_state.outcome or not attempt.retry_state.outcome.failed:
                     return result
         except Exception as exc:
-            error = (
-                exc
-                if id(exc) in unknown_commits
-                else policy.exhausted(exc, attempt_number, started)
-            )
+            error = policy.final_error(exc, unknown_commits, attempt_number, started)
             if error is exc:
                 raise
             raise error from exc
@@ -445,11 +444,7 @@ def _async_wrapper(
                 if not attempt.retry_state.outcome or not attempt.retry_state.outcome.failed:
                     return result
         except Exception as exc:
-            error = (
-                exc
-                if id(exc) in unknown_commits
-                else policy.exhausted(exc, attempt_number, started)
-            )
+            error = policy.final_error(exc, unknown_commits, attempt_number, started)
             if error is exc:
                 raise
             raise error from exc

@@ -12,7 +12,9 @@ Adding a dialect is one module plus one line in :data:`MODULES`; adding a driver
 
 from __future__ import annotations
 
+import functools
 import importlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -217,6 +219,26 @@ def read_attribute(*names: str) -> Callable[[BaseException], Code | None]:
 
     read.__name__ = f"read_{'_or_'.join(n.replace('.', '_') for n in names)}"
     return read
+
+
+def nowait_detector(
+    not_sql: re.Pattern[str], nowait_clause: re.Pattern[str]
+) -> Callable[[str], bool]:
+    """A cached test for "does this statement ask for NOWAIT", from a dialect's two patterns:
+    ``not_sql`` finds what is not SQL keywords (string literals, quoted names, comments; a
+    group named ``ident`` marks quoted names), ``nowait_clause`` the dialect's NOWAIT clauses.
+    The word in a literal, a comment or a column called ``nowait`` does not count."""
+
+    def scrub(match: re.Match[str]) -> str:
+        return "_" if match.lastgroup == "ident" else " "
+
+    @functools.lru_cache(maxsize=512)
+    def asks_nowait(statement: str) -> bool:
+        if "nowait" not in statement.lower():  # the common case, without the scan
+            return False
+        return nowait_clause.search(not_sql.sub(scrub, statement)) is not None
+
+    return asks_nowait
 
 
 def read_first_int_arg(exc: BaseException) -> Code | None:

@@ -7,7 +7,6 @@ MariaDB server reports a failed ``NOWAIT`` as 1205 (``ER_LOCK_WAIT_TIMEOUT``), M
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from locksafe.dialects import (
     DriverErrors,
     ErrorContext,
     ErrorTable,
+    nowait_detector,
     read_attribute,
     read_first_int_arg,
 )
@@ -51,17 +51,8 @@ _NOWAIT_CLAUSE = re.compile(
 )
 
 
-def _scrub(match: re.Match[str]) -> str:
-    return "_" if match.lastgroup == "ident" else " "
-
-
-@functools.lru_cache(maxsize=512)
-def asks_nowait(statement: str) -> bool:
-    """Whether ``statement`` has a NOWAIT lock clause, not merely the word in a literal, a
-    comment or a name (a column called ``nowait``)."""
-    if "nowait" not in statement.lower():  # the common case, without the scan
-        return False
-    return _NOWAIT_CLAUSE.search(_NOT_SQL.sub(_scrub, statement)) is not None
+#: Whether a statement asks for NOWAIT (a real lock clause, not the word anywhere).
+asks_nowait = nowait_detector(_NOT_SQL, _NOWAIT_CLAUSE)
 
 
 def _refine(error: ErrorContext) -> LockErrorKind | None:

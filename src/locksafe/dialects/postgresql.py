@@ -6,7 +6,6 @@ has no version rules. SQLSTATEs are documented in the PostgreSQL manual, appendi
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ from locksafe.dialects import (
     DriverErrors,
     ErrorContext,
     ErrorTable,
+    nowait_detector,
     read_attribute,
 )
 from locksafe.kinds import LockErrorKind
@@ -67,17 +67,8 @@ _NOWAIT_CLAUSE = re.compile(
 )
 
 
-def _scrub(match: re.Match[str]) -> str:
-    return "_" if match.lastgroup == "ident" else " "
-
-
-@functools.lru_cache(maxsize=512)
-def asks_nowait(statement: str) -> bool:
-    """Whether ``statement`` has a NOWAIT lock clause (``FOR UPDATE ... NOWAIT``, ``LOCK ...
-    NOWAIT``), not merely the word in a literal, a comment or a name."""
-    if "nowait" not in statement.lower():  # the common case, without the scan
-        return False
-    return _NOWAIT_CLAUSE.search(_NOT_SQL.sub(_scrub, statement)) is not None
+#: Whether a statement asks for NOWAIT (a real lock clause, not the word anywhere).
+asks_nowait = nowait_detector(_NOT_SQL, _NOWAIT_CLAUSE)
 
 
 def primary_message(message: str) -> str:
