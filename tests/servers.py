@@ -125,13 +125,60 @@ def _starting(prefix: str, owner: str) -> Iterator[_Pending]:
             _pending.remove(pending)
 
 
+# The last line of defence, for a test process that dies without running any Python clean-up
+# (a segfault in a C driver, SIGKILL): a watchdog process per server, in its own session, that
+# stops the server and removes its directory once the process that started it is gone.
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+owner, pid, signum, base = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def alive(p):
+    try:
+        os.kill(p, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+while alive(owner):
+    time.sleep(0.5)
+if alive(pid):
+    os.kill(pid, signum)
+    deadline = time.monotonic() + 20
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+shutil.rmtree(base, ignore_errors=True)
+"""
+_watchdogs: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _remember(server: Server) -> None:
     _live.append(server)
+    _watchdogs[id(server)] = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _WATCHDOG,
+            str(os.getpid()),
+            str(server.pid),
+            str(int(server._stop_signal)),
+            str(server.base_dir),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _forget(server: Server) -> None:
     with contextlib.suppress(ValueError):
         _live.remove(server)
+    watchdog = _watchdogs.pop(id(server), None)
+    if watchdog is not None:
+        watchdog.kill()
+        watchdog.wait(5)
 
 
 def stop_all() -> None:
