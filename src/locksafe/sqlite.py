@@ -60,7 +60,10 @@ def configure(
     Configuring an engine twice raises ``ValueError``.
 
     >>> from sqlalchemy import create_engine
-    >>> engine = configure(create_engine("sqlite:///app.db"), begin="immediate")  # doctest: +SKIP
+    >>> engine = configure(create_engine("sqlite://"), busy_timeout=2, begin="immediate")
+    >>> with engine.connect() as conn:
+    ...     conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
+    2000
     """
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
     if not isinstance(sync_engine, Engine) or sync_engine.dialect.name != "sqlite":

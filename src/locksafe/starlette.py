@@ -6,9 +6,11 @@ handlers turn :class:`~locksafe.LockUnavailable`, and any database error that
 a ``Retry-After`` header and a fixed JSON body — no SQL, parameters or driver text reach the
 client; they go to the server log instead.
 
->>> from fastapi import FastAPI  # doctest: +SKIP
->>> app = FastAPI()  # doctest: +SKIP
->>> install_lock_error_handlers(app)  # doctest: +SKIP
+>>> from starlette.applications import Starlette  # or fastapi.FastAPI
+>>> app = Starlette()
+>>> install_lock_error_handlers(app)
+>>> sorted(cls.__name__ for cls in app.exception_handlers if cls is not Exception)
+['DBAPIError', 'LockUnavailable']
 
 Requires the ``starlette`` (or ``fastapi``) extra.
 """

@@ -7,15 +7,22 @@ lock or SQLite's write lock while the code under test runs, or wait for a lock i
 deadlock. Every wait is bounded: a holder gives up its locks after ``hold_timeout`` seconds even
 if the test forgets it, and its own lock waits time out after ``lock_timeout`` seconds.
 
->>> from sqlalchemy import create_engine, text
->>> engine = create_engine("sqlite:///:memory:")  # doctest: +SKIP
->>> with hold_write_lock(engine):  # doctest: +SKIP
-...     run_code_that_must_cope_with_a_busy_database()
+>>> import tempfile
+>>> from sqlalchemy import create_engine
+>>> from locksafe import classify
+>>> path = f"{tempfile.mkdtemp()}/app.db"
+>>> engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.1})
+>>> with hold_write_lock(engine), engine.connect() as conn:
+...     try:
+...         conn.exec_driver_sql("CREATE TABLE t (id INTEGER)")
+...     except Exception as exc:
+...         print(classify(exc))
+database_busy
 
 With PostgreSQL or MySQL, hold a row lock and watch ``nowait`` fail for real::
 
     with hold_row_lock(engine, select(Job).where(Job.id == 1)):
-        with Session(engine) as session, pytest.raises(OperationalError) as info:
+        with Session(engine) as session, pytest.raises(DBAPIError) as info:
             session.execute(with_row_locks(select(Job).where(Job.id == 1), session, nowait=True))
         assert classify(info.value) is LockErrorKind.LOCK_NOT_AVAILABLE
 """

@@ -294,10 +294,13 @@ def transactional(
     is a predicate or a collection of :class:`~locksafe.LockErrorKind`; ``on_retry`` receives
     a :class:`RetryDetails` before each sleep, which is also logged on ``locksafe.transactions``.
 
-    >>> @transactional(attempts=3)
-    ... def create_backfill(dag_id: str, *, session: Session) -> Backfill:  # doctest: +SKIP
-    ...     dag = session.execute(with_row_locks(select(Dag).filter_by(id=dag_id), session))
-    ...     ...
+    >>> from sqlalchemy import create_engine, text
+    >>> from sqlalchemy.orm import Session, sessionmaker
+    >>> @transactional(attempts=3, sessionmaker=sessionmaker(create_engine("sqlite://")))
+    ... def answer(*, session: Session) -> int:
+    ...     return session.execute(text("SELECT 42")).scalar_one()
+    >>> answer()
+    42
     """
 
     base = _Policy(  # validates the options now, at call time
