@@ -25,6 +25,7 @@ What each server produces (and what it cannot) is in the module's tests:
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -120,7 +121,10 @@ def driver_code(cell: Cell, orig: BaseException) -> Any:
     """The error code exactly as this cell's driver carries it."""
     name = cell.name
     if cell.backend == "sqlite":
-        return orig.sqlite_errorcode  # type: ignore[attr-defined]
+        # Python 3.10's sqlite3 carries no code at all (classify reads the message there).
+        code = getattr(orig, "sqlite_errorcode", None)
+        assert code is not None or sys.version_info < (3, 11)
+        return code
     if name in ("postgresql+psycopg2",):
         return orig.pgcode  # type: ignore[attr-defined]
     if name in ("postgresql+psycopg", "postgresql+psycopg_async"):
@@ -199,7 +203,9 @@ def assert_classified(
     assert _in_module(orig, DRIVER_MODULE[cell.name]), (
         f"{cell.name}: {type(orig).__module__}.{type(orig).__qualname__} is not from its driver"
     )
-    assert driver_code(cell, orig) == code, f"{cell.name}: unexpected error {orig!r}"
+    carried = driver_code(cell, orig)
+    if carried is not None or cell.backend != "sqlite":
+        assert carried == code, f"{cell.name}: unexpected error {orig!r}"
     if cell.backend == "mariadb" and code in MARIADB_SQLSTATE:
         assert_built_like_the_recorded_fixtures(cell, exc, orig, code)
 
@@ -565,7 +571,8 @@ def test_sqlite_stale_wal_snapshot_is_database_busy(cell: Cell, table: Table) ->
         assert time.monotonic() - began < 2.0  # no busy wait: it can never succeed
     assert_classified(cell, exc, Kind.DATABASE_BUSY, code=517)  # SQLITE_BUSY_SNAPSHOT
     assert exc is not None
-    assert exc.orig.sqlite_errorname == "SQLITE_BUSY_SNAPSHOT"  # type: ignore[attr-defined]
+    name = getattr(exc.orig, "sqlite_errorname", None)  # None: Python 3.10 carries no code
+    assert name == "SQLITE_BUSY_SNAPSHOT" or (name is None and sys.version_info < (3, 11))
 
 
 @pytest.mark.cells("sqlite")
@@ -601,7 +608,8 @@ def test_sqlite_shared_cache_conflict_is_table_locked(cell: Cell, table: Table) 
         )
     assert_classified(cell, exc, Kind.TABLE_LOCKED, code=262)
     assert exc is not None
-    assert exc.orig.sqlite_errorname == "SQLITE_LOCKED_SHAREDCACHE"  # type: ignore[attr-defined]
+    name = getattr(exc.orig, "sqlite_errorname", None)  # None: Python 3.10 carries no code
+    assert name == "SQLITE_LOCKED_SHAREDCACHE" or (name is None and sys.version_info < (3, 11))
 
 
 @pytest.mark.cells("sqlite")
@@ -711,7 +719,7 @@ def test_connection_refused_is_not_a_lock_error(cell: Cell, tmp_path: Any) -> No
     assert not locksafe.is_lock_not_available_error(exc)
     assert not locksafe.is_retryable_lock_error(exc)
     if cell.backend == "sqlite":
-        assert exc.orig.sqlite_errorcode == 14  # type: ignore[union-attr]  # SQLITE_CANTOPEN
+        assert driver_code(cell, exc.orig) in (14, None)  # SQLITE_CANTOPEN (None: Python 3.10)
 
 
 def _graph(exc: BaseException) -> Iterator[BaseException]:

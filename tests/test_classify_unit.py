@@ -10,10 +10,12 @@ C code builds them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import sqlite3
 import sys
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -94,9 +96,19 @@ def asyncpg_adapted(sqlstate: str, message: str) -> BaseException:
     dbapi = AsyncAdapt_asyncpg_dbapi(asyncpg)  # type: ignore[no-untyped-call]
     original = asyncpg_error(sqlstate, message)
     assert isinstance(original, Exception)
+    translate: Callable[[Exception], object]
+    if hasattr(AsyncAdapt_asyncpg_connection, "_handle_exception_no_connection"):  # 2.1
+        translate = functools.partial(
+            AsyncAdapt_asyncpg_connection._handle_exception_no_connection, dbapi
+        )
+    else:  # SQLAlchemy 2.0: the translation lives on a connection
+        adapter: Any = AsyncAdapt_asyncpg_connection.__new__(AsyncAdapt_asyncpg_connection)
+        adapter.dbapi = dbapi
+        adapter._connection = types.SimpleNamespace(is_closed=lambda: False)
+        translate = adapter._handle_exception
     with pytest.raises(Exception) as info:  # the adapter's class of it
-        AsyncAdapt_asyncpg_connection._handle_exception_no_connection(dbapi, original)
-    assert info.value.__cause__ is original
+        translate(original)
+    assert info.value.__cause__ is original, info.value
     return info.value
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from sqlalchemy import event, table
 from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Query
 from sqlalchemy.sql.selectable import CompoundSelect, GenerativeSelect, Select
 
@@ -496,7 +497,19 @@ def _before_cursor_execute(
     support = support_for(conn.dialect.name)
     if support is None or support.before_locking_select is None:
         return statement, parameters
-    replacement = support.before_locking_select(cursor, context, plan, statement, _tables(context))
+    try:
+        replacement = support.before_locking_select(
+            cursor, context, plan, statement, _tables(context)
+        )
+    except Exception as error:
+        # SQLAlchemy 2.1 wraps what this hook raises like any statement error; 2.0 calls the
+        # hook outside that, so wrap a driver error here: callers always see a DBAPIError.
+        dbapi = conn.dialect.loaded_dbapi
+        if isinstance(error, dbapi.Error):
+            raise DBAPIError.instance(
+                statement, parameters, error, dbapi.Error, dialect=conn.dialect
+            ) from error
+        raise
     return (statement if replacement is None else replacement), parameters
 
 

@@ -160,7 +160,14 @@ def offline_dialect(name: str, version: tuple[int, ...] | None) -> Dialect:
         dialect._casing = 0  # what _detect_casing() would read from the server
         suffix = "-MariaDB-log" if name == "mariadb" else "-log"
         dialect._parse_server_version(".".join(map(str, version)) + suffix)
-        dialect._dispatch_for_vendor(dialect._initialize_mysql, dialect._initialize_mariadb, None)
+        if hasattr(dialect, "_dispatch_for_vendor"):  # SQLAlchemy 2.1
+            dialect._dispatch_for_vendor(
+                dialect._initialize_mysql, dialect._initialize_mariadb, None
+            )
+        else:  # SQLAlchemy 2.0 sets these in initialize(), which needs a connection
+            is_mysql = not dialect.is_mariadb
+            dialect.supports_for_update_of = is_mysql and version >= (8,)
+            dialect.use_mysql_for_share = is_mysql and version >= (8, 0, 1)
     return dialect  # type: ignore[no-any-return]
 
 

@@ -50,6 +50,9 @@ _STATEMENT_TIMEOUT = "canceling statement due to statement timeout"
 # pg8000 carries the server's fields as a dict: str(exc) is its repr; "M" is the message.
 _PG8000_MESSAGE = re.compile(r"""['"]M['"]: (?:'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)")""")
 _ERROR_PREFIX = re.compile(r"^\s*(?:ERROR|FATAL):\s+")
+#: SQLAlchemy 2.0's asyncpg adapter prefixes the message with the asyncpg class:
+#: "<class 'asyncpg.exceptions.LockNotAvailableError'>: canceling statement due to ...".
+_CLASS_PREFIX = re.compile(r"^\s*<class '[\w.]+'>:\s*")
 
 # What cannot hold a keyword: literals, quoted identifiers, comments.
 _NOT_SQL = re.compile(
@@ -78,7 +81,7 @@ def primary_message(message: str) -> str:
         found = _PG8000_MESSAGE.search(message)
         if found is not None:
             message = found.group(1) if found.group(1) is not None else found.group(2)
-    first = message.partition("\n")[0].strip()
+    first = _CLASS_PREFIX.sub("", message.partition("\n")[0]).strip()
     if first[:6] in ("ERROR:", "FATAL:"):
         first = _ERROR_PREFIX.sub("", first)
     return first.lower()

@@ -126,6 +126,30 @@ def _extended_code(exc: BaseException) -> int | None:
     return code if isinstance(code, int) else None
 
 
+_SKIP_LOCKED_ATTEMPTS = 3
+
+
+def _probe_busy(cursor: DBAPICursor) -> int | None:
+    """Without an extended result code (Python 3.10), tell SQLITE_BUSY (another connection
+    holds the write lock) from SQLITE_BUSY_SNAPSHOT (the lock is free, but this transaction's
+    WAL snapshot is stale): try the write lock from a fresh connection, without waiting.
+    SQLITE_BUSY means someone holds it; SQLITE_BUSY_SNAPSHOT only that it was free a moment
+    later, so the caller tries its own lock again before believing it."""
+    cursor.execute("PRAGMA database_list")
+    path = next((row[2] for row in cursor.fetchall() if row[1] == "main"), None)
+    if not path:
+        return None
+    probe = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+    except sqlite3.OperationalError:
+        return SQLITE_BUSY
+    finally:
+        probe.close()
+    return SQLITE_BUSY_SNAPSHOT
+
+
 def _in_transaction(dbapi_connection: Any) -> bool:
     for candidate in (dbapi_connection, getattr(dbapi_connection, "_connection", None)):
         value = getattr(candidate, "in_transaction", None)
@@ -193,20 +217,27 @@ def take_write_lock(
             cursor.execute("PRAGMA busy_timeout = 0")
         if not statements:
             statements = _any_main_table(cursor)
-        for sql in statements:
-            cursor.execute(sql)
-    except Exception as exc:
-        if (
-            requested.skip_locked
-            and _primary_code(exc) == SQLITE_BUSY
-            and _extended_code(exc) != SQLITE_BUSY_SNAPSHOT
-        ):
-            return f"SELECT * FROM ({statement}) WHERE 0"
-        raise
+        for _attempt in range(_SKIP_LOCKED_ATTEMPTS):
+            try:
+                for sql in statements:
+                    cursor.execute(sql)
+                return None
+            except Exception as exc:
+                if not (requested.skip_locked and _primary_code(exc) == SQLITE_BUSY):
+                    raise
+                extended = _extended_code(exc)
+                if extended == SQLITE_BUSY_SNAPSHOT:
+                    raise
+                if extended is not None or _probe_busy(cursor) == SQLITE_BUSY:
+                    return f"SELECT * FROM ({statement}) WHERE 0"
+                # Python 3.10, and the lock looks free: either the holder just left (take it
+                # now) or this transaction's snapshot is stale (it keeps failing: raise).
+                if _attempt == _SKIP_LOCKED_ATTEMPTS - 1:
+                    raise
     finally:
         if saved is not None:
             cursor.execute(f"PRAGMA busy_timeout = {saved:d}")
-    return None
+    raise AssertionError("unreachable")
 
 
 def lock_timeout_sql(seconds: float) -> list[str]:
