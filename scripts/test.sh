@@ -135,14 +135,46 @@ begin_phase lint
 begin_phase typecheck
 "$PY" -m mypy # files and options come from pyproject.toml (src/locksafe, strict)
 
+run_pytest() {
+    local status=0
+    "$1" -m pytest "${@:2}" || status=$?
+    if ((status == 5)); then
+        echo "scripts/test.sh: pytest collected no tests: that is a failure" >&2
+    fi
+    return "$status"
+}
+
 begin_phase tests
-status=0
-"$PY" -m pytest "$@" || status=$?
-if ((status == 5)); then
-    echo "scripts/test.sh: pytest collected no tests: that is a failure" >&2
-fi
-if ((status != 0)); then
-    exit "$status"
+run_pytest "$PY" "$@"
+
+# --- the oldest supported stack: Python 3.10 with SQLAlchemy 2.0 -------------------------------
+# Same suite, second environment (${LOCKSAFE_COMPAT_VENV:-.venv-compat}). Set
+# LOCKSAFE_COMPAT=0 to leave it out; under CI=true a missing Python 3.10 is a failure.
+if [[ ${LOCKSAFE_COMPAT:-1} != 0 ]]; then
+    begin_phase compat
+    PY310=$(command -v python3.10 || true)
+    if [[ -z $PY310 ]]; then
+        PY310=$(ls -d /root/.pyenv/versions/3.10*/bin/python 2>/dev/null | tail -n 1 || true)
+    fi
+    if [[ -z $PY310 ]] || ! "$PY310" -c 'import venv' >/dev/null 2>&1; then
+        if [[ ${CI:-} == true ]]; then
+            echo "scripts/test.sh: CI=true and no Python 3.10 for the compatibility run" >&2
+            exit 1
+        fi
+        echo "    no Python 3.10 here: compatibility run (Python 3.10, SQLAlchemy 2.0) not done"
+    else
+        COMPAT_VENV=${LOCKSAFE_COMPAT_VENV:-.venv-compat}
+        if [[ ! -x $COMPAT_VENV/bin/python ]]; then
+            "$PY310" -m venv "$COMPAT_VENV"
+        fi
+        PY=$COMPAT_VENV/bin/python
+        PIP_LOG=$(mktemp "${TMPDIR:-/tmp}/locksafe-pip.XXXXXX")
+        pip_quietly install --quiet --upgrade pip
+        pip_quietly install --quiet -e '.[test]' 'SQLAlchemy>=2.0.50,<2.1'
+        rm -f "$PIP_LOG"
+        "$PY" -c 'import sqlalchemy, sys; print("    Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__)'
+        run_pytest "$PY" "$@"
+    fi
 fi
 end_phase
 echo "==> all checks passed ($ROOT)"
