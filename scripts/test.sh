@@ -152,11 +152,16 @@ run_pytest "$PY" "$@"
 # LOCKSAFE_COMPAT=0 to leave it out; under CI=true a missing Python 3.10 is a failure.
 if [[ ${LOCKSAFE_COMPAT:-1} != 0 ]]; then
     begin_phase compat
-    PY310=$(command -v python3.10 || true)
+    # The first Python 3.10 that really runs (a pyenv shim may exist and refuse to).
+    PY310=""
+    for candidate in python3.10 /root/.pyenv/versions/3.10*/bin/python /usr/bin/python3.10; do
+        if "$candidate" -c 'import sys, venv; sys.exit(sys.version_info[:2] != (3, 10))' \
+            >/dev/null 2>&1; then
+            PY310=$candidate
+            break
+        fi
+    done
     if [[ -z $PY310 ]]; then
-        PY310=$(ls -d /root/.pyenv/versions/3.10*/bin/python 2>/dev/null | tail -n 1 || true)
-    fi
-    if [[ -z $PY310 ]] || ! "$PY310" -c 'import venv' >/dev/null 2>&1; then
         if [[ ${CI:-} == true ]]; then
             echo "scripts/test.sh: CI=true and no Python 3.10 for the compatibility run" >&2
             exit 1
