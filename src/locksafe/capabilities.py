@@ -55,6 +55,13 @@ class LockCapabilities:
     of: bool
     #: One line on how locking works there, for logs, docs and ``locksafe doctor``.
     summary: str = ""
+    #: The server's name for people (``"MariaDB"``, ``"SQL Server"``); ``flavour`` if unset.
+    product: str = ""
+
+    @property
+    def title(self) -> str:
+        """The server's name for people, e.g. in messages."""
+        return self.product or self.flavour
 
     @property
     def version_string(self) -> str:

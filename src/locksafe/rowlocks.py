@@ -225,7 +225,7 @@ class RowLockPlan:
     def describe(self) -> str:
         """One line for logs, docs and ``locksafe doctor``."""
         caps = self.capabilities
-        head = f"{_title(caps)} {caps.version_string}: "
+        head = f"{caps.title} {caps.version_string}: "
         if self.mechanism == "database":
             how = "database write lock before the SELECT"
             if self.effective.nowait:
@@ -245,17 +245,6 @@ def _literal_one() -> Any:
     from sqlalchemy import literal_column
 
     return literal_column("1")
-
-
-def _title(caps: LockCapabilities) -> str:
-    return {
-        "postgresql": "PostgreSQL",
-        "mysql": "MySQL",
-        "mariadb": "MariaDB",
-        "sqlite": "SQLite",
-        "oracle": "Oracle",
-        "mssql": "SQL Server",
-    }.get(caps.flavour, caps.flavour)
 
 
 def _check_options(
@@ -330,7 +319,7 @@ def _report(plan: RowLockPlan, on_unsupported: OnUnsupported, *, stacklevel: int
     if not plan.degradations:
         return
     caps = plan.capabilities
-    message = f"row lock degraded on {_title(caps)} {caps.version_string}: " + "; ".join(
+    message = f"row lock degraded on {caps.title} {caps.version_string}: " + "; ".join(
         plan.degradations
     )
     if on_unsupported == "warn":

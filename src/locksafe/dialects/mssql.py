@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 def capabilities(dialect: Dialect) -> LockCapabilities:
     return LockCapabilities(
+        product="SQL Server",
         dialect=dialect.name,
         flavour="mssql",
         server_version=version_of(dialect),

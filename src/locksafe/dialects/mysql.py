@@ -119,6 +119,7 @@ def capabilities(dialect: Dialect) -> LockCapabilities:
         if rule_flavour == flavour and effective >= since
     }
     return LockCapabilities(
+        product="MariaDB" if flavour == "mariadb" else "MySQL",
         dialect=dialect.name,
         flavour=flavour,
         server_version=version,

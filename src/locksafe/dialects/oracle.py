@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 def capabilities(dialect: Dialect) -> LockCapabilities:
     return LockCapabilities(
+        product="Oracle",
         dialect=dialect.name,
         flavour="oracle",
         server_version=version_of(dialect),

@@ -136,6 +136,7 @@ ERRORS = ErrorTable(
 
 def capabilities(dialect: Dialect) -> LockCapabilities:
     return LockCapabilities(
+        product="PostgreSQL",
         dialect=dialect.name,
         flavour="postgresql",
         server_version=version_of(dialect),

@@ -80,6 +80,7 @@ ERRORS = ErrorTable(
 
 def capabilities(dialect: Dialect) -> LockCapabilities:
     return LockCapabilities(
+        product="SQLite",
         dialect=dialect.name,
         flavour="sqlite",
         server_version=version_of(dialect) or tuple(sqlite3.sqlite_version_info),
