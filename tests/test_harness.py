@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text
 from sqlalchemy.engine import Connection
@@ -75,3 +80,29 @@ def test_other_connection_holds_a_real_row_lock(cell: Cell) -> None:
 @pytest.mark.cells("sqlite+pysqlite")
 def test_cells_marker_restricts_cells(cell: Cell) -> None:
     assert cell.name == "sqlite+pysqlite"
+
+
+@pytest.mark.cells("postgresql+psycopg2")
+def test_suite_runs_against_servers_given_by_url(cell: Cell, tmp_path: Path) -> None:
+    """LOCKSAFE_TEST_POSTGRESQL_URL replaces the throw-away server: with PostgreSQL's binaries
+    made unfindable and CI=true, the inner run can only pass by using the given server."""
+    given = cell.admin_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    env = {
+        **os.environ,
+        "CI": "true",
+        "LOCKSAFE_TEST_POSTGRESQL_URL": given,
+        "LOCKSAFE_PG_BIN": str(tmp_path / "no-postgresql-here"),
+        "PATH": "/usr/bin:/bin",
+    }
+    test_id = f"{Path(__file__).name}::test_cell_talks_to_a_real_server[postgresql+psycopg2]"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_id],
+        cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout
