@@ -12,7 +12,6 @@ The expected clauses and the capability table are written out independently of t
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from locksafe import (
     plan_row_locks,
     with_row_locks,
 )
+from options import option_combinations
 
 # -- an "offline" dialect: initialised as on first connect, without a server ------------------
 
@@ -158,22 +158,9 @@ def joined() -> Select[Any]:
     return select(jobs.c.id, owners.c.name).join_from(jobs, owners).where(jobs.c.id == 1)
 
 
-WAITS = ({}, {"nowait": True}, {"skip_locked": True})
-
-
 def combinations() -> Iterator[dict[str, Any]]:
     """Every combination of options with_row_locks accepts (24)."""
-    for read, key_share, wait, of in itertools.product(
-        (False, True), (False, True), WAITS, (False, True)
-    ):
-        options: dict[str, Any] = dict(wait)
-        if read:
-            options["read"] = True
-        if key_share:
-            options["key_share"] = True
-        if of:
-            options["of"] = jobs
-        yield options
+    return option_combinations(jobs)
 
 
 def expected_clause(server: Server, options: dict[str, Any]) -> str:

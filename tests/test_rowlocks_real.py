@@ -12,7 +12,6 @@ wait at most a few seconds for a lock, and timings are asserted with wide margin
 from __future__ import annotations
 
 import contextlib
-import itertools
 import sqlite3
 import threading
 import time
@@ -55,6 +54,7 @@ from locksafe import (
 )
 from locksafe.dialects import support_for
 from locksafe.testing import OtherConnection, hold_write_lock
+from options import option_combinations
 
 metadata = MetaData()
 owners = Table(
@@ -104,21 +104,6 @@ def joined() -> Select[Any]:
 
 def one_item(item_id: int = 1) -> Select[Any]:
     return select(items.c.id, items.c.v).where(items.c.id == item_id)
-
-
-def option_combinations() -> Iterator[dict[str, Any]]:
-    waits: tuple[dict[str, Any], ...] = ({}, {"nowait": True}, {"skip_locked": True})
-    for read, key_share, wait, of in itertools.product(
-        (False, True), (False, True), waits, (False, True)
-    ):
-        options: dict[str, Any] = dict(wait)
-        if read:
-            options["read"] = True
-        if key_share:
-            options["key_share"] = True
-        if of:
-            options["of"] = items
-        yield options
 
 
 @pytest.fixture
@@ -317,7 +302,7 @@ def test_every_clause_is_accepted_by_the_server(db: Cell) -> None:
         else:
             assert caps.server_version[:2] == (10, 11)
         executed = 0
-        for options in option_combinations():
+        for options in option_combinations(items):
             for mode in ("raise", "degrade"):
                 unsupported = (
                     set(options) & MARIADB_UNSUPPORTED if db.backend == "mariadb" else set()
