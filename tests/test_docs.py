@@ -56,3 +56,20 @@ def test_every_docs_page_is_linked_from_the_index() -> None:
     for page in (ROOT / "docs").glob("*.md"):
         if page.name != "index.md":
             assert f"({page.name})" in index, f"{page.name} is not in docs/index.md"
+
+
+def test_the_base_install_needs_no_extra() -> None:
+    """`pip install sqlalchemy-locksafe` has no greenlet (SQLAlchemy's asyncio extra): every
+    module but the Starlette integration imports, and the quick start runs, without it."""
+    code = (
+        "import sys, runpy\n"
+        "sys.modules['greenlet'] = None\n"  # import greenlet now raises ImportError
+        "import locksafe, locksafe.sqlite, locksafe.testing, locksafe.compat.airflow\n"
+        "import locksafe.matrix, locksafe.transactions, locksafe.rowlocks\n"
+        f"runpy.run_path({str(ROOT / 'examples' / 'quickstart.py')!r}, run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "counter = 200, events = 200" in result.stdout

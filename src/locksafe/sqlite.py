@@ -17,11 +17,13 @@ got in between, however long the busy timeout: with ``"immediate"`` the second w
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:  # at run time, async engines are told by their sync_engine: no greenlet needed
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["configure"]
 
@@ -37,14 +39,17 @@ _JOURNAL_MODES = ("wal", "delete", "truncate", "persist", "memory", "off")
 _CONFIGURED = "_locksafe_sqlite_configured"
 
 
+E = TypeVar("E", bound="Engine | AsyncEngine")
+
+
 def configure(
-    engine: Engine | AsyncEngine,
+    engine: E,
     *,
     busy_timeout: float = 30.0,
     journal_mode: JournalMode | None = "wal",
     begin: Begin = "deferred",
     foreign_keys: bool | None = None,
-) -> Engine | AsyncEngine:
+) -> E:
     """Make a SQLite engine (sync or async) behave predictably under several writers.
 
     - ``busy_timeout`` (seconds): how long a statement waits for another connection's lock
@@ -65,7 +70,7 @@ def configure(
     ...     conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
     2000
     """
-    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    sync_engine = getattr(engine, "sync_engine", engine)
     if not isinstance(sync_engine, Engine) or sync_engine.dialect.name != "sqlite":
         raise ValueError(
             "locksafe.sqlite.configure() takes a SQLite Engine or AsyncEngine, got "

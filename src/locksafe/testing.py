@@ -37,15 +37,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Table, create_engine, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.base import Executable
 
 from locksafe.dialects import support_for
+
+if TYPE_CHECKING:  # imported when used: the base install has no greenlet
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "OtherConnection",
@@ -60,11 +62,13 @@ _STOP = object()
 
 
 def _url_of(bind: Engine | AsyncEngine | URL | str) -> tuple[URL, bool]:
-    if isinstance(bind, AsyncEngine):
-        return bind.url, True
+    if isinstance(bind, (URL, str)):
+        url = make_url(bind)
+        return url, bool(getattr(url.get_dialect(), "is_async", False))
     if isinstance(bind, Engine):
         return bind.url, False
-    url = make_url(bind)
+    # An AsyncEngine, told without importing sqlalchemy.ext.asyncio (it needs greenlet).
+    url = bind.url
     return url, bool(getattr(url.get_dialect(), "is_async", False))
 
 
@@ -243,6 +247,8 @@ class OtherConnection:
         # The thread owns an event loop that runs only while a step runs; between steps it
         # blocks on the command queue like the sync variant.
         loop = asyncio.new_event_loop()
+        from sqlalchemy.ext.asyncio import create_async_engine
+
         engine = create_async_engine(self.url, poolclass=NullPool)
         try:
             aconn = loop.run_until_complete(engine.connect().start())
