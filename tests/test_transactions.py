@@ -157,9 +157,16 @@ def _conflict_round(cell: Cell, variant: str) -> None:
     barrier = threading.Barrier(2)
     seen: list[RetryDetails] = []
     attempts = {1: 0, 2: 0}
+    # Backoff is zero under set_testing, so a loser that retried at once could spin through
+    # all its attempts while the winner still waits for the GIL to commit (seen on CI, 2 cores:
+    # 10 SQLite attempts in 10 ms). A real backoff leaves the winner that time; here a retry
+    # waits, bounded, for the other transfer to finish instead.
+    finished = {1: threading.Event(), 2: threading.Event()}
 
     def step(session: Session, mine: int, theirs: int) -> str:
         attempts[mine] += 1
+        if attempts[mine] > 1:
+            assert finished[theirs].wait(BARRIER_TIMEOUT), "the winner did not finish"
         conflicting_step(cell, session, mine, theirs, attempts[mine] == 1, barrier)
         return f"{mine}->{theirs}"
 
@@ -172,14 +179,19 @@ def _conflict_round(cell: Cell, variant: str) -> None:
         return await session.run_sync(step, mine, theirs)
 
     def job(mine: int, theirs: int) -> str:
-        if variant == "async":
+        try:
+            if variant == "async":
 
-            async def main() -> str:
-                async with AsyncSession(engine) as session:
-                    return await transfer_async(mine, theirs, session=session)
+                async def main() -> str:
+                    async with AsyncSession(engine) as session:
+                        return await transfer_async(mine, theirs, session=session)
 
-            return cell.run_async(main)
-        return cell.run_session(lambda s: transfer_sync(mine, theirs, session=s), engine=engine)
+                return cell.run_async(main)
+            return cell.run_session(
+                lambda s: transfer_sync(mine, theirs, session=s), engine=engine
+            )
+        finally:
+            finished[mine].set()
 
     results = run_concurrently(lambda: job(1, 2), lambda: job(2, 1))
     assert sorted(results) == ["1->2", "2->1"]
