@@ -14,7 +14,6 @@ import functools
 import itertools
 import sqlite3
 import sys
-import time
 import types
 from collections.abc import Callable
 from typing import Any
