@@ -187,7 +187,9 @@ def create_app(
         wait_initial=wait_initial,
         wait_max=wait_max,
     )
-    def create_backfill(dag_id: str, runs: int, *, session: Session) -> dict[str, Any]:
+    def create_backfill(
+        dag_id: str, runs: int, *, session: Session = locksafe.NEW_SESSION
+    ) -> dict[str, Any]:
         dag = session.scalar(locksafe.with_row_locks(select(Dag).where(Dag.id == dag_id), session))
         if dag is None:
             raise HTTPException(404, f"no dag {dag_id}")
@@ -207,9 +209,7 @@ def create_app(
 
     @app.post("/backfills", status_code=201)
     def create_backfill_route(body: BackfillIn) -> dict[str, Any]:
-        # @transactional(sessionmaker=...) injects `session`; its typing (ParamSpec) cannot
-        # say that the keyword became optional.
-        return create_backfill(body.dag_id, body.runs)  # type: ignore[call-arg]
+        return create_backfill(body.dag_id, body.runs)  # `session` is injected
 
     install_lock_error_handlers(app)
     return app

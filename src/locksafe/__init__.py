@@ -19,11 +19,18 @@ from locksafe.kinds import (
     UnsupportedLockOption,
 )
 from locksafe.rowlocks import LockOptions, RowLockPlan, plan_row_locks, with_row_locks
-from locksafe.transactions import RetryDetails, retry_if_lock_error, set_testing, transactional
+from locksafe.transactions import (
+    NEW_SESSION,
+    RetryDetails,
+    retry_if_lock_error,
+    set_testing,
+    transactional,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NEW_SESSION",
     "LockCapabilities",
     "LockDegradedWarning",
     "LockErrorKind",

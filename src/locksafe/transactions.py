@@ -25,6 +25,7 @@ from locksafe.classify import classify, is_retryable_lock_error
 from locksafe.kinds import LockErrorKind, LockUnavailable
 
 __all__ = [
+    "NEW_SESSION",
     "RetryDetails",
     "retry_if_lock_error",
     "set_testing",
@@ -41,6 +42,13 @@ T = TypeVar("T")
 #: >>> import tenacity
 #: >>> policy = tenacity.Retrying(retry=retry_if_lock_error, stop=tenacity.stop_after_attempt(3))
 retry_if_lock_error: Final = tenacity.retry_if_exception(is_retryable_lock_error)
+
+#: The default for the ``session`` parameter of a function decorated with
+#: ``@transactional(sessionmaker=...)``, so that type checkers accept calls without a session
+#: (the decorator keeps the function's signature, and cannot mark ``session`` optional). It is
+#: ``None``: the decorator injects a fresh session per attempt. Airflow's ``NEW_SESSION``, typed
+#: to fit a ``Session`` and an ``AsyncSession`` alike (see :func:`transactional`'s example).
+NEW_SESSION: Final[Any] = None
 
 _testing = False
 
@@ -297,7 +305,7 @@ def transactional(
     >>> from sqlalchemy import create_engine, text
     >>> from sqlalchemy.orm import Session, sessionmaker
     >>> @transactional(attempts=3, sessionmaker=sessionmaker(create_engine("sqlite://")))
-    ... def answer(*, session: Session) -> int:
+    ... def answer(*, session: Session = NEW_SESSION) -> int:
     ...     return session.execute(text("SELECT 42")).scalar_one()
     >>> answer()
     42
