@@ -9,6 +9,7 @@ C code builds them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import itertools
@@ -27,6 +28,7 @@ import locksafe
 from fixtures import mysql8_errors
 from locksafe import LockErrorKind as Kind
 from locksafe import LockUnavailable, classify
+from locksafe.classify import classify_raised
 from locksafe.dialects import mysql as mysql_dialect
 from locksafe.dialects import postgresql as pg_dialect
 
@@ -749,6 +751,48 @@ def test_a_raising_getattr_and_class() -> None:
 
     assert classify(Weird("x")) is None
     assert classify(chain(RuntimeError("x"), Weird("y"))) is None
+    # One hostile exception in the graph does not hide a lock error elsewhere in it.
+    assert classify(chain(RuntimeError("x"), Weird("y"), sa_wrap(deadlock()))) is Kind.DEADLOCK
+
+
+@pytest.mark.parametrize(
+    "interruption", [KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError]
+)
+def test_interruptions_are_never_lock_errors(interruption: type[BaseException]) -> None:
+    """A Ctrl-C or a cancelled task that lands while a lock error is being handled (its
+    ``__context__``) or raised from one is still an interruption, never a lock error."""
+    stopped = interruption()
+    stopped.__context__ = sa_wrap(deadlock())
+    assert classify(stopped) is None
+    assert not locksafe.is_retryable_lock_error(stopped)
+    stopped.__cause__ = sa_wrap(deadlock())
+    assert classify(stopped) is None
+    assert classify_raised(stopped) is None
+
+
+def test_classify_raised_ignores_what_was_being_handled() -> None:
+    """``classify`` follows ``__context__``; ``classify_raised`` (for retry decisions) does not:
+    an exception raised while handling a lock error is the code's own answer to it."""
+    answer = LookupError("busy, answered 409")
+    answer.__context__ = sa_wrap(deadlock())
+    assert classify(answer) is Kind.DEADLOCK
+    assert classify_raised(answer) is None
+    assert classify_raised(sa_wrap(deadlock())) is Kind.DEADLOCK
+    raised_from = LookupError("wrapped on purpose")
+    raised_from.__cause__ = sa_wrap(deadlock())
+    assert classify_raised(raised_from) is Kind.DEADLOCK
+
+
+def test_a_message_is_not_overruled_by_another_databases_code() -> None:
+    """Python 3.10's sqlite3 errors carry no code, only SQLite's message. Raised while
+    handling a PostgreSQL unique violation, the busy database is still what failed; a code of
+    the *same* database further on still decides (the trigger test above)."""
+    busy = sqlite3.OperationalError("database is locked")
+    for attribute in ("sqlite_errorcode", "sqlite_errorname"):
+        with contextlib.suppress(AttributeError):
+            delattr(busy, attribute)
+    busy.__context__ = sa_wrap(psycopg2_error("23505", "duplicate key value"))
+    assert classify(busy) is Kind.DATABASE_BUSY
 
 
 # -- property tests -----------------------------------------------------------------------------

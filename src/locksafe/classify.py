@@ -7,7 +7,7 @@ class. The driver's dialect module then says, as data, where the code is and wha
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, cast
 
 from locksafe.dialects import (
     DialectSupport,
@@ -40,6 +40,8 @@ RETRYABLE_KINDS: Final = frozenset(LockErrorKind) - {LockErrorKind.STATEMENT_TIM
 _MAX_NODES: Final = 64
 _MAX_CACHED_TYPES: Final = 4096
 _LINKS: Final = ("orig", "__cause__", "__context__")
+#: The links by which an exception *reports* a failure: what it wraps, what it was raised from.
+_RAISED_LINKS: Final = ("orig", "__cause__")
 
 _Match = tuple[DialectSupport, DriverErrors]
 _by_type: dict[type, _Match | None] = {}
@@ -52,7 +54,7 @@ def _attribute(obj: object, name: str) -> object:
         return None
 
 
-def _walk(exc: BaseException) -> list[BaseException]:
+def _walk(exc: BaseException, links: tuple[str, ...]) -> list[BaseException]:
     """Breadth first over the exception graph, each exception once, at most ``_MAX_NODES``."""
     nodes = [exc]
     seen = {id(exc)}
@@ -60,7 +62,7 @@ def _walk(exc: BaseException) -> list[BaseException]:
     while index < len(nodes):
         node = nodes[index]
         index += 1
-        for link in _LINKS:
+        for link in links:
             try:  # a property that raises (EmulatedDBAPIException.driver_exception...)
                 nxt = getattr(node, link, None)
                 if nxt is None or not isinstance(nxt, BaseException) or id(nxt) in seen:
@@ -124,38 +126,60 @@ def _by_message(table: ErrorTable, node: BaseException) -> LockErrorKind | None:
     return None
 
 
-def _classify(exc: object) -> LockErrorKind | None:
-    if not isinstance(exc, BaseException):
-        return None
-    nodes = _walk(exc)
-    fallback: LockErrorKind | None = None
+def _classify(exc: object, links: tuple[str, ...]) -> LockErrorKind | None:
+    # type(), not isinstance(): an object's own ``__class__`` may be a property that raises.
+    if not issubclass(type(exc), Exception):
+        return None  # not an exception, or a KeyboardInterrupt, a cancelled task...
+    nodes = _walk(cast(Exception, exc), links)
+    fallback: tuple[DialectSupport | None, LockErrorKind] | None = None
     for node in nodes:
-        if isinstance(node, LockUnavailable):
-            # locksafe gave up retrying: it says which kind (anywhere in the graph, e.g.
-            # behind an application's own exception).
-            kind = _attribute(node, "kind")
-            if isinstance(kind, LockErrorKind):
-                return kind
-        match = _driver_of(type(node))
-        if match is None:
-            continue
-        support, driver = match
-        table = support.errors
         try:
-            code = driver.read_code(node)
+            found = _classify_node(node, nodes)
         except Exception:
-            code = None
-        if code is None:
-            # No code: remember what the message says, but a code further on decides.
-            if fallback is None and table.messages:
-                fallback = _by_message(table, node)
+            continue  # this one exception is hostile; the others may still tell
+        if found is None:
             continue
-        # The first driver exception with a code decides, whatever it says.
-        kind = table.codes.get(code)
-        if table.refine is None:
-            return kind
-        return table.refine(ErrorContext(code, kind, _message(node), _statement(nodes, node)))
-    return fallback
+        support, kind, by_code = found
+        if not by_code:
+            # No code: remember what the message says, but a code further on decides.
+            if fallback is None and kind is not None:
+                fallback = (support, kind)
+            continue
+        if fallback is not None and fallback[0] is not support:
+            # ...only a code of the same database: another driver's error further on (the
+            # error this one was raised while handling) says nothing about this one.
+            return fallback[1]
+        return kind
+    return fallback[1] if fallback is not None else None
+
+
+def _classify_node(
+    node: BaseException, nodes: list[BaseException]
+) -> tuple[DialectSupport | None, LockErrorKind | None, bool] | None:
+    """(dialect, kind, whether a code decided it) for one exception, or ``None`` when it is
+    not a database driver's exception at all."""
+    if issubclass(type(node), LockUnavailable):
+        # locksafe gave up retrying: it says which kind (anywhere in the graph, e.g. behind an
+        # application's own exception).
+        kind = _attribute(node, "kind")
+        if isinstance(kind, LockErrorKind):
+            return None, kind, True
+    match = _driver_of(type(node))
+    if match is None:
+        return None
+    support, driver = match
+    table = support.errors
+    try:
+        code = driver.read_code(node)
+    except Exception:
+        code = None
+    if code is None:
+        return support, _by_message(table, node) if table.messages else None, False
+    # The first driver exception with a code decides, whatever it says.
+    kind = table.codes.get(code)
+    if table.refine is not None:
+        kind = table.refine(ErrorContext(code, kind, _message(node), _statement(nodes, node)))
+    return support, kind, True
 
 
 def classify(exc: object) -> LockErrorKind | None:
@@ -164,7 +188,9 @@ def classify(exc: object) -> LockErrorKind | None:
     Accepts anything: a SQLAlchemy ``DBAPIError`` (or any ``StatementError``), a driver's own
     exception, an exception that reached a lock error through ``__cause__`` / ``__context__``,
     or no exception at all. Decides by the driver's error code, per dialect; message text only
-    when a driver carries no code. Never raises.
+    when a driver carries no code. Never raises. A ``BaseException`` that is not an
+    ``Exception`` (``KeyboardInterrupt``, a cancelled task) is never a lock error, whatever it
+    interrupted.
 
     >>> import sqlite3
     >>> classify(sqlite3.OperationalError("database is locked"))
@@ -173,7 +199,32 @@ def classify(exc: object) -> LockErrorKind | None:
     True
     """
     try:
-        return _classify(exc)
+        return _classify(exc, _LINKS)
+    except Exception:
+        return None
+
+
+def classify_raised(exc: object) -> LockErrorKind | None:
+    """Like :func:`classify`, but only through what ``exc`` wraps (``.orig``) or was raised
+    from (``__cause__``): the failure ``exc`` itself reports.
+
+    An exception raised while *handling* a lock error, and reaching it only through
+    ``__context__`` (``except OperationalError: raise Conflict()``), is the code's own answer
+    to that error, not the error: retry decisions (:func:`~locksafe.transactional`,
+    :data:`~locksafe.retry_if_lock_error`) use this.
+
+    >>> import sqlite3
+    >>> try:
+    ...     try:
+    ...         raise sqlite3.OperationalError("database is locked")
+    ...     except sqlite3.OperationalError:
+    ...         raise KeyError("busy")
+    ... except KeyError as handled:
+    ...     print(classify(handled), classify_raised(handled))
+    database_busy None
+    """
+    try:
+        return _classify(exc, _RAISED_LINKS)
     except Exception:
         return None
 
