@@ -98,3 +98,31 @@ def test_an_existing_database_error_handler_still_gets_other_errors(cell: Cell) 
     assert client.get("/duplicate").json() == {"handled": "IntegrityError"}
     with hold_row_lock(cell.url, select(rows)):
         assert client.get("/nowait").status_code == 503
+
+
+def test_every_driver_names_its_root_exception_classes() -> None:
+    """Each DriverErrors row names classes that exist (the driver imported here, as the test
+    does and the library never does), and a lock error the driver raises is one of them."""
+    import importlib
+
+    from locksafe.dialects import all_supports
+
+    without: list[str] = []
+    for support in all_supports():
+        for driver in support.errors.drivers:
+            if not driver.exception_classes:
+                without.append(driver.name)
+            for spec in driver.exception_classes:
+                module_name, _, qualname = spec.partition(":")
+                module = importlib.import_module(module_name)
+                obj: Any = module
+                for part in qualname.split("."):
+                    obj = getattr(obj, part)
+                assert isinstance(obj, type), spec
+                assert issubclass(obj, Exception), spec
+                assert obj in driver.imported_exception_classes(), spec
+                # the class belongs to this driver (aiomysql raises PyMySQL's classes)
+                prefixes = (*driver.modules, "pymysql")
+                assert any(cls.__module__.startswith(prefixes) for cls in obj.__mro__), spec
+    # SQLAlchemy's MySQL async adapters re-raise the driver's own classes: nothing of their own
+    assert without == ["SQLAlchemy MySQL async adapter"]

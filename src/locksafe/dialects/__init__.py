@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -69,12 +70,37 @@ class DriverErrors:
 
     ``modules`` are the module prefixes of the driver's exception classes (``"psycopg2"``,
     ``"mysql.connector"``); ``read_code`` returns the code carried by one of its exceptions, or
-    ``None`` when it carries none.
+    ``None`` when it carries none. ``exception_classes`` name the driver's root DB-API
+    exception class(es) as importable ``"module:Qualname"`` strings (``"psycopg2:Error"``), for
+    code that must catch the driver's own exceptions, not SQLAlchemy's wrappers (the 503
+    handlers of :mod:`locksafe.starlette`).
+
+    >>> import sqlite3
+    >>> row = DriverErrors("sqlite3", ("sqlite3",), lambda exc: None, ("sqlite3:Error",))
+    >>> row.imported_exception_classes() == (sqlite3.Error,)
+    True
     """
 
     name: str
     modules: tuple[str, ...]
     read_code: Callable[[BaseException], Code | None]
+    exception_classes: tuple[str, ...] = ()
+
+    def imported_exception_classes(self) -> tuple[type[BaseException], ...]:
+        """The classes of :attr:`exception_classes` whose module is already imported.
+
+        Never imports anything: a driver the application does not use stays unimported (its
+        exceptions cannot occur anyway).
+        """
+        found: list[type[BaseException]] = []
+        for spec in self.exception_classes:
+            module_name, _, qualname = spec.partition(":")
+            obj: Any = sys.modules.get(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, type) and issubclass(obj, BaseException) and obj not in found:
+                found.append(obj)
+        return tuple(found)
 
 
 @dataclass(frozen=True)

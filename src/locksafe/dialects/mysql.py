@@ -70,12 +70,17 @@ def _refine(error: ErrorContext) -> LockErrorKind | None:
 ERRORS = ErrorTable(
     drivers=(
         # PyMySQL and aiomysql (which raises PyMySQL's classes) carry (errno, message) in args.
-        DriverErrors("pymysql", ("pymysql",), read_first_int_arg),
-        DriverErrors("aiomysql", ("aiomysql",), read_first_int_arg),
-        DriverErrors("mysqlclient", ("MySQLdb",), read_first_int_arg),
-        DriverErrors("asyncmy", ("asyncmy",), read_first_int_arg),
-        DriverErrors("mysql-connector", ("mysql.connector",), read_attribute("errno")),
-        DriverErrors("mariadb", ("mariadb",), read_attribute("errno")),
+        DriverErrors("pymysql", ("pymysql",), read_first_int_arg, ("pymysql:Error",)),
+        DriverErrors("aiomysql", ("aiomysql",), read_first_int_arg, ("pymysql:Error",)),
+        DriverErrors("mysqlclient", ("MySQLdb",), read_first_int_arg, ("MySQLdb:Error",)),
+        DriverErrors("asyncmy", ("asyncmy",), read_first_int_arg, ("asyncmy.errors:Error",)),
+        DriverErrors(
+            "mysql-connector",
+            ("mysql.connector",),
+            read_attribute("errno"),
+            ("mysql.connector:Error",),
+        ),
+        DriverErrors("mariadb", ("mariadb",), read_attribute("errno"), ("mariadb:Error",)),
         # SQLAlchemy's async adapters may re-raise driver errors as their own classes with the
         # driver's args; the original is the ``__cause__``.
         DriverErrors(

@@ -112,17 +112,27 @@ def _refine(error: ErrorContext) -> LockErrorKind | None:
 
 ERRORS = ErrorTable(
     drivers=(
-        DriverErrors("psycopg2", ("psycopg2",), read_attribute("pgcode")),
-        DriverErrors("psycopg", ("psycopg",), read_attribute("sqlstate", "diag.sqlstate")),
-        DriverErrors("asyncpg", ("asyncpg",), read_attribute("sqlstate")),
+        DriverErrors("psycopg2", ("psycopg2",), read_attribute("pgcode"), ("psycopg2:Error",)),
+        DriverErrors(
+            "psycopg",
+            ("psycopg",),
+            read_attribute("sqlstate", "diag.sqlstate"),
+            ("psycopg:Error",),
+        ),
+        # Server errors are PostgresError; asyncpg's client-side errors (InterfaceError) are
+        # never lock errors.
+        DriverErrors(
+            "asyncpg", ("asyncpg",), read_attribute("sqlstate"), ("asyncpg:PostgresError",)
+        ),
         # SQLAlchemy's asyncpg adapter re-raises asyncpg errors as its own classes, carrying
         # ``sqlstate`` (and ``pgcode``); the original is its ``__cause__``.
         DriverErrors(
             "asyncpg (SQLAlchemy adapter)",
             ("sqlalchemy.dialects.postgresql.asyncpg",),
             read_attribute("sqlstate", "pgcode"),
+            ("sqlalchemy.dialects.postgresql.asyncpg:AsyncAdapt_asyncpg_dbapi.Error",),
         ),
-        DriverErrors("pg8000", ("pg8000",), _read_pg8000),
+        DriverErrors("pg8000", ("pg8000",), _read_pg8000, ("pg8000:Error",)),
     ),
     codes={
         LOCK_NOT_AVAILABLE: LockErrorKind.LOCK_NOT_AVAILABLE,

@@ -58,7 +58,7 @@ def _read_sqlite(exc: BaseException) -> Code | None:
 ERRORS = ErrorTable(
     drivers=(
         # pysqlite and aiosqlite both raise the sqlite3 module's classes.
-        DriverErrors("sqlite3", ("sqlite3", "_sqlite3"), _read_sqlite),
+        DriverErrors("sqlite3", ("sqlite3", "_sqlite3"), _read_sqlite, ("sqlite3:Error",)),
     ),
     codes={
         SQLITE_BUSY: LockErrorKind.DATABASE_BUSY,
