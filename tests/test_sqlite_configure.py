@@ -4,14 +4,33 @@ shown with real concurrent writers on both SQLite cells."""
 from __future__ import annotations
 
 import contextlib
+import inspect
+import re
+import sqlite3
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, func, insert, select, update
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    Table,
+    create_engine,
+    create_mock_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 import locksafe
 import locksafe.sqlite
@@ -154,7 +173,9 @@ def test_configure_rejects_bad_input(cell: Cell, tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="busy_timeout="):
         locksafe.sqlite.configure(fresh, busy_timeout=-1)
     with pytest.raises(ValueError, match="SQLite"):
-        locksafe.sqlite.configure(create_engine("postgresql+psycopg2://u@127.0.0.1/x"))
+        # Another dialect (a mock engine: no server driver needed, so this also runs in the
+        # SQLite-only test leg).
+        locksafe.sqlite.configure(create_mock_engine("postgresql://u@127.0.0.1/x", print))
     fresh.dispose()
 
 
@@ -172,3 +193,338 @@ def test_configure_sets_pragmas(cell: Cell) -> None:
         )
 
     assert cell.run(pragmas, engine=engine) == (1500, "wal", 1)
+
+
+# -- helpers for the tests below ------------------------------------------------------------------
+
+
+def write_lock_held(path: str) -> bool:
+    """Another connection cannot take the write lock of the database file at ``path`` now."""
+    probe = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        probe.close()
+
+
+@contextlib.contextmanager
+def write_lock_holder(path: str) -> Iterator[None]:
+    """Another connection holds the database write lock for the block."""
+    holder = sqlite3.connect(path, timeout=5, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+
+
+def pooled(cell: Cell) -> Any:
+    """A real pool for the cell's driver (the tests above use none)."""
+    return AsyncAdaptedQueuePool if cell.is_async else QueuePool
+
+
+def counter_value(cell: Cell) -> int:
+    with cell.sync_engine().connect() as conn:
+        return conn.execute(select(counter.c.value)).scalar_one()
+
+
+def db_path(cell: Cell) -> str:
+    path = cell.url.database
+    assert path
+    return path
+
+
+def check_transactions_are_sqlalchemys(cell: Cell, engine: Any) -> None:
+    """Commits reach the database, rollbacks undo, SAVEPOINTs nest in the outer transaction,
+    and the pooled connection starts its next transaction cleanly."""
+
+    def commit(conn: Connection) -> None:
+        conn.execute(insert(items).values(id=1))
+        conn.commit()
+
+    def roll_back(conn: Connection) -> None:
+        conn.execute(insert(items).values(id=2))
+        conn.rollback()
+
+    cell.run(commit, engine=engine)
+    assert count_items(cell) == 1, "a commit did not reach SQLite"
+    cell.run(roll_back, engine=engine)
+    assert count_items(cell) == 1, "a rollback did not undo"
+    outside = cell.sync_engine()
+
+    def peek() -> int:
+        with outside.connect() as conn:
+            return conn.execute(select(func.count()).select_from(items)).scalar_one()
+
+    def nested(session: Session) -> int:
+        session.begin()
+        with session.begin_nested():
+            session.execute(insert(items).values(id=3))
+        seen = peek()
+        session.rollback()
+        return seen
+
+    assert cell.run_session(nested, engine=engine) == 1  # the SAVEPOINT did not commit
+    assert count_items(cell) == 1
+    journal = cell.run(
+        lambda conn: conn.exec_driver_sql("PRAGMA journal_mode").scalar_one(), engine=engine
+    )
+    assert journal == "wal"
+
+
+# -- Python >= 3.12: sqlite3's autocommit attribute -----------------------------------------------
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sqlite3 autocommit= is Python >= 3.12")
+@pytest.mark.parametrize("autocommit", [False, True], ids=["autocommit=False", "autocommit=True"])
+def test_configure_takes_transaction_control_from_sqlite3_autocommit(
+    cell: Cell, autocommit: bool
+) -> None:
+    """connect_args autocommit=True makes sqlite3's commit()/rollback() do nothing, and
+    autocommit=False keeps a transaction open at all times: configure() puts the connection
+    back into legacy transaction control, so SQLAlchemy's transactions are real (pysqlite, and
+    the sqlite3 connection inside the aiosqlite adapter)."""
+    setup(cell)
+    engine = cell.engine(
+        poolclass=pooled(cell), connect_args={"autocommit": autocommit, "timeout": 5}
+    )
+    locksafe.sqlite.configure(engine, busy_timeout=5)
+    check_transactions_are_sqlalchemys(cell, engine)
+
+
+# -- AUTOCOMMIT connections -----------------------------------------------------------------------
+
+
+def test_autocommit_connections_stay_autocommit_when_configured(cell: Cell) -> None:
+    """SQLAlchemy's AUTOCOMMIT isolation has no transaction: configure() sends no BEGIN there,
+    so each write commits at once and no write lock outlives it."""
+    setup(cell)
+    engine = locksafe.sqlite.configure(cell.engine(poolclass=pooled(cell)), busy_timeout=5)
+
+    def work(conn: Connection) -> bool:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.execute(update(counter).values(value=42))
+        return write_lock_held(db_path(cell))
+
+    assert cell.run(work, engine=engine) is False  # returned without commit: AUTOCOMMIT
+    assert counter_value(cell) == 42
+    # The pooled connection, back in a normal transaction, still commits and rolls back.
+    check_transactions_are_sqlalchemys(cell, engine)
+
+
+@pytest.mark.parametrize("configured", [False, True], ids=["pysqlite-default", "configured"])
+def test_a_locking_select_refuses_an_autocommit_connection(cell: Cell, configured: bool) -> None:
+    """A row lock outside any transaction could hold nothing past the statement: a clear error,
+    and no transaction SQLAlchemy does not know about (later AUTOCOMMIT writes stay
+    committed)."""
+    setup(cell)
+    engine = cell.engine()
+    if configured:
+        locksafe.sqlite.configure(engine, busy_timeout=5)
+
+    def work(conn: Connection) -> tuple[BaseException | None, bool]:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        error = None
+        try:
+            conn.execute(locksafe.with_row_locks(select(counter)))
+        except locksafe.UnsupportedLockOption as exc:
+            error = exc
+        conn.execute(update(counter).values(value=7))
+        return error, write_lock_held(db_path(cell))
+
+    error, held = cell.run(work, engine=engine)
+    assert error is not None
+    assert "outside a transaction" in str(error)
+    assert "AUTOCOMMIT" in str(error)
+    assert held is False
+    assert counter_value(cell) == 7
+
+
+def test_a_locking_select_in_the_callers_own_transaction_on_autocommit_locks(cell: Cell) -> None:
+    """AUTOCOMMIT in SQLAlchemy's eyes, but the caller opened a transaction with its own
+    BEGIN: the lock is taken in that transaction, never silently skipped."""
+    setup(cell)
+    engine = locksafe.sqlite.configure(cell.engine(), busy_timeout=5)
+
+    def work(conn: Connection) -> tuple[list[Any], bool, bool]:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.exec_driver_sql("BEGIN")
+        rows = [tuple(row) for row in conn.execute(locksafe.with_row_locks(select(counter)))]
+        held = write_lock_held(db_path(cell))
+        conn.exec_driver_sql("ROLLBACK")
+        return rows, held, write_lock_held(db_path(cell))
+
+    assert cell.run(work, engine=engine) == ([(1, 0)], True, False)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sqlite3 autocommit= is Python >= 3.12")
+def test_a_locking_select_refuses_sqlite3_autocommit_true(cell: Cell) -> None:
+    """Unconfigured, connect_args autocommit=True: sqlite3 would never end a BEGIN locksafe
+    sent, so the locking SELECT raises instead."""
+    setup(cell)
+    engine = cell.engine(connect_args={"autocommit": True, "timeout": 5})
+
+    def work(conn: Connection) -> bool:
+        with pytest.raises(locksafe.UnsupportedLockOption, match="autocommit=True"):
+            conn.execute(locksafe.with_row_locks(select(counter)))
+        return write_lock_held(db_path(cell))
+
+    assert cell.run(work, engine=engine) is False
+
+
+# -- begin="immediate" with nowait / skip_locked --------------------------------------------------
+
+_LOCKING = re.compile(
+    r"^\s*(BEGIN\s+(IMMEDIATE|EXCLUSIVE)|DELETE|UPDATE|INSERT|PRAGMA\s+\S+\.user_version\s*=)", re.I
+)
+_TIMEOUT = re.compile(r"^\s*PRAGMA\s+busy_timeout\s*=\s*(\d+)", re.I)
+
+
+def lock_requests_that_could_wait(statements: list[str], busy_timeout_ms: int) -> list[str]:
+    """The statements (as SQLite ran them) that asked for the write lock while the busy
+    timeout was not zero, i.e. that would have waited for a busy database."""
+    timeout = busy_timeout_ms
+    waiting = []
+    for sql in statements:
+        found = _TIMEOUT.match(sql)
+        if found:
+            timeout = int(found[1])
+        elif _LOCKING.match(sql) and timeout:
+            waiting.append(sql)
+    return waiting
+
+
+def trace_statements(engine: Any, statements: list[str]) -> None:
+    """Record every statement SQLite runs on the engine's connections (sqlite3's trace)."""
+    from sqlalchemy.util import await_only
+
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        result = driver.set_trace_callback(statements.append)
+        if inspect.isawaitable(result):
+            await_only(result)
+
+    event.listen(getattr(engine, "sync_engine", engine), "connect", on_connect)
+
+
+@pytest.mark.parametrize("option", ["nowait", "skip_locked"])
+@pytest.mark.parametrize("how", ["autobegin", "conn.begin()", "Session"])
+def test_begin_immediate_does_not_make_nowait_or_skip_locked_wait(
+    cell: Cell, how: str, option: str
+) -> None:
+    """configure(begin="immediate") sends its BEGIN right before the transaction's first
+    statement; when that is a nowait / skip_locked locking SELECT, the transaction starts
+    with a plain BEGIN and the write lock is tried with a zero busy timeout: nowait fails at
+    once with database_busy, skip_locked returns no rows — however the transaction began."""
+    setup(cell)
+    statements: list[str] = []
+    engine = cell.engine()
+    trace_statements(engine, statements)
+    locksafe.sqlite.configure(engine, busy_timeout=2, begin="immediate")
+    stmt = locksafe.with_row_locks(select(counter), **{option: True})
+
+    def on_connection(conn: Connection) -> Any:
+        if how == "conn.begin()":
+            with conn.begin():
+                return conn.execute(stmt).all()
+        return conn.execute(stmt).all()
+
+    def on_session(session: Session) -> Any:
+        return session.execute(stmt).all()
+
+    with write_lock_holder(db_path(cell)):
+        statements.clear()
+        try:
+            if how == "Session":
+                outcome: Any = cell.run_session(on_session, engine=engine)
+            else:
+                outcome = cell.run(on_connection, engine=engine)
+        except OperationalError as exc:
+            outcome = exc
+    assert any(_LOCKING.match(sql) for sql in statements), statements  # the lock was asked for
+    assert lock_requests_that_could_wait(statements, 2000) == [], statements
+    if option == "nowait":
+        assert isinstance(outcome, OperationalError), outcome
+        assert locksafe.classify(outcome) is locksafe.LockErrorKind.DATABASE_BUSY
+    else:
+        assert outcome == []
+
+
+@pytest.mark.parametrize("how", ["autobegin", "Session"])
+def test_begin_immediate_still_begins_immediate(cell: Cell, how: str) -> None:
+    """Any other first statement gets the configured BEGIN IMMEDIATE before it runs."""
+    setup(cell)
+    statements: list[str] = []
+    engine = cell.engine()
+    trace_statements(engine, statements)
+    locksafe.sqlite.configure(engine, busy_timeout=2, begin="immediate")
+
+    def first(conn: Any) -> bool:
+        conn.execute(select(counter.c.value)).all()
+        return write_lock_held(db_path(cell))
+
+    statements.clear()
+    if how == "Session":
+        held = cell.run_session(first, engine=engine)
+    else:
+        held = cell.run(first, engine=engine)
+    assert held is True
+    begins = [sql for sql in statements if sql.upper().startswith("BEGIN")]
+    assert begins == ["BEGIN IMMEDIATE"], statements
+
+
+# -- configure() on an engine that already connected ----------------------------------------------
+
+
+def test_configure_applies_to_connections_pooled_before_it(cell: Cell) -> None:
+    """An engine that connected before configure() (create_all first, say): the pooled
+    connection is set up at its next checkout — busy timeout, journal mode, transactions."""
+    setup(cell)
+    with contextlib.closing(sqlite3.connect(db_path(cell))) as plain:
+        plain.execute("PRAGMA journal_mode = delete")
+    engine = cell.engine(poolclass=pooled(cell))
+    cell.run(lambda conn: conn.exec_driver_sql("SELECT 1").all(), engine=engine)  # pooled now
+    locksafe.sqlite.configure(engine, busy_timeout=4.2, journal_mode="wal")
+
+    def pragmas(conn: Connection) -> tuple[int, str]:
+        return (
+            conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one(),
+            conn.exec_driver_sql("PRAGMA journal_mode").scalar_one(),
+        )
+
+    assert cell.run(pragmas, engine=engine) == (4200, "wal")
+    check_transactions_are_sqlalchemys(cell, engine)
+
+
+def test_configure_keeps_an_in_memory_database(cell: Cell) -> None:
+    """configure() after the schema was made in an in-memory database: the pooled connection
+    (which is the database) is kept, and configured."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = f"{cell.name}://"
+    engine: Any = create_async_engine(url) if cell.is_async else create_engine(url)
+
+    def make(conn: Connection) -> None:
+        metadata.create_all(conn)
+        conn.execute(insert(counter).values(id=1, value=5))
+        conn.commit()
+
+    def after(conn: Connection) -> tuple[int, int]:
+        value = conn.execute(select(counter.c.value)).scalar_one()
+        conn.commit()
+        return value, conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
+
+    try:
+        cell.run(make, engine=engine)
+        locksafe.sqlite.configure(engine, busy_timeout=3, journal_mode=None)
+        assert cell.run(after, engine=engine) == (5, 3000)
+    finally:
+        if cell.is_async:
+            cell.run_async(engine.dispose)
+        else:
+            engine.dispose()

@@ -12,6 +12,10 @@ emits ``BEGIN`` itself; plus a busy timeout and WAL journaling.
 upgrade fails at once with SQLITE_BUSY (SQLITE_BUSY_SNAPSHOT in WAL mode) when another writer
 got in between, however long the busy timeout: with ``"immediate"`` the second writer waits at
 ``BEGIN`` instead.
+
+The ``BEGIN`` is sent right before the transaction's first statement (not when SQLAlchemy's
+``begin`` event fires), so that a ``nowait`` / ``skip_locked`` locking SELECT that opens the
+transaction can start it with a plain ``BEGIN`` and take the write lock without waiting.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+
+from locksafe.dialects.sqlite import OWED_BEGIN, on_sqlite3, pay_owed_begin, sqlalchemy_autocommit
 
 if TYPE_CHECKING:  # at run time, async engines are told by their sync_engine: no greenlet needed
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -37,6 +43,8 @@ _BEGIN_SQL = {
 }
 _JOURNAL_MODES = ("wal", "delete", "truncate", "persist", "memory", "off")
 _CONFIGURED = "_locksafe_sqlite_configured"
+#: ``connection_record.info`` key: this DB-API connection is set up.
+_SET_UP = "locksafe.sqlite.set_up"
 
 
 E = TypeVar("E", bound="Engine | AsyncEngine")
@@ -61,8 +69,15 @@ def configure(
     - ``foreign_keys``: also set ``PRAGMA foreign_keys`` when not ``None``.
 
     SQLAlchemy then emits ``BEGIN`` itself, so the transaction covers its reads and
-    ``Session.begin_nested()`` is a real ``SAVEPOINT`` inside it. Returns the engine.
-    Configuring an engine twice raises ``ValueError``.
+    ``Session.begin_nested()`` is a real ``SAVEPOINT`` inside it; the ``BEGIN`` goes out
+    right before the transaction's first statement (a plain one when that is a ``nowait`` /
+    ``skip_locked`` locking SELECT, whose write lock is then tried without waiting).
+    Connections in ``AUTOCOMMIT`` isolation get no ``BEGIN``. Python ≥ 3.12 connections made
+    with ``autocommit=True`` or ``False`` are put back into ``sqlite3``'s legacy transaction
+    control (an open transaction rolled back), pysqlite and aiosqlite alike. Connections the
+    engine pooled before ``configure()`` are set up at their next checkout (nothing is
+    disposed: an in-memory database survives). Returns the engine. Configuring an engine
+    twice raises ``ValueError``.
 
     >>> from sqlalchemy import create_engine
     >>> engine = configure(create_engine("sqlite://"), busy_timeout=2, begin="immediate")
@@ -92,7 +107,7 @@ def configure(
         pragmas.append(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
     begin_sql = _BEGIN_SQL[begin]
 
-    def on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    def set_up(dbapi_connection: Any, info: dict[Any, Any]) -> None:
         _driver_transactions_off(dbapi_connection)
         cursor = dbapi_connection.cursor()
         try:
@@ -100,30 +115,71 @@ def configure(
                 cursor.execute(pragma)
             if journal_mode is not None:
                 # Changing the journal mode needs the database to itself; it is persistent, so
-                # only the first connection ever changes it and the others just read it.
-                cursor.execute("PRAGMA journal_mode")
+                # only the first connection ever changes it and the others just read it. The
+                # main database only: without a schema the PRAGMA would also change (and wait
+                # for) every database a connect listener attached.
+                cursor.execute("PRAGMA main.journal_mode")
                 row = cursor.fetchone()
                 if row is None or str(row[0]).lower() != journal_mode:
-                    cursor.execute(f"PRAGMA journal_mode = {journal_mode}")
+                    cursor.execute(f"PRAGMA main.journal_mode = {journal_mode}")
         finally:
             cursor.close()
+        info[_SET_UP] = True
+
+    def on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        set_up(dbapi_connection, connection_record.info)
+
+    def on_checkout(dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
+        info = connection_record.info
+        # A transaction that ended without SQLAlchemy (a connection garbage-collected while
+        # checked out) owes nothing to the next one.
+        info.pop(OWED_BEGIN, None)
+        if _SET_UP not in info:  # pooled before configure() was called
+            set_up(dbapi_connection, info)
 
     def on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(begin_sql)
+        if not sqlalchemy_autocommit(conn):  # AUTOCOMMIT: no transaction, so no BEGIN
+            conn.info[OWED_BEGIN] = begin_sql
+
+    def on_end(conn: Connection) -> None:
+        conn.info.pop(OWED_BEGIN, None)
+
+    def before_cursor_execute(
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        if OWED_BEGIN in conn.info:
+            pay_owed_begin(conn, cursor, context)
 
     event.listen(sync_engine, "connect", on_connect)
+    event.listen(sync_engine, "checkout", on_checkout)
     event.listen(sync_engine, "begin", on_begin)
+    event.listen(sync_engine, "commit", on_end)
+    event.listen(sync_engine, "rollback", on_end)
+    event.listen(sync_engine, "before_cursor_execute", before_cursor_execute)
     setattr(sync_engine, _CONFIGURED, True)
     return engine
 
 
-def _driver_transactions_off(dbapi_connection: Any) -> None:
-    """Stop ``sqlite3`` from opening and committing transactions on its own."""
+def _legacy_transaction_control(connection: Any) -> None:
+    """On the ``sqlite3`` connection itself: ``sqlite3`` neither opens nor commits
+    transactions on its own (``isolation_level = None``). Python ≥ 3.12's ``autocommit=True``
+    would make ``commit()`` / ``rollback()`` do nothing and ``autocommit=False`` keeps a
+    transaction open at all times: both go back to ``LEGACY_TRANSACTION_CONTROL`` first, and a
+    transaction ``autocommit=False`` opened is rolled back."""
     legacy = getattr(sqlite3, "LEGACY_TRANSACTION_CONTROL", None)
-    autocommit = getattr(dbapi_connection, "autocommit", legacy)
-    if legacy is not None and autocommit is not legacy and autocommit != legacy:
-        # Python ≥ 3.12 with autocommit=False (PEP 249 mode) would keep a transaction open at
-        # all times; autocommit=True hands transaction control to the SQL we emit.
-        dbapi_connection.autocommit = True
-    else:
-        dbapi_connection.isolation_level = None
+    if legacy is not None and getattr(connection, "autocommit", legacy) != legacy:
+        connection.autocommit = legacy  # leaves an open transaction open
+        if connection.in_transaction:
+            connection.rollback()
+    connection.isolation_level = None
+
+
+def _driver_transactions_off(dbapi_connection: Any) -> None:
+    """Stop ``sqlite3`` from opening and committing transactions on its own (pysqlite, and the
+    ``sqlite3`` connection inside SQLAlchemy's aiosqlite adapter)."""
+    on_sqlite3(dbapi_connection, _legacy_transaction_control)

@@ -7,28 +7,40 @@ statement that changes nothing (``DELETE FROM t WHERE 0``), which waits for the 
 like any write, and fails at once with SQLITE_BUSY_SNAPSHOT when a WAL snapshot the transaction
 already read is stale (the write lock can then never be had: the transaction must start again).
 
+Each database file has its own write lock: the lock is taken on every database the SELECT's
+tables live in (main, attached schemas, temp). A name that is a view (or a virtual table that
+cannot be written) takes its database's lock with ``PRAGMA <schema>.incremental_vacuum(1)``,
+which needs no table and reads nothing first; a SELECT whose tables locksafe cannot name (a
+textual FROM) takes every database's. Outside a transaction the ``BEGIN`` that starts one takes
+the lock (``BEGIN IMMEDIATE``); a connection that has no transaction at all (SQLAlchemy's
+``AUTOCOMMIT``) is refused, since nothing could hold the lock past the statement.
+
 Result codes: https://www.sqlite.org/rescode.html (primary code = extended code & 0xFF).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from locksafe.capabilities import LockCapabilities, version_of
+from sqlalchemy import Table
+from sqlalchemy.exc import DBAPIError
+
+from locksafe.capabilities import LockCapabilities, unsupported, version_of
 from locksafe.dialects import (
     Code,
     DialectSupport,
     DriverErrors,
     ErrorTable,
 )
-from locksafe.kinds import LockErrorKind
+from locksafe.kinds import LockErrorKind, UnsupportedLockOption
 
 if TYPE_CHECKING:
-    from sqlalchemy import Table
-    from sqlalchemy.engine import Dialect
+    from sqlalchemy.engine import Connection, Dialect
     from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
+    from sqlalchemy.sql.expression import TableClause
 
     from locksafe.rowlocks import RowLockPlan
 
@@ -132,23 +144,66 @@ _SKIP_LOCKED_ATTEMPTS = 3
 
 def _probe_busy(cursor: DBAPICursor) -> int | None:
     """Without an extended result code (Python 3.10), tell SQLITE_BUSY (another connection
-    holds the write lock) from SQLITE_BUSY_SNAPSHOT (the lock is free, but this transaction's
-    WAL snapshot is stale): try the write lock from a fresh connection, without waiting.
-    SQLITE_BUSY means someone holds it; SQLITE_BUSY_SNAPSHOT only that it was free a moment
-    later, so the caller tries its own lock again before believing it."""
+    holds the write lock of one of this connection's database files) from
+    SQLITE_BUSY_SNAPSHOT (the locks are free, but this transaction's WAL snapshot is stale):
+    try each write lock from a fresh connection, without waiting. SQLITE_BUSY means someone
+    holds one; SQLITE_BUSY_SNAPSHOT only that they were free a moment later, so the caller
+    tries its own lock again before believing it."""
     cursor.execute("PRAGMA database_list")
-    path = next((row[2] for row in cursor.fetchall() if row[1] == "main"), None)
-    if not path:
+    paths = [row[2] for row in cursor.fetchall() if row[1] != "temp" and row[2]]
+    if not paths:
         return None
-    probe = sqlite3.connect(path, timeout=0, isolation_level=None)
-    try:
-        probe.execute("BEGIN IMMEDIATE")
-        probe.execute("ROLLBACK")
-    except sqlite3.OperationalError:
-        return SQLITE_BUSY
-    finally:
-        probe.close()
+    for path in paths:  # main and each attached database file
+        probe = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            return SQLITE_BUSY
+        finally:
+            probe.close()
     return SQLITE_BUSY_SNAPSHOT
+
+
+T = TypeVar("T")
+
+#: ``Connection.info`` key: the ``BEGIN`` that :func:`locksafe.sqlite.configure` owes the
+#: current transaction. It is sent right before the transaction's first statement, when that
+#: statement is known: a ``nowait`` / ``skip_locked`` locking SELECT then starts its
+#: transaction without waiting (see :func:`pay_owed_begin`).
+OWED_BEGIN: Final = "locksafe.sqlite.owed_begin"
+
+
+def on_sqlite3(dbapi_connection: Any, fn: Callable[[Any], T]) -> T:
+    """``fn(connection)`` on the ``sqlite3`` connection behind a DB-API connection, in the
+    thread that owns it (``sqlite3`` refuses most calls from other threads): directly for
+    pysqlite, through aiosqlite's worker thread for SQLAlchemy's aiosqlite adapter. The async
+    path runs where SQLAlchemy runs an AsyncEngine's sync code (event handlers, cursor hooks).
+    """
+    inner = getattr(dbapi_connection, "_connection", None)  # the adapter's aiosqlite.Connection
+    run = getattr(inner, "_execute", None)
+    if run is None or isinstance(dbapi_connection, sqlite3.Connection):
+        return fn(dbapi_connection)
+    from sqlalchemy.util import await_only
+
+    result: T = await_only(run(fn, inner._conn))  # type: ignore[union-attr]
+    return result
+
+
+def sqlalchemy_autocommit(connection: Connection) -> bool:
+    """SQLAlchemy runs this connection in ``AUTOCOMMIT`` isolation: it opens no transaction."""
+    check = getattr(connection, "_is_autocommit_isolation", None)
+    if callable(check):
+        return bool(check())
+    return connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+
+
+def _driver_autocommit(dbapi_connection: Any) -> bool:
+    """Python ≥ 3.12's ``sqlite3`` in ``autocommit=True``: ``commit()`` and ``rollback()`` do
+    nothing, so a ``BEGIN`` sent behind its back would never end."""
+    if getattr(sqlite3, "LEGACY_TRANSACTION_CONTROL", None) is None:
+        return False
+    return on_sqlite3(dbapi_connection, lambda conn: getattr(conn, "autocommit", None) is True)
 
 
 def _in_transaction(dbapi_connection: Any) -> bool:
@@ -159,37 +214,158 @@ def _in_transaction(dbapi_connection: Any) -> bool:
     return True
 
 
-def _is_temporary(table: Table) -> bool:
-    return any(str(prefix).upper() in ("TEMP", "TEMPORARY") for prefix in table._prefixes)
+def _fail_fast(context: ExecutionContext | None) -> bool:
+    """The statement asks for a ``nowait`` or ``skip_locked`` row lock."""
+    from locksafe.rowlocks import OPTION
+
+    value = context.execution_options.get(OPTION) if context is not None else None
+    # A RowLockPlan (its effective options) or a request not yet planned (its options).
+    options = getattr(value, "effective", None) or getattr(value, "options", None)
+    return bool(getattr(options, "nowait", False) or getattr(options, "skip_locked", False))
 
 
-def write_lock_sql(context: ExecutionContext, tables: Sequence[Table]) -> list[str]:
-    """The statements that take the write lock of every database the SELECT reads (one per
-    database: main, each attached schema, and temp)."""
-    preparer = context.dialect.identifier_preparer
-    seen: set[tuple[str | None, bool]] = set()
-    statements = []
-    for table in tables:
-        database = (table.schema, _is_temporary(table))
-        if database in seen:
-            continue
-        seen.add(database)
-        statements.append(f"DELETE FROM {preparer.format_table(table)} WHERE 0")
-    return statements
+def pay_owed_begin(
+    connection: Connection, cursor: DBAPICursor, context: ExecutionContext | None
+) -> None:
+    """Send the ``BEGIN`` that :data:`OWED_BEGIN` records, right before the first statement of
+    the transaction. A ``nowait`` / ``skip_locked`` locking SELECT gets a plain ``BEGIN``
+    instead of a waiting ``BEGIN IMMEDIATE``: its write lock is then taken without waiting."""
+    owed = connection.info.get(OWED_BEGIN)
+    if owed is None:
+        return
+    if not _in_transaction(connection.connection.dbapi_connection):
+        if owed != "BEGIN" and _fail_fast(context):
+            owed = "BEGIN"
+        _execute_wrapped(connection, cursor, owed)
+    connection.info.pop(OWED_BEGIN, None)
 
 
-def _any_main_table(cursor: DBAPICursor) -> list[str]:
-    """A no-op write on some table of the main database, for a SELECT whose tables SQLAlchemy
-    cannot see (a textual FROM) inside a transaction, where ``BEGIN IMMEDIATE`` is refused."""
-    cursor.execute(
-        "SELECT name FROM main.sqlite_master WHERE type = 'table' "
-        "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY rowid LIMIT 1"
+def _execute_wrapped(connection: Connection, cursor: DBAPICursor, sql: str) -> None:
+    """``cursor.execute(sql)``, a driver error raised as SQLAlchemy's ``DBAPIError`` (as from
+    any statement; SQLAlchemy 2.0 does not wrap what a cursor hook raises)."""
+    try:
+        cursor.execute(sql)
+    except Exception as error:
+        dbapi = connection.dialect.loaded_dbapi
+        if isinstance(error, dbapi.Error):
+            raise DBAPIError.instance(
+                sql, (), error, dbapi.Error, dialect=connection.dialect
+            ) from error
+        raise
+
+
+def _outside_a_transaction(plan: RowLockPlan, why: str) -> UnsupportedLockOption:
+    return unsupported(
+        plan.capabilities,
+        "a row lock outside a transaction",
+        reason=(
+            f"{why}, so nothing could hold SQLite's write lock (its row lock) past this "
+            "statement, and locksafe does not open a transaction SQLAlchemy does not know "
+            "about; run the locking SELECT inside a transaction (a Session, engine.begin(), "
+            "conn.begin())"
+        ),
     )
-    row = cursor.fetchone()
-    if not row:
-        return []  # no table in the database: nothing a SELECT could read there
-    quoted = '"' + str(row[0]).replace('"', '""') + '"'
-    return [f"DELETE FROM main.{quoted} WHERE 0"]
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _is_temporary(table: TableClause) -> bool:
+    prefixes = getattr(table, "_prefixes", ()) if isinstance(table, Table) else ()
+    return any(str(prefix).upper() in ("TEMP", "TEMPORARY") for prefix in prefixes)
+
+
+@dataclass(frozen=True)
+class _Lock:
+    """One statement that takes a database's write lock and changes nothing; ``table`` (with
+    its ``database``, ``None`` when SQLite resolves the name) when it writes to a table the
+    SELECT names, which may turn out to be a view."""
+
+    sql: str
+    database: str | None = None
+    table: str | None = None
+
+
+def _locks_for_tables(context: ExecutionContext, tables: Sequence[TableClause]) -> list[_Lock]:
+    """One no-op write per database the SELECT's tables live in. A name without a schema is
+    resolved by SQLite (temp, main, then each attached database), so each such table gets its
+    own; databases come in a fixed order, so that two connections take them in the same order.
+    """
+    translate = context.execution_options.get("schema_translate_map") or {}
+    found: dict[tuple[bool, str, str], _Lock] = {}
+    for table in tables:
+        schema = translate.get(table.schema, table.schema)
+        if _is_temporary(table):
+            schema = "temp"
+        name = str(table.name)
+        key = (schema is not None, schema or "", "" if schema is not None else name.lower())
+        if key in found:
+            continue
+        target = f"{_quote(schema)}.{_quote(name)}" if schema is not None else _quote(name)
+        found[key] = _Lock(f"DELETE FROM {target} WHERE 0", schema, name)
+    return [found[key] for key in sorted(found)]
+
+
+def write_lock_sql(context: ExecutionContext, tables: Sequence[TableClause]) -> list[str]:
+    """The statements that take the write lock of every database the SELECT's tables (``Table``
+    or ``table()``, with their ``.schema``) live in: main, attached schemas, temp."""
+    return [lock.sql for lock in _locks_for_tables(context, tables)]
+
+
+def _database_lock(database: str) -> _Lock:
+    """A statement that takes ``database``'s write lock without reading anything first (a read
+    would make it unable to wait for the lock) and without knowing its tables. It changes
+    nothing, except in an ``auto_vacuum = INCREMENTAL`` database, where it frees at most one
+    free page, as that mode's routine maintenance does."""
+    return _Lock(f"PRAGMA {_quote(database)}.incremental_vacuum(1)")
+
+
+def _databases(cursor: DBAPICursor) -> list[str]:
+    cursor.execute("PRAGMA database_list")  # reads no database: takes no lock
+    return [str(row[1]) for row in cursor.fetchall()]
+
+
+def _every_database(cursor: DBAPICursor) -> list[_Lock]:
+    """The write lock of every database of the connection: main, each attached one, and temp
+    when it has tables (temp is private to the connection: reading its schema locks nothing
+    another connection needs). For a SELECT that reads something locksafe cannot name (a
+    textual FROM), inside a transaction, where ``BEGIN IMMEDIATE`` is refused."""
+    locks = []
+    for database in _databases(cursor):
+        if database == "temp":
+            cursor.execute("SELECT 1 FROM temp.sqlite_master WHERE type = 'table' LIMIT 1")
+            if cursor.fetchone() is None:
+                continue
+        locks.append(_database_lock(database))
+    return locks
+
+
+def _instead_of_table(cursor: DBAPICursor, lock: _Lock, error: BaseException) -> list[_Lock] | None:
+    """The locks to take when a table's no-op write was refused as such (the name is a view,
+    or a virtual table that cannot be written): the write lock of its database, or of every
+    database when SQLite resolves the name or it is in temp (a temporary view may read any
+    database). ``None``: the refusal is a lock error (or not SQLite's), raised as it is."""
+    if (
+        lock.table is None
+        or not isinstance(error, sqlite3.Error)
+        or _primary_code(error) in (SQLITE_BUSY, SQLITE_LOCKED)
+    ):
+        return None
+    if lock.database is None or lock.database.lower() == "temp":
+        return _every_database(cursor)
+    return [_database_lock(lock.database)]
+
+
+def _take(cursor: DBAPICursor, locks: list[_Lock]) -> None:
+    for lock in locks:
+        try:
+            cursor.execute(lock.sql)
+        except Exception as error:
+            instead = _instead_of_table(cursor, lock, error)
+            if instead is None:
+                raise
+            _take(cursor, instead)
 
 
 def take_write_lock(
@@ -197,9 +373,16 @@ def take_write_lock(
     context: ExecutionContext,
     plan: RowLockPlan,
     statement: str,
-    tables: Sequence[Table],
+    tables: Sequence[TableClause],
 ) -> str | None:
     """Take SQLite's write lock before a locking SELECT; see the module docstring.
+
+    Outside a transaction the lock is taken by the ``BEGIN`` that starts one: the ``BEGIN``
+    :func:`locksafe.sqlite.configure` owes (see :data:`OWED_BEGIN`), else ``BEGIN IMMEDIATE``
+    (the driver's own transaction, which SQLAlchemy commits and rolls back). A connection with
+    no transaction at all (SQLAlchemy's ``AUTOCOMMIT``, ``sqlite3``'s ``autocommit=True``)
+    raises :class:`~locksafe.UnsupportedLockOption`. Inside a transaction, a no-op write on each
+    database the SELECT reads (every database when locksafe cannot name them: ``tables`` empty).
 
     ``nowait`` and ``skip_locked`` use a zero busy timeout for the attempt. Under
     ``skip_locked`` a busy database makes the SELECT return no rows (every row is locked by
@@ -207,21 +390,40 @@ def take_write_lock(
     """
     requested = plan.effective
     fail_fast = requested.nowait or requested.skip_locked
-    dbapi_connection = context.root_connection.connection.dbapi_connection
-    if not _in_transaction(dbapi_connection):
-        statements = ["BEGIN IMMEDIATE"]
+    connection = context.root_connection
+    dbapi_connection = connection.connection.dbapi_connection
+    owed = connection.info.get(OWED_BEGIN)
+    locks: list[_Lock] | None = None
+    if _in_transaction(dbapi_connection):
+        connection.info.pop(OWED_BEGIN, None)
+    elif owed == "BEGIN":
+        # configure(begin="deferred"): start the transaction, then lock what it reads.
+        _execute_wrapped(connection, cursor, owed)
+        connection.info.pop(OWED_BEGIN, None)
+    elif owed is not None:
+        locks = [_Lock(owed)]  # BEGIN IMMEDIATE / EXCLUSIVE: takes every database's lock
+    elif sqlalchemy_autocommit(connection):
+        raise _outside_a_transaction(plan, "the connection is in AUTOCOMMIT isolation")
+    elif _driver_autocommit(dbapi_connection):
+        raise _outside_a_transaction(
+            plan,
+            "sqlite3 runs this connection with autocommit=True, where its commit() and "
+            "rollback() do nothing (locksafe.sqlite.configure() hands transactions to "
+            "SQLAlchemy)",
+        )
     else:
-        statements = write_lock_sql(context, tables)
+        locks = [_Lock("BEGIN IMMEDIATE")]  # the driver's own (legacy) transaction
+    if locks is None:
+        locks = _locks_for_tables(context, tables) if tables else _every_database(cursor)
     saved = _busy_timeout(cursor) if fail_fast else None
     try:
         if saved is not None:
             cursor.execute("PRAGMA busy_timeout = 0")
-        if not statements:
-            statements = _any_main_table(cursor)
         for _attempt in range(_SKIP_LOCKED_ATTEMPTS):
             try:
-                for sql in statements:
-                    cursor.execute(sql)
+                _take(cursor, locks)
+                if owed is not None:
+                    connection.info.pop(OWED_BEGIN, None)
                 return None
             except Exception as exc:
                 if not (requested.skip_locked and _primary_code(exc) == SQLITE_BUSY):
@@ -230,6 +432,7 @@ def take_write_lock(
                 if extended == SQLITE_BUSY_SNAPSHOT:
                     raise
                 if extended is not None or _probe_busy(cursor) == SQLITE_BUSY:
+                    # No rows; a BEGIN still owed is sent before the next statement.
                     return f"SELECT * FROM ({statement}) WHERE 0"
                 # Python 3.10, and the lock looks free: either the holder just left (take it
                 # now) or this transaction's snapshot is stale (it keeps failing: raise).
