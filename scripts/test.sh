@@ -181,5 +181,46 @@ if [[ ${LOCKSAFE_COMPAT:-1} != 0 ]]; then
         run_pytest "$PY" "$@"
     fi
 fi
+
+# --- Python 3.13: sqlite3's autocommit (Python >= 3.12) ----------------------------------------
+# Python 3.12 changed sqlite3's transaction control (the autocommit attribute); the SQLite-only
+# tests (no server, no server driver) run again on Python 3.13 in their own environment
+# (${LOCKSAFE_PY313_VENV:-.venv-py313}): tests/test_sqlite_*.py and the SQLite cells of the
+# row-lock tests. Set LOCKSAFE_PY313=0 to leave it out; under CI=true a missing Python 3.13 is
+# a failure.
+if [[ ${LOCKSAFE_PY313:-1} != 0 ]]; then
+    begin_phase py313
+    # The first Python 3.13 that really runs (a pyenv shim may exist and refuse to).
+    PY313=""
+    for candidate in python3.13 /root/.pyenv/versions/3.13*/bin/python /usr/bin/python3.13; do
+        if "$candidate" -c 'import sys, venv, sqlite3; sys.exit(sys.version_info[:2] != (3, 13))' \
+            >/dev/null 2>&1; then
+            PY313=$candidate
+            break
+        fi
+    done
+    if [[ -z $PY313 ]]; then
+        if [[ ${CI:-} == true ]]; then
+            echo "scripts/test.sh: CI=true and no Python 3.13 for the SQLite run" >&2
+            exit 1
+        fi
+        echo "    no Python 3.13 here: SQLite run on Python 3.13 not done"
+    else
+        PY313_VENV=${LOCKSAFE_PY313_VENV:-.venv-py313}
+        if [[ ! -x $PY313_VENV/bin/python ]]; then
+            "$PY313" -m venv "$PY313_VENV"
+        fi
+        PY=$PY313_VENV/bin/python
+        PIP_LOG=$(mktemp "${TMPDIR:-/tmp}/locksafe-pip.XXXXXX")
+        pip_quietly install --quiet --upgrade pip
+        pip_quietly install --quiet -e '.[aiosqlite]' 'pytest>=8' 'pytest-timeout>=2.3'
+        rm -f "$PIP_LOG"
+        "$PY" -c 'import sqlalchemy, sqlite3, sys; print("    Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "SQLite", sqlite3.sqlite_version)'
+        # Only SQLite cells and cell-less SQLite tests: no PostgreSQL or MariaDB server starts.
+        run_pytest "$PY" tests/test_sqlite_configure.py tests/test_sqlite_locking.py \
+            tests/test_rowlocks_real.py tests/test_rowlocks_concurrency.py \
+            -k 'sqlite+pysqlite or sqlite+aiosqlite or test_sqlite_configure or test_sqlite_locking or test_sqlite_busy_is_recognised'
+    fi
+fi
 end_phase
 echo "==> all checks passed ($ROOT)"
