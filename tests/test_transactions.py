@@ -6,14 +6,18 @@ an AsyncSession *and* the sync variant through ``run_sync``.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, event, insert, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -187,9 +191,7 @@ def _conflict_round(cell: Cell, variant: str) -> None:
                         return await transfer_async(mine, theirs, session=session)
 
                 return cell.run_async(main)
-            return cell.run_session(
-                lambda s: transfer_sync(mine, theirs, session=s), engine=engine
-            )
+            return cell.run_session(lambda s: transfer_sync(mine, theirs, session=s), engine=engine)
         finally:
             finished[mine].set()
 
@@ -520,11 +522,21 @@ def test_retries_are_logged(cell: Cell, caplog: pytest.LogCaptureFixture) -> Non
                 work(session=session)
 
         cell.run_session(run, engine=engine)
-    records = [r for r in caplog.records if r.name == "locksafe.transactions"]
-    assert len(records) == 1  # one retry between two attempts
-    assert records[0].locksafe_attempt == 1  # type: ignore[attr-defined]
-    assert records[0].locksafe_kind in {"lock_not_available", "database_busy"}  # type: ignore[attr-defined]
-    assert records[0].locksafe_wait == 0  # type: ignore[attr-defined]
+    records: list[Any] = [r for r in caplog.records if r.name == "locksafe.transactions"]
+    assert len(records) == 2  # one retry between two attempts, then giving up, once
+    retry, gave_up = records
+    kinds = {"lock_not_available", "database_busy"}
+    assert retry.levelno == logging.WARNING
+    assert retry.locksafe_attempt == 1
+    assert retry.locksafe_kind in kinds
+    assert retry.locksafe_wait == 0
+    assert retry.locksafe_elapsed >= 0
+    assert "work" in retry.locksafe_operation
+    assert gave_up.levelno == logging.WARNING
+    assert "giving up" in gave_up.getMessage()
+    assert gave_up.locksafe_attempts == 2
+    assert gave_up.locksafe_kind == retry.locksafe_kind
+    assert gave_up.locksafe_elapsed >= retry.locksafe_elapsed
 
 
 @pytest.mark.cells("sqlite+pysqlite")
@@ -548,15 +560,74 @@ def test_backoff_waits_with_jitter_when_not_testing(cell: Cell) -> None:
     assert any(w > 0 for w in waits)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "name"),
+    [
+        ({"attempts": 0}, ValueError, "attempts"),
+        ({"attempts": -3}, ValueError, "attempts"),
+        ({"attempts": True}, TypeError, "attempts"),
+        ({"attempts": 2.0}, TypeError, "attempts"),
+        ({"attempts": "3"}, TypeError, "attempts"),
+        ({"timeout": 0}, ValueError, "timeout"),
+        ({"timeout": -1.5}, ValueError, "timeout"),
+        ({"timeout": NAN}, ValueError, "timeout"),
+        ({"timeout": True}, TypeError, "timeout"),
+        ({"timeout": "5"}, TypeError, "timeout"),
+        ({"wait_initial": 2, "wait_max": 1}, ValueError, "wait_initial"),
+        ({"wait_initial": -0.1}, ValueError, "wait_initial"),
+        ({"wait_initial": NAN}, ValueError, "wait_initial"),
+        ({"wait_initial": INF, "wait_max": INF}, ValueError, "wait_initial"),
+        ({"wait_max": INF}, ValueError, "wait_max"),
+        ({"wait_max": NAN}, ValueError, "wait_max"),
+        ({"wait_max": False}, TypeError, "wait_max"),
+        ({"wait_max": "2"}, TypeError, "wait_max"),
+        ({"retry_after": NAN}, ValueError, "retry_after"),
+        ({"retry_after": INF}, ValueError, "retry_after"),
+        ({"retry_after": -5}, ValueError, "retry_after"),
+        ({"retry_after": True}, TypeError, "retry_after"),
+        ({"retry_after": "1"}, TypeError, "retry_after"),
+        ({"retry_on": "deadlock"}, TypeError, "retry_on"),
+        ({"retry_on": ["deadlock", "nonsense"]}, ValueError, "retry_on"),
+        ({"retry_on": 3}, TypeError, "retry_on"),
+        ({"on_retry": "log"}, TypeError, "on_retry"),
+        ({"sessionmaker": "factory"}, TypeError, "sessionmaker"),
+    ],
+)
+def test_bad_options_fail_at_decoration_time_naming_the_option(
+    options: dict[str, Any], error: type[Exception], name: str
+) -> None:
+    with pytest.raises(error, match=f"^{name}="):
+        transactional(**options)
+
+
+@pytest.mark.cells("sqlite+pysqlite")
+def test_edge_options_are_accepted_and_work(cell: Cell) -> None:
+    """An infinite timeout means no time limit; zero waits, retry_after=0 and attempts=1 are
+    valid; kinds may be given by value."""
+    seed(cell, {1: 0})
+    factory = sessionmaker(engine_for(cell))
+
+    @transactional(
+        attempts=1,
+        timeout=INF,
+        wait_initial=0,
+        wait_max=0,
+        retry_after=0,
+        retry_on=["deadlock", LockErrorKind.DATABASE_BUSY],
+        sessionmaker=factory,
+    )
+    def work(*, session: Session = locksafe.NEW_SESSION) -> int:
+        return len(session.execute(select(accounts)).all())
+
+    assert work() == 1
+
+
 def test_bad_arguments_fail_at_decoration_time() -> None:
     with pytest.raises(TypeError, match="session"):
         transactional()(lambda x: x)
-    with pytest.raises(ValueError, match="attempts"):
-        transactional(attempts=0)
-    with pytest.raises(ValueError, match="timeout"):
-        transactional(timeout=0)
-    with pytest.raises(ValueError, match="wait_initial"):
-        transactional(wait_initial=2, wait_max=1)
 
     @transactional
     def needs_session(*, session: Session | None = None) -> None:
@@ -588,3 +659,366 @@ def test_retry_if_lock_error_is_a_tenacity_predicate(tmp_path: Any) -> None:
         tenacity.Retrying(retry=locksafe.retry_if_lock_error, reraise=True)(
             lambda: (_ for _ in ()).throw(ValueError("x"))
         )
+
+
+# -- what is never retried ------------------------------------------------------------------
+
+
+ROW_1 = select(accounts).where(accounts.c.id == 1)
+
+
+def grab_row_1(session: Session) -> None:
+    """Lock row 1 with NOWAIT: fails at once with a real lock error while it is held."""
+    session.execute(locksafe.with_row_locks(ROW_1, session, nowait=True)).all()
+
+
+#: @transactional options: the default retry rule, and a retry_on that accepts anything.
+RETRY_ON: dict[str, dict[str, Any]] = {
+    "default": {},
+    "anything": {"retry_on": lambda exc: True},
+}
+
+
+@pytest.mark.parametrize("retry_on", sorted(RETRY_ON))
+def test_an_interruption_while_handling_a_lock_error_runs_once_and_propagates(
+    cell: Cell, retry_on: str
+) -> None:
+    """KeyboardInterrupt (sync) or the task's cancellation (async), arriving while the function
+    handles a real lock error: never retried nor wrapped, whatever retry_on says; the session
+    is rolled back and usable."""
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    calls: list[int] = []
+    raised: list[BaseException] = []
+    handled: list[bool] = []
+
+    if not cell.is_async:
+
+        @transactional(attempts=3, **RETRY_ON[retry_on])
+        def work(*, session: Session) -> None:
+            calls.append(1)
+            try:
+                grab_row_1(session)
+            except DBAPIError as exc:
+                handled.append(locksafe.is_retryable_lock_error(exc))
+                interrupt = KeyboardInterrupt("Ctrl-C")
+                raised.append(interrupt)
+                raise interrupt  # noqa: B904  (the lock error is its __context__)
+
+        def run(session: Session) -> tuple[BaseException, bool]:
+            with pytest.raises(KeyboardInterrupt) as info:
+                work(session=session)
+            in_transaction = session.in_transaction()
+            session.execute(select(accounts)).all()  # still usable
+            return info.value, in_transaction
+
+        with locksafe.testing.hold_row_lock(cell.url, ROW_1):
+            error, in_transaction = cell.run_session(run, engine=engine)
+        assert handled == [True], "no real lock error was handled"
+        assert error is raised[0], "the interruption was replaced"
+        assert not in_transaction
+        assert calls == [1], "an interruption was retried"
+        return
+
+    @transactional(attempts=3, **RETRY_ON[retry_on])
+    async def work_async(handling: asyncio.Event, *, session: AsyncSession) -> None:
+        calls.append(1)
+        try:
+            await session.run_sync(grab_row_1)
+        except DBAPIError:
+            handling.set()
+            await asyncio.sleep(BARRIER_TIMEOUT * 6)  # e.g. a clean-up await: cancelled here
+            raise
+
+    async def main() -> tuple[bool, bool, bool]:
+        handling = asyncio.Event()
+        async with AsyncSession(engine) as session:
+            task = asyncio.ensure_future(work_async(handling, session=session))
+            await asyncio.wait_for(handling.wait(), BARRIER_TIMEOUT)
+            task.cancel()
+            # bounded, so that a retried cancellation fails the test instead of hanging it
+            done, _ = await asyncio.wait({task}, timeout=BARRIER_TIMEOUT)
+            ended = task in done
+            cancelled = ended and task.cancelled()
+            if not ended:
+                task.cancel()
+            in_transaction = session.in_transaction()
+            await session.execute(select(accounts))  # still usable
+            return ended, cancelled, in_transaction
+
+    with locksafe.testing.hold_row_lock(cell.url, ROW_1):
+        ended, cancelled, in_transaction = cell.run_async(main)
+    assert ended, "the cancelled task went on (the cancellation was retried)"
+    assert cancelled, "the task did not end cancelled"
+    assert not in_transaction
+    assert calls == [1], "a cancellation was retried"
+
+
+class Conflict(Exception):
+    """An application's own answer to a lock error (say, HTTP 409)."""
+
+
+@pytest.mark.parametrize("style", ["implicit", "from None"])
+@pytest.mark.parametrize("retry_on", ["default", "kinds"])
+def test_an_error_raised_while_handling_a_lock_error_is_not_retried(
+    cell: Cell, style: str, retry_on: str
+) -> None:
+    """``except OperationalError: raise Conflict()``: the function decided; no retry, no
+    LockUnavailable, its exception goes up as it is."""
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    calls: list[int] = []
+    handled: list[bool] = []
+    policy: dict[str, Any] = {} if retry_on == "default" else {"retry_on": list(LockErrorKind)}
+
+    def body(session: Session) -> None:
+        calls.append(1)
+        try:
+            grab_row_1(session)
+        except DBAPIError as exc:
+            handled.append(locksafe.is_retryable_lock_error(exc))
+            if style == "from None":
+                raise Conflict("row is busy") from None
+            raise Conflict("row is busy")  # noqa: B904
+
+    @transactional(attempts=3, **policy)
+    def work(*, session: Session) -> None:
+        body(session)
+
+    @transactional(attempts=3, **policy)
+    async def work_async(*, session: AsyncSession) -> None:
+        await session.run_sync(body)
+
+    def run(session: Session) -> BaseException:
+        with pytest.raises(Conflict) as info:
+            work(session=session)
+        return info.value
+
+    with locksafe.testing.hold_row_lock(cell.url, ROW_1):
+        error = cell.run_session(run, engine=engine)
+        if cell.is_async:
+
+            async def main() -> BaseException:
+                async with AsyncSession(engine) as session:
+                    with pytest.raises(Conflict) as info:
+                        await work_async(session=session)
+                    return info.value
+
+            cell.run_async(main)
+    assert str(error) == "row is busy"
+    assert all(handled), "no real lock error was handled"
+    assert calls == [1] * (2 if cell.is_async else 1), "the application's answer was retried"
+
+
+def test_lock_unavailable_from_an_inner_transactional_is_not_retried_again(cell: Cell) -> None:
+    """An inner @transactional (its own transaction) gave up: the outer one neither retries
+    it (attempts would multiply) nor wraps it again."""
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    inner_calls: list[int] = []
+    outer_calls: list[int] = []
+
+    if cell.is_async:
+        factory: Any = async_sessionmaker(engine)
+
+        @transactional(attempts=3, sessionmaker=factory)
+        async def audit_async(*, session: AsyncSession = locksafe.NEW_SESSION) -> None:
+            inner_calls.append(1)
+            await session.run_sync(grab_row_1)
+
+        @transactional(attempts=3, sessionmaker=factory)
+        async def handler_async(*, session: AsyncSession = locksafe.NEW_SESSION) -> None:
+            outer_calls.append(1)
+            await session.execute(select(accounts))
+            await audit_async()
+
+        async def main() -> LockUnavailable:
+            with pytest.raises(LockUnavailable) as info:
+                await handler_async()
+            return info.value
+
+        def call() -> LockUnavailable:
+            return cell.run_async(main)
+
+    else:
+        factory = sessionmaker(engine)
+
+        @transactional(attempts=3, sessionmaker=factory)
+        def audit(*, session: Session = locksafe.NEW_SESSION) -> None:
+            inner_calls.append(1)
+            grab_row_1(session)
+
+        @transactional(attempts=3, sessionmaker=factory)
+        def handler(*, session: Session = locksafe.NEW_SESSION) -> None:
+            outer_calls.append(1)
+            session.execute(select(accounts)).all()
+            audit()
+
+        def call() -> LockUnavailable:
+            with pytest.raises(LockUnavailable) as info:
+                handler()
+            return info.value
+
+    with locksafe.testing.hold_row_lock(cell.url, ROW_1):
+        error = call()
+    assert outer_calls == [1], "the outer transaction retried an inner one that gave up"
+    assert inner_calls == [1, 1, 1]
+    assert error.attempts == 3
+    assert "audit" in str(error.operation), "the inner LockUnavailable was replaced"
+    assert isinstance(error.__cause__, DBAPIError)
+
+
+# -- the function must not end the transaction the decorator owns -------------------------
+
+
+@pytest.mark.cells("sqlite")
+def test_work_after_the_functions_own_commit_fails_and_is_not_retried(cell: Cell) -> None:
+    """The review's case on a real SQLite file: the function commits midway, then another
+    writer takes the write lock. Retrying would redo the committed half; SQLAlchemy's guard
+    stops the function at its next statement instead, and that error is not retried."""
+    seed(cell, {1: 0})
+    engine = cell.engine(connect_args={"timeout": 0.05})
+    locksafe.sqlite.configure(engine, busy_timeout=0.05, begin="immediate")
+    path = cell.url.database
+    assert path
+    calls: list[int] = []
+    holders: list[sqlite3.Connection] = []
+
+    def release(details: RetryDetails) -> None:
+        holders.pop().execute("ROLLBACK")  # the other writer finishes before the retry
+
+    def first_half(session: Session) -> None:
+        calls.append(1)
+        session.execute(insert(accounts).values(id=10 + len(calls), balance=0, note="backfill"))
+
+    def take_the_write_lock() -> None:
+        if len(calls) == 1:  # another writer takes the write lock now
+            holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            holder.execute("BEGIN IMMEDIATE")
+            holders.append(holder)
+
+    def second_half(session: Session) -> None:
+        session.execute(insert(accounts).values(id=20 + len(calls), balance=0, note="run"))
+
+    if cell.is_async:
+
+        @transactional(attempts=3, on_retry=release)
+        async def create_async(*, session: AsyncSession) -> None:
+            await session.run_sync(first_half)
+            await session.commit()  # Airflow-style commit in the middle of the function
+            take_the_write_lock()
+            await session.run_sync(second_half)
+
+        async def main() -> BaseException:
+            async with AsyncSession(engine) as session:
+                with pytest.raises(InvalidRequestError) as info:
+                    await create_async(session=session)
+                return info.value
+
+        error = cell.run_async(main)
+    else:
+
+        @transactional(attempts=3, on_retry=release)
+        def create(*, session: Session) -> None:
+            first_half(session)
+            session.commit()  # Airflow-style commit in the middle of the function
+            take_the_write_lock()
+            second_half(session)
+
+        def run(session: Session) -> BaseException:
+            with pytest.raises(InvalidRequestError) as info:
+                create(session=session)
+            return info.value
+
+        error = cell.run_session(run, engine=engine)
+    for holder in holders:
+        holder.close()
+    assert "closed transaction inside context manager" in str(error)
+    assert calls == [1], "the function was run again after it committed part of its work"
+    with cell.sync_engine().connect() as conn:
+        notes = conn.execute(select(accounts.c.note).where(accounts.c.id > 1)).scalars().all()
+    assert notes == ["backfill"], "no duplicate of the committed half, nothing after it"
+
+
+# -- what cannot be decorated -------------------------------------------------------------
+
+
+def test_generator_functions_are_refused_at_decoration_time() -> None:
+    def rows(*, session: Session) -> Iterator[int]:
+        yield 1
+
+    async def arows(*, session: AsyncSession) -> AsyncIterator[int]:
+        yield 1
+
+    for func in (rows, arows):
+        with pytest.raises(TypeError, match=rf"{func.__name__}\(\) is a generator function"):
+            transactional(func)
+
+
+def test_positional_only_session_with_a_sessionmaker_is_refused() -> None:
+    factory = sessionmaker()
+
+    def by_position(session: Session | None = None, /, x: int = 0) -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"by_position\(\)'s `session` is positional-only"):
+        transactional(sessionmaker=factory)(by_position)
+    transactional(by_position)  # without a sessionmaker the caller passes it: fine
+
+
+@pytest.mark.cells("sqlite+pysqlite", "postgresql+psycopg2", "mysql+pymysql")
+@pytest.mark.parametrize("retry_on", sorted(RETRY_ON))
+def test_a_sync_function_returning_an_awaitable_is_refused_and_rolled_back(
+    cell: Cell, retry_on: str
+) -> None:
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    calls: list[int] = []
+
+    async def later() -> None:
+        pass
+
+    @transactional(attempts=3, **RETRY_ON[retry_on])
+    def work(*, session: Session) -> Any:
+        calls.append(1)
+        session.execute(insert(accounts).values(id=2, balance=0))
+        return later()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match=r"work\(\) returned an awaitable"):
+            cell.run_session(lambda s: work(session=s), engine=engine)
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+    assert calls == [1]
+    assert balances(cell) == {1: 0}, "the work before the awaitable was committed"
+
+
+# -- custom retry_on ------------------------------------------------------------------------
+
+
+def test_a_custom_retry_on_that_ran_out_raises_the_last_error_as_it_is(cell: Cell) -> None:
+    """retry_on retried an IntegrityError: when attempts run out, that IntegrityError goes up
+    (no LockUnavailable, no invented kind), and on_retry saw kind None."""
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    calls: list[int] = []
+    seen: list[RetryDetails] = []
+
+    @transactional(
+        attempts=3, retry_on=lambda exc: isinstance(exc, IntegrityError), on_retry=seen.append
+    )
+    def work(*, session: Session) -> None:
+        calls.append(1)
+        session.execute(insert(accounts).values(id=1, balance=0))
+
+    def run(session: Session) -> BaseException:
+        with pytest.raises(IntegrityError) as info:
+            work(session=session)
+        return info.value
+
+    error = cell.run_session(run, engine=engine)
+    assert not isinstance(error, LockUnavailable)
+    assert calls == [1, 1, 1]
+    assert [d.kind for d in seen] == [None, None]
+    assert all(isinstance(d.exception, IntegrityError) for d in seen)

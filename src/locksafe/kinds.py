@@ -86,6 +86,15 @@ class UnsupportedLockOption(LocksafeError):
         return self.options[0]
 
 
+def _number(value: object, spec: str) -> str:
+    """``value`` formatted as a number, or its repr when it is none (a hand-made exception's
+    arguments are not checked: building one must not fail)."""
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 class LockUnavailable(LocksafeError):
     """A transaction kept failing on lock errors and locksafe gave up retrying it.
 
@@ -109,8 +118,9 @@ class LockUnavailable(LocksafeError):
         self.operation = operation
         what = f"{operation} " if operation else ""
         super().__init__(
-            f"{what}failed with {kind.value} after {attempts} attempt"
-            f"{'s' if attempts != 1 else ''} in {elapsed:.2f}s; retry after {retry_after:g}s"
+            f"{what}failed with {getattr(kind, 'value', kind)} after {attempts} attempt"
+            f"{'s' if attempts != 1 else ''} in {_number(elapsed, '.2f')}s; "
+            f"retry after {_number(retry_after, 'g')}s"
         )
 
 

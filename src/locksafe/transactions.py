@@ -1,10 +1,12 @@
 """One atomic transaction, retried on lock errors: :func:`transactional`.
 
 The retry schedule is tenacity's (exponential backoff with full jitter, bounded by attempts
-and by total time); what locksafe adds is *what* is retried and *how*: only errors
-:func:`~locksafe.classify` calls retryable lock errors, always the whole transaction from its
-``BEGIN``, never a transaction the decorator did not begin, and never after a ``COMMIT`` whose
-outcome is unknown.
+and by total time); what locksafe adds is *what* is retried and *how*: only errors that
+themselves report a retryable lock error (:func:`~locksafe.classify.classify_raised`), always
+the whole transaction from its ``BEGIN``, never a transaction the decorator did not begin,
+never after a ``COMMIT`` whose outcome is unknown, and never an interruption
+(``KeyboardInterrupt``, a cancelled task) or a :class:`~locksafe.LockUnavailable` (an inner
+:func:`transactional` already gave up).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import inspect
 import logging
 import math
+import numbers
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
 import tenacity
 
-from locksafe.classify import classify, is_retryable_lock_error
+from locksafe.classify import RETRYABLE_KINDS, classify_raised, is_retryable_lock_error
 from locksafe.kinds import LockErrorKind, LockUnavailable
 
 __all__ = [
@@ -37,11 +40,44 @@ log = logging.getLogger("locksafe.transactions")
 P = ParamSpec("P")
 T = TypeVar("T")
 
-#: A tenacity ``retry`` predicate: retry when the exception is a retryable lock error.
+_MAX_CHAIN: Final = 64
+
+
+def _gave_up(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised from, a :class:`LockUnavailable`: a
+    :func:`transactional` inside already retried and gave up; retrying again would multiply
+    its attempts and its time budget."""
+    node: object = exc
+    for _ in range(_MAX_CHAIN):
+        if isinstance(node, LockUnavailable):
+            return True
+        node = getattr(node, "__cause__", None)
+        if not isinstance(node, BaseException):
+            return False
+    return False
+
+
+def _never_retried(exc: BaseException) -> bool:
+    """What no ``retry_on`` can make retryable: interruptions (``KeyboardInterrupt``,
+    ``SystemExit``, a cancelled task, ``GeneratorExit``: anything not an ``Exception``) and
+    lock failures an inner :func:`transactional` already gave up on."""
+    return not isinstance(exc, Exception) or _gave_up(exc)
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    """The default retry rule: ``exc`` itself reports a retryable lock error (through what
+    it wraps or was raised from, not through an error it was raised while handling)."""
+    return not _never_retried(exc) and classify_raised(exc) in RETRYABLE_KINDS
+
+
+#: A tenacity ``retry`` predicate: retry when the exception itself reports a retryable lock
+#: error (:func:`~locksafe.classify.classify_raised`); never an interruption, never a
+#: :class:`~locksafe.LockUnavailable`, never an application error raised while handling a lock
+#: error (``except OperationalError: raise Conflict()``).
 #:
 #: >>> import tenacity
 #: >>> policy = tenacity.Retrying(retry=retry_if_lock_error, stop=tenacity.stop_after_attempt(3))
-retry_if_lock_error: Final = tenacity.retry_if_exception(is_retryable_lock_error)
+retry_if_lock_error: Final = tenacity.retry_if_exception(_is_retryable)
 
 #: The default for the ``session`` parameter of a function decorated with
 #: ``@transactional(sessionmaker=...)``, so that type checkers accept calls without a session
@@ -68,7 +104,8 @@ class RetryDetails:
 
     #: The attempt that just failed (1 for the first).
     attempt: int
-    kind: LockErrorKind
+    #: The lock failure, or ``None`` when a custom ``retry_on`` retried another error.
+    kind: LockErrorKind | None
     #: Seconds it will sleep before the next attempt.
     wait: float
     #: Seconds since the first attempt began.
@@ -76,6 +113,60 @@ class RetryDetails:
     exception: BaseException
     #: The decorated function's qualified name.
     operation: str
+
+
+# -- validation of the options ----------------------------------------------------------------
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} must be a number of seconds (int or float)")
+    return float(value)
+
+
+def _seconds(name: str, value: object) -> float:
+    """A finite number of seconds ≥ 0 (waits, ``retry_after``)."""
+    seconds = _number(name, value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number of seconds ≥ 0")
+    return seconds
+
+
+def _attempts(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"attempts={value!r} must be an int ≥ 1")
+    if value < 1:
+        raise ValueError(f"attempts={value!r} must be an int ≥ 1")
+    return value
+
+
+def _timeout(value: object) -> float:
+    seconds = _number("timeout", value)
+    if math.isnan(seconds) or seconds <= 0:
+        raise ValueError(f"timeout={value!r} must be > 0 seconds (float('inf'): no time limit)")
+    return seconds
+
+
+def _retry_rule(
+    retry_on: Callable[[BaseException], bool] | Collection[LockErrorKind] | None,
+) -> Callable[[BaseException], bool]:
+    if retry_on is None or retry_on is is_retryable_lock_error:
+        # is_retryable_lock_error was the documented default: same rule, same meaning.
+        return _is_retryable
+    if callable(retry_on):
+        return retry_on
+    if isinstance(retry_on, str | bytes) or not isinstance(retry_on, Collection):
+        raise TypeError(
+            f"retry_on={retry_on!r} must be a predicate or a collection of LockErrorKind"
+        )
+    try:
+        kinds = frozenset(LockErrorKind(kind) for kind in retry_on)
+    except ValueError:
+        raise ValueError(
+            f"retry_on={retry_on!r}: every item must be a LockErrorKind "
+            f"({', '.join(kind.value for kind in LockErrorKind)})"
+        ) from None
+    return lambda exc: classify_raised(exc) in kinds
 
 
 class _Policy:
@@ -86,38 +177,81 @@ class _Policy:
         *,
         attempts: int,
         timeout: float,
-        retry_on: Callable[[BaseException], bool] | Collection[LockErrorKind],
+        retry_on: Callable[[BaseException], bool] | Collection[LockErrorKind] | None,
         on_retry: Callable[[RetryDetails], object] | None,
         wait_initial: float,
         wait_max: float,
         retry_after: float | None,
         operation: str,
     ) -> None:
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise ValueError(f"attempts={attempts!r} must be an int ≥ 1")
-        if timeout <= 0:
-            raise ValueError(f"timeout={timeout!r} must be > 0 seconds")
-        if wait_initial < 0 or wait_max < wait_initial:
+        self.attempts = _attempts(attempts)
+        self.timeout = _timeout(timeout)
+        wait_initial = _seconds("wait_initial", wait_initial)
+        wait_max = _seconds("wait_max", wait_max)
+        if wait_initial > wait_max:
             raise ValueError(
                 f"wait_initial={wait_initial!r} and wait_max={wait_max!r} must satisfy "
                 "0 ≤ wait_initial ≤ wait_max"
             )
-        if callable(retry_on):
-            self.should_retry: Callable[[BaseException], bool] = retry_on
-        else:
-            kinds = frozenset(LockErrorKind(kind) for kind in retry_on)
-            self.should_retry = lambda exc: classify(exc) in kinds
-        self.attempts = attempts
-        self.timeout = timeout
+        if on_retry is not None and not callable(on_retry):
+            raise TypeError(f"on_retry={on_retry!r} must be callable or None")
+        self.should_retry = _retry_rule(retry_on)
         self.on_retry = on_retry
         self.operation = operation
         self.retry_after = (
-            retry_after if retry_after is not None else float(max(1, math.ceil(wait_max)))
+            _seconds("retry_after", retry_after)
+            if retry_after is not None
+            else float(max(1, math.ceil(wait_max)))
         )
         self._jitter = tenacity.wait_random_exponential(multiplier=wait_initial, max=wait_max)
 
-    def _wait(self, state: tenacity.RetryCallState) -> float:
+    def wait(self, state: tenacity.RetryCallState) -> float:
         return 0.0 if _testing else float(self._jitter(state))
+
+
+class _Call:
+    """One call of a decorated function: its attempts, and what each failure means.
+
+    Shared by the sync and the async wrapper; only running the function and its transaction
+    differs between them.
+    """
+
+    def __init__(self, policy: _Policy) -> None:
+        self.policy = policy
+        self.started = time.monotonic()
+        self.attempts = 0
+        #: Errors that must go up as they are: a COMMIT with an unknown outcome, misuse.
+        self.final: set[int] = set()
+        #: The last failure the policy chose to retry (when it is also the last error,
+        #: attempts or time ran out: "giving up").
+        self.retried: BaseException | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def retrying_kwargs(self) -> dict[str, Any]:
+        stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(self.policy.attempts)
+        if math.isfinite(self.policy.timeout):
+            stop = stop | tenacity.stop_before_delay(self.policy.timeout)
+        return {
+            "stop": stop,
+            "wait": self.policy.wait,
+            "retry": self._retry,
+            "before_sleep": self._before_sleep,
+            "reraise": True,
+        }
+
+    def _retry(self, state: tenacity.RetryCallState) -> bool:
+        outcome = state.outcome
+        exc = outcome.exception() if outcome is not None and outcome.failed else None
+        retry = (
+            exc is not None
+            and id(exc) not in self.final
+            and not _never_retried(exc)
+            and bool(self.policy.should_retry(exc))
+        )
+        self.retried = exc if retry else None
+        return retry
 
     def _before_sleep(self, state: tenacity.RetryCallState) -> None:
         outcome = state.outcome
@@ -125,107 +259,121 @@ class _Policy:
         assert exc is not None
         details = RetryDetails(
             attempt=state.attempt_number,
-            kind=classify(exc) or LockErrorKind.LOCK_NOT_AVAILABLE,
+            kind=classify_raised(exc),
             wait=state.upcoming_sleep,
-            elapsed=state.seconds_since_start or 0.0,
+            elapsed=self.elapsed(),
             exception=exc,
-            operation=self.operation,
+            operation=self.policy.operation,
         )
+        what = details.kind.value if details.kind is not None else type(exc).__name__
         log.warning(
-            "%s: attempt %d failed with %s; retrying in %.3fs",
+            "%s: attempt %d failed with %s after %.3fs; retrying in %.3fs",
             details.operation,
             details.attempt,
-            details.kind.value,
+            what,
+            details.elapsed,
             details.wait,
             extra={
                 "locksafe_attempt": details.attempt,
-                "locksafe_kind": details.kind.value,
+                "locksafe_kind": details.kind.value if details.kind is not None else None,
                 "locksafe_wait": details.wait,
+                "locksafe_elapsed": details.elapsed,
                 "locksafe_operation": details.operation,
             },
         )
-        if self.on_retry is not None:
-            self.on_retry(details)
+        if self.policy.on_retry is not None:
+            self.policy.on_retry(details)
 
-    def retrying_kwargs(self, unknown_commits: set[int]) -> dict[str, Any]:
-        def retry(state: tenacity.RetryCallState) -> bool:
-            outcome = state.outcome
-            if outcome is None or not outcome.failed:
-                return False
-            exc = outcome.exception()
-            if exc is None or id(exc) in unknown_commits:
-                return False
-            return bool(self.should_retry(exc))
-
-        return {
-            "stop": tenacity.stop_after_attempt(self.attempts)
-            | tenacity.stop_before_delay(self.timeout),
-            "wait": self._wait,
-            "retry": retry,
-            "before_sleep": self._before_sleep,
-            "reraise": True,
-        }
-
-    def final_error(
-        self, exc: BaseException, unknown_commits: set[int], attempts: int, started: float
-    ) -> BaseException:
-        """What to raise when the last attempt failed with ``exc``: ``exc`` itself unless it
-        was a retryable error that ran out of attempts or time."""
-        if id(exc) in unknown_commits or not self.should_retry(exc):
+    def exit_error(self, exc: BaseException, body_error: BaseException | None) -> BaseException:
+        """What to raise when the transaction block raised ``exc``; ``body_error`` is what the
+        function itself raised, ``None`` if it returned (then the COMMIT at exit failed)."""
+        if body_error is None:
+            if not _is_retryable(exc):
+                # Only a lock error the server reported for the COMMIT proves it did not
+                # happen; anything else (a lost connection...) may hide a successful commit.
+                self.final.add(id(exc))
             return exc
-        kind = classify(exc) or LockErrorKind.LOCK_NOT_AVAILABLE
+        if exc is body_error or not isinstance(exc, Exception):
+            return exc  # an interruption during the rollback wins
+        log.error(
+            "%s: rollback after a failed transaction failed too",
+            self.policy.operation,
+            exc_info=exc,
+        )
+        return body_error
+
+    def refuse_awaitable(self, result: object) -> None:
+        """A sync-decorated function returned an awaitable: its work would run after the
+        decorator committed, outside the transaction."""
+        if not inspect.isawaitable(result):
+            return
+        close = getattr(result, "close", None)
+        if callable(close):
+            close()  # no "coroutine ... was never awaited" warning
+        error = TypeError(
+            f"@transactional: {self.policy.operation}() returned an awaitable; the decorator saw a "
+            "sync function, so the awaited work would run outside its transaction (decorate "
+            "an `async def` function)"
+        )
+        self.final.add(id(error))
+        raise error
+
+    def final_error(self, exc: Exception) -> BaseException:
+        """What to raise when the last attempt failed with ``exc``: ``exc`` itself unless it
+        was a retryable lock error that ran out of attempts or time."""
+        if exc is not self.retried:
+            return exc
+        elapsed = self.elapsed()
+        kind = classify_raised(exc)
+        log.warning(
+            "%s: giving up after %d attempt%s in %.3fs, failing with %s",
+            self.policy.operation,
+            self.attempts,
+            "" if self.attempts == 1 else "s",
+            elapsed,
+            kind.value if kind is not None else type(exc).__name__,
+            extra={
+                "locksafe_attempts": self.attempts,
+                "locksafe_kind": kind.value if kind is not None else None,
+                "locksafe_elapsed": elapsed,
+                "locksafe_operation": self.policy.operation,
+            },
+        )
+        if kind is None:
+            return exc  # a custom retry_on retried another error: it goes up as it is
         error = LockUnavailable(
             kind,
-            attempts=attempts,
-            elapsed=time.monotonic() - started,
-            retry_after=self.retry_after,
-            operation=self.operation,
+            attempts=self.attempts,
+            elapsed=elapsed,
+            retry_after=self.policy.retry_after,
+            operation=self.policy.operation,
         )
         error.__cause__ = exc
         return error
 
 
-def _commit_unknown(exc: BaseException) -> bool:
-    """Whether a COMMIT that raised ``exc`` may have succeeded.
-
-    Only a lock error that the server reported for the COMMIT (a serialization failure, a busy
-    SQLite database) proves it did not; anything else (a lost connection...) may hide a
-    successful commit, so it is never retried.
-    """
-    return not is_retryable_lock_error(exc)
+# -- the session parameter --------------------------------------------------------------------
 
 
-def _rollback(session: Any) -> None:
-    """Roll back after a failure, never hiding that failure behind a second one."""
+def _session_parameter(fn: Callable[..., Any]) -> inspect.Parameter | None:
     try:
-        session.rollback()
-    except Exception:
-        log.exception("rollback after a failed transaction failed too")
-
-
-async def _rollback_async(session: Any) -> None:
-    try:
-        await session.rollback()
-    except Exception:
-        log.exception("rollback after a failed transaction failed too")
-
-
-def _session_parameter(fn: Callable[..., Any]) -> int | None:
-    """The position of ``fn``'s ``session`` parameter (-1: keyword-only), or ``None``."""
-    try:
-        parameters = list(inspect.signature(fn).parameters.values())
+        parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return None
-    for index, parameter in enumerate(parameters):
-        if parameter.name == "session":
-            if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
-                return -1
-            if parameter.kind in (
-                inspect.Parameter.POSITIONAL_ONLY,
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            ):
-                return index
-    return None
+    parameter = parameters.get("session")
+    if parameter is None or parameter.kind in (
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+    ):
+        return None
+    return parameter
+
+
+def _session_position(fn: Callable[..., Any], parameter: inspect.Parameter) -> int:
+    """The position of ``session`` (-1: keyword-only)."""
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+        return -1
+    return list(inspect.signature(fn).parameters).index("session")
 
 
 def _find_session(position: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -256,7 +404,7 @@ def transactional(
     attempts: int = 5,
     timeout: float = 30.0,
     sessionmaker: Callable[[], Any] | None = None,
-    retry_on: Callable[[BaseException], bool] | Collection[LockErrorKind] = ...,
+    retry_on: Callable[[BaseException], bool] | Collection[LockErrorKind] | None = None,
     on_retry: Callable[[RetryDetails], object] | None = None,
     wait_initial: float = 0.05,
     wait_max: float = 2.0,
@@ -271,9 +419,7 @@ def transactional(
     attempts: int = 5,
     timeout: float = 30.0,
     sessionmaker: Callable[[], Any] | None = None,
-    retry_on: Callable[[BaseException], bool] | Collection[LockErrorKind] = (
-        is_retryable_lock_error
-    ),
+    retry_on: Callable[[BaseException], bool] | Collection[LockErrorKind] | None = None,
     on_retry: Callable[[RetryDetails], object] | None = None,
     wait_initial: float = 0.05,
     wait_max: float = 2.0,
@@ -292,15 +438,26 @@ def transactional(
     - with ``sessionmaker=`` and no session passed: a fresh session per attempt is injected as
       ``session`` and closed afterwards.
 
-    Any other error is raised at once, after the rollback; a ``COMMIT`` that failed for any
+    The transaction the decorator owns is the decorator's: the function runs inside
+    ``session.begin()`` used as a context manager, so work after the function's own
+    ``commit()`` or ``rollback()`` fails at once with SQLAlchemy's ``InvalidRequestError``
+    ("Can't operate on closed transaction inside context manager"), which is not retried.
+
+    Retried: only an error that itself reports a retryable lock error (``retry_on``'s default;
+    an application error raised while handling one is the application's answer and is not).
+    Never retried, whatever ``retry_on`` says: anything that is not an ``Exception``
+    (``KeyboardInterrupt``, a cancelled task), a :class:`~locksafe.LockUnavailable` from an
+    inner :func:`transactional` (it goes up unchanged), and a ``COMMIT`` that failed for any
     reason but a lock error the server reported (a lost connection may hide a successful
-    commit) is never retried. When ``attempts`` or ``timeout`` (seconds, in all) run out, it
-    raises :class:`~locksafe.LockUnavailable` from the last database error.
+    commit). When ``attempts`` or ``timeout`` (seconds in all; ``float('inf')``: no limit) run
+    out on a lock error, it raises :class:`~locksafe.LockUnavailable` from the last database
+    error; a non-lock error that a custom ``retry_on`` retried goes up as it is.
 
     Backoff is exponential with full jitter between ``wait_initial`` and ``wait_max`` seconds
     (tenacity's ``wait_random_exponential``); :func:`set_testing` makes it zero. ``retry_on``
     is a predicate or a collection of :class:`~locksafe.LockErrorKind`; ``on_retry`` receives
-    a :class:`RetryDetails` before each sleep, which is also logged on ``locksafe.transactions``.
+    a :class:`RetryDetails` before each sleep, which is also logged on ``locksafe.transactions``
+    (as is giving up, once). Every option is checked here, at decoration time.
 
     >>> from sqlalchemy import create_engine, text
     >>> from sqlalchemy.orm import Session, sessionmaker
@@ -321,16 +478,32 @@ def transactional(
         retry_after=retry_after,
         operation="",
     )
+    if sessionmaker is not None and not callable(sessionmaker):
+        raise TypeError(f"sessionmaker={sessionmaker!r} must be callable or None")
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        position = _session_parameter(func)
-        if position is None:
+        name = getattr(func, "__qualname__", repr(func))
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
             raise TypeError(
-                f"@transactional: {func.__qualname__}() needs a `session` parameter (the "
-                "decorator begins, commits and retries that session's transaction)"
+                f"@transactional: {name}() is a generator function; its body would run "
+                "after the decorator returned, outside the transaction (collect the rows in "
+                "a list and return it)"
             )
+        parameter = _session_parameter(func)
+        if parameter is None:
+            raise TypeError(
+                f"@transactional: {name}() needs a `session` parameter (the decorator "
+                "begins, commits and retries that session's transaction)"
+            )
+        if sessionmaker is not None and parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise TypeError(
+                f"@transactional(sessionmaker=...): {name}()'s `session` is positional-only, "
+                "so the decorator cannot pass it the session it makes: make it keyword-only "
+                "(`*, session`) or an ordinary parameter"
+            )
+        position = _session_position(func, parameter)
         policy = copy.copy(base)
-        policy.operation = func.__qualname__
+        policy.operation = name
         if inspect.iscoroutinefunction(func):
             return _async_wrapper(func, policy, position, sessionmaker)
         return _sync_wrapper(func, policy, position, sessionmaker)
@@ -338,6 +511,10 @@ def transactional(
     if fn is not None:
         return decorate(fn)
     return decorate
+
+
+def _no_session(policy: _Policy) -> TypeError:
+    return TypeError(f"{policy.operation}() got no session, and @transactional has no sessionmaker")
 
 
 def _sync_wrapper(
@@ -350,15 +527,15 @@ def _sync_wrapper(
     def wrapper(*args: Any, **kwargs: Any) -> T:
         session = _find_session(position, args, kwargs)
         if session is None and sessionmaker is None:
-            raise TypeError(
-                f"{func.__qualname__}() got no session, and @transactional has no sessionmaker"
-            )
+            raise _no_session(policy)
+        call = _Call(policy)
         if session is not None and session.in_transaction():
-            return func(*args, **kwargs)  # nested: the owner commits and retries
-
-        unknown_commits: set[int] = set()
+            result = func(*args, **kwargs)  # nested: the owner commits and retries
+            call.refuse_awaitable(result)
+            return result
 
         def attempt_once() -> T:
+            call.attempts += 1
             if session is None:
                 assert sessionmaker is not None
                 with sessionmaker() as fresh:
@@ -367,37 +544,30 @@ def _sync_wrapper(
             return run_in(session, args, kwargs)
 
         def run_in(owned: Any, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
-            owned.begin()
+            body_error: BaseException | None = None
             try:
-                result = func(*call_args, **call_kwargs)
-            except BaseException:
-                _rollback(owned)
-                raise
-            try:
-                owned.commit()
+                with owned.begin():
+                    try:
+                        result = func(*call_args, **call_kwargs)
+                        call.refuse_awaitable(result)
+                    except BaseException as exc:
+                        body_error = exc
+                        raise
             except BaseException as exc:
-                if _commit_unknown(exc):
-                    unknown_commits.add(id(exc))
-                _rollback(owned)
-                raise
-            return result
+                error = call.exit_error(exc, body_error)
+                if error is exc:
+                    raise
+            else:
+                return result
+            raise error  # the function's error, not the rollback's (logged)
 
-        started = time.monotonic()
-        retrying = tenacity.Retrying(**policy.retrying_kwargs(unknown_commits))
-        attempt_number = 0
         try:
-            for attempt in retrying:
-                attempt_number = attempt.retry_state.attempt_number
-                with attempt:
-                    result = attempt_once()
-                if not attempt.retry_state.outcome or not attempt.retry_state.outcome.failed:
-                    return result
+            return tenacity.Retrying(**call.retrying_kwargs())(attempt_once)
         except Exception as exc:
-            error = policy.final_error(exc, unknown_commits, attempt_number, started)
+            error = call.final_error(exc)
             if error is exc:
                 raise
             raise error from exc
-        raise AssertionError("unreachable: tenacity returned without an outcome")
 
     return wrapper
 
@@ -412,15 +582,13 @@ def _async_wrapper(
     async def wrapper(*args: Any, **kwargs: Any) -> T:
         session = _find_session(position, args, kwargs)
         if session is None and sessionmaker is None:
-            raise TypeError(
-                f"{func.__qualname__}() got no session, and @transactional has no sessionmaker"
-            )
+            raise _no_session(policy)
+        call = _Call(policy)
         if session is not None and session.in_transaction():
             return await func(*args, **kwargs)
 
-        unknown_commits: set[int] = set()
-
         async def attempt_once() -> T:
+            call.attempts += 1
             if session is None:
                 assert sessionmaker is not None
                 async with sessionmaker() as fresh:
@@ -429,36 +597,28 @@ def _async_wrapper(
             return await run_in(session, args, kwargs)
 
         async def run_in(owned: Any, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
-            await owned.begin()
+            body_error: BaseException | None = None
             try:
-                result = await func(*call_args, **call_kwargs)
-            except BaseException:
-                await _rollback_async(owned)
-                raise
-            try:
-                await owned.commit()
+                async with owned.begin():
+                    try:
+                        result = await func(*call_args, **call_kwargs)
+                    except BaseException as exc:
+                        body_error = exc
+                        raise
             except BaseException as exc:
-                if _commit_unknown(exc):
-                    unknown_commits.add(id(exc))
-                await _rollback_async(owned)
-                raise
-            return result
+                error = call.exit_error(exc, body_error)
+                if error is exc:
+                    raise
+            else:
+                return result
+            raise error  # the function's error, not the rollback's (logged)
 
-        started = time.monotonic()
-        retrying = tenacity.AsyncRetrying(**policy.retrying_kwargs(unknown_commits))
-        attempt_number = 0
         try:
-            async for attempt in retrying:
-                attempt_number = attempt.retry_state.attempt_number
-                with attempt:
-                    result = await attempt_once()
-                if not attempt.retry_state.outcome or not attempt.retry_state.outcome.failed:
-                    return result
+            return await tenacity.AsyncRetrying(**call.retrying_kwargs())(attempt_once)
         except Exception as exc:
-            error = policy.final_error(exc, unknown_commits, attempt_number, started)
+            error = call.final_error(exc)
             if error is exc:
                 raise
             raise error from exc
-        raise AssertionError("unreachable: tenacity returned without an outcome")
 
     return cast(Callable[..., Awaitable[T]], wrapper)
