@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import Column, Integer, MetaData, Table, insert, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,14 +22,16 @@ from starlette.testclient import TestClient
 import locksafe
 from conftest import Cell
 from locksafe import LockErrorKind, LockUnavailable
-from locksafe.starlette import BODY, install_lock_error_handlers
+from locksafe.starlette import BODY, install_lock_error_handlers, lock_error_response
 from locksafe.testing import hold_row_lock
 
 metadata = MetaData()
 rows = Table("http_rows", metadata, Column("id", Integer, primary_key=True, autoincrement=False))
 
 
-def build(cell: Cell, framework: str, *, previous: Any = None) -> TestClient:
+def build(
+    cell: Cell, framework: str, *, previous: Any = None, previous_for: type = DBAPIError
+) -> TestClient:
     cell.create_all(metadata)
     with cell.sync_engine().begin() as conn:
         conn.execute(insert(rows).values(id=1))
@@ -58,7 +63,7 @@ def build(cell: Cell, framework: str, *, previous: Any = None) -> TestClient:
     else:
         app = Starlette(routes=[Route(path, endpoint) for path, endpoint in routes.items()])
     if previous is not None:
-        app.add_exception_handler(DBAPIError, previous)
+        app.add_exception_handler(previous_for, previous)
     install_lock_error_handlers(app, retry_after=4)
     return TestClient(app, raise_server_exceptions=False)
 
@@ -126,3 +131,187 @@ def test_every_driver_names_its_root_exception_classes() -> None:
                 assert any(cls.__module__.startswith(prefixes) for cls in obj.__mro__), spec
     # SQLAlchemy's MySQL async adapters re-raise the driver's own classes: nothing of their own
     assert without == ["SQLAlchemy MySQL async adapter"]
+
+
+# -- raw driver exceptions ------------------------------------------------------------------
+
+SYNC_CELLS = (
+    "sqlite+pysqlite",
+    "postgresql+psycopg2",
+    "postgresql+psycopg",
+    "postgresql+pg8000",
+    "mysql+pymysql",
+    "mysql+mysqldb",
+    "mysql+mysqlconnector",
+    "mariadb+mariadbconnector",
+)
+
+
+def raw_client(cell: Cell, *, previous: Any = None) -> tuple[TestClient, type[Exception]]:
+    """Routes that use the cell's driver directly (``engine.raw_connection()``): its own
+    exceptions escape, not SQLAlchemy's. Returns the client and the driver's root class."""
+    cell.create_all(metadata)
+    with cell.sync_engine().begin() as conn:
+        conn.execute(insert(rows).values(id=1))
+    connect_args = {"timeout": 0} if cell.backend == "sqlite" else {}
+    engine = cell.engine(connect_args=connect_args)  # imports the driver, as an app's would
+    lock_sql = (
+        "BEGIN IMMEDIATE"
+        if cell.backend == "sqlite"
+        else "SELECT id FROM http_rows FOR UPDATE NOWAIT"
+    )
+
+    def raw(sql: str) -> PlainTextResponse:
+        connection = engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql)
+        finally:
+            connection.close()
+        return PlainTextResponse("done")
+
+    routes = [
+        Route("/raw-lock", lambda request: raw(lock_sql)),
+        Route("/raw-duplicate", lambda request: raw("INSERT INTO http_rows (id) VALUES (1)")),
+    ]
+    app = Starlette(routes=routes)
+    root: type[Exception] = engine.dialect.loaded_dbapi.Error  # PEP 249: the driver's root
+    if previous is not None:
+        app.add_exception_handler(root, previous)
+    install_lock_error_handlers(app, retry_after=4)
+    return TestClient(app, raise_server_exceptions=False), root
+
+
+@pytest.mark.cells(*SYNC_CELLS)
+def test_raw_driver_lock_errors_become_503(cell: Cell, caplog: pytest.LogCaptureFixture) -> None:
+    client, root = raw_client(cell)
+    with (
+        caplog.at_level(logging.WARNING, logger="locksafe.starlette"),
+        hold_row_lock(cell.url, select(rows)),
+    ):
+        answer = client.get("/raw-lock")
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["Retry-After"] == "4"
+    assert answer.json() == BODY
+    [record] = [r for r in caplog.records if r.name == "locksafe.starlette"]
+    assert record.exc_info is not None
+    raw_error = record.exc_info[1]
+    assert isinstance(raw_error, root), "not the driver's own exception"
+    assert not isinstance(raw_error, DBAPIError)
+
+    assert client.get("/raw-lock").text == "done"  # not locked: the route works
+    assert client.get("/raw-duplicate").status_code == 500  # not a lock error: the usual 500
+
+
+@pytest.mark.cells("sqlite+pysqlite", "postgresql+psycopg2", "mysql+pymysql")
+def test_raw_driver_errors_that_are_not_lock_errors_keep_their_handler(cell: Cell) -> None:
+    def previous(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"handled": type(exc).__name__}, status_code=422)
+
+    client, _root = raw_client(cell, previous=previous)
+    answer = client.get("/raw-duplicate")
+    assert answer.status_code == 422
+    assert "Integrity" in answer.json()["handled"] or "Unique" in answer.json()["handled"]
+    with hold_row_lock(cell.url, select(rows)):
+        assert client.get("/raw-lock").status_code == 503
+
+
+def test_only_drivers_already_imported_get_a_handler_and_none_is_imported() -> None:
+    """In a fresh interpreter: an app on SQLite gets handlers for sqlite3 only, and no other
+    driver is imported; after creating a PostgreSQL engine (which imports psycopg2), a second
+    install also handles psycopg2's exceptions."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from sqlalchemy import create_engine
+        from starlette.applications import Starlette
+        from locksafe.starlette import install_lock_error_handlers
+
+        DRIVERS = ["psycopg2", "psycopg", "asyncpg", "pg8000", "pymysql", "MySQLdb",
+                   "mysql.connector", "mariadb", "asyncmy", "aiomysql"]
+        create_engine("sqlite://")
+        app = Starlette()
+        install_lock_error_handlers(app)
+        print(sorted(f"{c.__module__}.{c.__qualname__}" for c in app.exception_handlers
+                     if isinstance(c, type) and c is not Exception))
+        print([name for name in DRIVERS if name in sys.modules])
+        create_engine("postgresql+psycopg2://nobody@127.0.0.1:1/none")
+        app = Starlette()
+        install_lock_error_handlers(app)
+        print("psycopg2.Error" in {f"{c.__module__}.{c.__qualname__}"
+                                    for c in app.exception_handlers if isinstance(c, type)})
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    handled, imported, psycopg2_handled = result.stdout.splitlines()
+    assert handled == str(
+        [
+            "locksafe.kinds.LockUnavailable",
+            "sqlalchemy.exc.DBAPIError",
+            "sqlite3.Error",
+        ]
+    )
+    assert imported == "[]", "install_lock_error_handlers imported a driver"
+    assert psycopg2_handled == "True"
+
+
+@pytest.mark.parametrize("retry_after", [float("nan"), float("inf"), -5, "soon", None])
+def test_a_hand_made_lock_unavailable_with_a_bad_retry_after_still_gets_503(
+    retry_after: Any,
+) -> None:
+    def route(request: Request) -> PlainTextResponse:
+        raise LockUnavailable(
+            LockErrorKind.DEADLOCK, attempts=3, elapsed=0.1, retry_after=retry_after
+        )
+
+    app = Starlette(routes=[Route("/x", route)])
+    install_lock_error_handlers(app, retry_after=4)
+    answer = TestClient(app, raise_server_exceptions=False).get("/x")
+    assert answer.status_code == 503
+    assert answer.headers["Retry-After"] == "4"  # the installed default
+    assert answer.json() == BODY
+
+
+def test_lock_error_response_never_raises() -> None:
+    for value in (float("nan"), float("inf"), -1, "1", None, True, 10**400):
+        assert lock_error_response(value).headers["Retry-After"] == "1"  # type: ignore[arg-type]
+    assert lock_error_response(0).headers["Retry-After"] == "1"
+    assert lock_error_response(0.2).headers["Retry-After"] == "1"
+    assert lock_error_response(7).headers["Retry-After"] == "7"
+    assert lock_error_response(float("nan"), fallback=2.5).headers["Retry-After"] == "3"
+    assert lock_error_response(-1, fallback=float("nan")).headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "error"),
+    [
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (-1, ValueError),
+        ("5", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
+def test_install_checks_retry_after(retry_after: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"^retry_after="):
+        install_lock_error_handlers(Starlette(), retry_after=retry_after)
+
+
+@pytest.mark.cells("sqlite+pysqlite")
+def test_a_handler_for_a_base_class_still_gets_the_errors_that_are_not_lock_errors(
+    cell: Cell,
+) -> None:
+    """The app handled SQLAlchemyError (DBAPIError's base) before: a non-lock DBAPIError
+    still reaches it, as it did before the install."""
+
+    def previous(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"handled": type(exc).__name__}, status_code=422)
+
+    client = build(cell, "starlette", previous=previous, previous_for=SQLAlchemyError)
+    assert client.get("/duplicate").json() == {"handled": "IntegrityError"}
+    with hold_row_lock(cell.url, select(rows)):
+        assert client.get("/nowait").status_code == 503
