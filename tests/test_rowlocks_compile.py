@@ -618,3 +618,107 @@ def test_of_accepts_a_column_of_a_lightweight_table() -> None:
     stmt = with_row_locks(select(t).where(t.c.id == 1), pg, of=t.c.id)
     assert str(stmt.compile(dialect=pg)).endswith("FOR UPDATE OF t")
     assert plan_row_locks(pg, of=t).clause == "FOR UPDATE OF t"
+
+
+# -- of= must name what the statement selects FROM ----------------------------------------------
+
+
+@pytest.mark.parametrize("bind", [None, "postgresql", "mariadb", "sqlite"])
+def test_of_naming_a_table_outside_the_from_is_a_value_error(bind: str | None) -> None:
+    """PostgreSQL would refuse ``FOR UPDATE OF other``; MariaDB (degrading OF away) and SQLite
+    (no OF) would accept it without a word and lock something else than asked. Refused at
+    the call, whatever the bind, naming the option and the FROM."""
+    dialect = offline_dialect(bind, (10, 11, 0) if bind == "mariadb" else None) if bind else None
+    other = table("other", column("id"))
+    alias = jobs.alias("j2")
+    cases: list[tuple[Any, Any]] = [
+        (select(jobs), other),
+        (select(jobs), owners),
+        (select(jobs), [jobs, owners]),
+        (select(jobs), owners.c.name),
+        (select(jobs), alias),  # an alias is another FROM item than its table
+        (select(alias), jobs),
+        (select(Job), jobs),
+        (select(jobs), Job),
+        (Query(Job), owners),
+        (union_all(select(jobs.c.id), select(owners.c.id)), other),
+    ]
+    for statement, of in cases:
+        with pytest.raises(ValueError, match=r"of= names '\w+', which is not in the") as info:
+            with_row_locks(statement, dialect, of=of, on_unsupported="degrade")
+        assert "FROM (" in str(info.value)
+
+
+def test_of_naming_tables_of_the_from_is_accepted() -> None:
+    pg = offline_dialect("postgresql")
+    alias = jobs.alias("j2")
+    cases: list[tuple[Any, Any, str]] = [
+        (joined(), jobs, "FOR UPDATE OF jobs"),
+        (joined(), [jobs, owners], "FOR UPDATE OF jobs, owners"),
+        (joined(), owners.c.name, "FOR UPDATE OF owners"),
+        (select(alias).where(alias.c.id == 1), alias, "FOR UPDATE OF j2"),
+        (select(Job).where(Job.id == 1), Job, "FOR UPDATE OF orm_jobs"),
+        (select(Job.id).where(Job.state == "q"), Job.__table__, "FOR UPDATE OF orm_jobs"),
+        (Query(Job).filter(Job.id == 1), Job, "FOR UPDATE OF orm_jobs"),
+        (select(jobs.c.id).where(jobs.c.owner_id == owners.c.id), owners, "FOR UPDATE OF owners"),
+    ]
+    for statement, of, clause in cases:
+        locked = with_row_locks(statement, pg, of=of)
+        compiled = locked.statement if isinstance(locked, Query) else locked
+        assert " ".join(str(compiled.compile(dialect=pg)).split()).endswith(clause), clause
+    # A textual FROM cannot be checked: what the server accepts decides.
+    textual = select(column("id")).select_from(text("jobs"))
+    assert str(with_row_locks(textual, pg, of=jobs).compile(dialect=pg)).endswith(
+        "FOR UPDATE OF jobs"
+    )
+
+
+# -- statements in which SQLAlchemy renders no lock ----------------------------------------------
+
+
+def test_a_union_is_refused_where_no_lock_would_be_rendered() -> None:
+    """SQLAlchemy renders no FOR UPDATE for a UNION on any dialect: with a bind whose lock is
+    a clause, refused at the call (SQLite's write lock needs no clause)."""
+    compound = union_all(select(jobs.c.id), select(owners.c.id))
+    for flavour, version in (("postgresql", None), ("mariadb", (10, 11, 0)), ("oracle", None)):
+        dialect = offline_dialect(flavour, version)
+        assert "FOR UPDATE" not in str(compound.with_for_update().compile(dialect=dialect))
+        for mode in ("raise", "degrade"):
+            with pytest.raises(UnsupportedLockOption, match="no lock for a UNION"):
+                with_row_locks(compound, dialect, on_unsupported=mode)  # type: ignore[arg-type]
+    assert type(with_row_locks(compound, offline_dialect("sqlite"))) is type(compound)
+
+
+# -- Sessions bound per mapper or per table --------------------------------------------------
+
+
+def test_session_bound_per_mapper_resolves_the_statements_bind() -> None:
+    """``Session(binds={...})`` has no default bind: the statement's mapper or tables find
+    it (planned at call time), lock_capabilities answers from the binds when they agree, and
+    a statement with no bind in the Session is planned when it is executed."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import UnboundExecutionError
+    from sqlalchemy.orm import Session
+
+    pg = create_engine("postgresql+psycopg2://")
+    lite = create_engine("sqlite://")
+    session = Session(binds={Job: pg, jobs: pg})
+    locked = with_row_locks(select(Job).where(Job.id == 1), session, key_share=True)
+    assert str(locked.compile(dialect=pg.dialect)).endswith("FOR NO KEY UPDATE")
+    assert locked._execution_options["locksafe_row_locks"].capabilities.flavour == "postgresql"
+    query = with_row_locks(Query(Job), session, nowait=True)
+    assert str(query.statement.compile(dialect=pg.dialect)).endswith("FOR UPDATE NOWAIT")
+    core = with_row_locks(select(jobs.c.id), session, skip_locked=True)
+    assert core._execution_options["locksafe_row_locks"].capabilities.flavour == "postgresql"
+    assert lock_capabilities(session).flavour == "postgresql"
+    assert plan_row_locks(session, key_share=True).clause == "FOR NO KEY UPDATE"
+    # owners has no bind in this Session: planned by the connection that executes it.
+    unbound = with_row_locks(select(owners), session, nowait=True)
+    assert type(unbound._execution_options["locksafe_row_locks"]).__name__ == "_Request"
+    # Binds to two kinds of server: which one is meant cannot be told without a statement.
+    mixed = Session(binds={Job: pg, owners: lite})
+    assert lock_capabilities(Session(binds={Job: pg, owners: pg})).flavour == "postgresql"
+    with pytest.raises(UnboundExecutionError, match="several kinds of server") as info:
+        lock_capabilities(mixed)
+    assert "postgresql" in str(info.value)
+    assert "sqlite" in str(info.value)

@@ -1122,3 +1122,44 @@ def test_sqlite_write_lock_blocks_a_concurrent_locker_until_commit(db: Cell, jou
     assert not errors, errors
     assert rows == [(1, 10)]
     assert 0.2 <= took < 3.0, took
+
+
+# -- Sessions bound per mapper or per table --------------------------------------------------
+
+
+def test_session_bound_per_mapper(db: Cell, prober: Prober) -> None:
+    """A Session with only per-mapper binds (``binds={Item: engine}``, no default bind):
+    lock_capabilities and with_row_locks(stmt, session) find the bind through the statement
+    (planned at call time: MariaDB's missing OF raises at the call), and the lock is taken;
+    a statement whose tables have no bind there is planned when executed."""
+    engine = db.warm_up(db.engine())  # connected: the server version is known
+
+    def work(session: Session) -> list[Any]:
+        seen: list[Any] = [lock_capabilities(session).flavour]
+        if db.backend == "mariadb":
+            with pytest.raises(UnsupportedLockOption) as info:
+                with_row_locks(select(Item), session, of=Item)
+            assert info.value.options == ("of",)
+        stmt = with_row_locks(select(Item).where(Item.id == 1), session, nowait=True)
+        seen.append([item.id for item in session.scalars(stmt)])
+        seen.append(prober.locked())
+        session.rollback()
+        unbound = with_row_locks(select(owners.c.name).where(owners.c.id == 1), session)
+        bind = session.get_bind(mapper=Item)
+        seen.append(session.execute(unbound, bind_arguments={"bind": bind}).all())
+        seen.append(prober.locked("rl_owners", 1))
+        session.rollback()
+        return seen
+
+    if db.is_async:
+
+        async def main() -> list[Any]:
+            async with AsyncSession(binds={Item: engine}) as session:
+                return await session.run_sync(work)
+
+        seen = db.run_async(main)
+    else:
+        with Session(binds={Item: engine}) as session:
+            seen = work(session)
+    assert seen == [db.backend, [1], True, [("a",)], True]
+    assert not prober.locked()

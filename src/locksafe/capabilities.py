@@ -82,11 +82,19 @@ class LockCapabilities:
 _FIELD_OF_OPTION = {"read": "for_share"}
 
 
-def dialect_of(bind: Any) -> Dialect:
+def dialect_of(bind: Any, clause: Any = None) -> Dialect:
     """The SQLAlchemy :class:`~sqlalchemy.engine.Dialect` behind any bind-like object.
 
     Accepts a Dialect, Engine, Connection, Session, AsyncEngine, AsyncConnection or
-    AsyncSession (or anything with ``get_bind()`` or ``dialect``).
+    AsyncSession (or anything with ``get_bind()`` or ``dialect``). A Session bound per mapper
+    or per table (``Session(binds={...})``) is resolved with ``clause`` (the statement about
+    to run, or an ORM ``Query``) when given, else from its binds when they all lead to the
+    same kind of server; otherwise :class:`~sqlalchemy.exc.UnboundExecutionError`.
+
+    >>> from sqlalchemy import create_engine
+    >>> from sqlalchemy.orm import Session
+    >>> dialect_of(Session(create_engine("sqlite://"))).name
+    'sqlite'
     """
     from sqlalchemy.engine import Dialect
 
@@ -95,10 +103,10 @@ def dialect_of(bind: Any) -> Dialect:
     for attribute in ("sync_session", "sync_engine"):
         inner = getattr(bind, attribute, None)
         if inner is not None:
-            return dialect_of(inner)
+            return dialect_of(inner, clause)
     get_bind = getattr(bind, "get_bind", None)
     if callable(get_bind):
-        return dialect_of(get_bind())
+        return dialect_of(_session_bind(bind, clause))
     dialect = getattr(bind, "dialect", None)
     if isinstance(dialect, Dialect):
         return dialect
@@ -106,6 +114,58 @@ def dialect_of(bind: Any) -> Dialect:
         f"cannot find a SQLAlchemy dialect on {type(bind).__name__!r}: pass a Session, "
         "AsyncSession, Connection, AsyncConnection, Engine, AsyncEngine or Dialect"
     )
+
+
+def _session_bind(session: Any, clause: Any) -> Any:
+    """The Engine or Connection a Session would use for ``clause``: its single bind, else the
+    bind of the statement's mapper / tables, else the one server all its binds lead to."""
+    from sqlalchemy.exc import UnboundExecutionError
+    from sqlalchemy.orm import Query
+
+    try:
+        return session.get_bind()
+    except UnboundExecutionError:
+        if clause is None and not _binds_of(session):
+            raise
+    if clause is not None:
+        if isinstance(clause, Query):
+            clause = clause.statement
+        return session.get_bind(clause=clause)
+    binds = _binds_of(session)
+    servers = {server_key(dialect_of(bind)): bind for bind in binds}
+    if len(servers) == 1:
+        return next(iter(servers.values()))
+    names = sorted(
+        f"{name} {'.'.join(map(str, version)) if version else '(version unknown)'}"
+        for name, version, _ in servers
+    )
+    raise UnboundExecutionError(
+        "this Session is bound per mapper or table to several kinds of server ("
+        + ", ".join(names)
+        + "): pass the Engine or Connection in question, or session.get_bind(<mapped class>)"
+    )
+
+
+def _binds_of(session: Any) -> list[Any]:
+    """The engines and connections of a Session's per-mapper / per-table ``binds``."""
+    from collections.abc import Mapping
+
+    # Session.binds in SQLAlchemy 2.1; private (name-mangled) in 2.0.
+    binds = getattr(session, "binds", None)
+    if not isinstance(binds, Mapping):
+        binds = getattr(session, "_Session__binds", None)
+    if not isinstance(binds, Mapping):
+        return []
+    unique: dict[int, Any] = {}
+    for bind in binds.values():
+        unique.setdefault(id(bind), bind)
+    return list(unique.values())
+
+
+def server_key(dialect: Dialect) -> tuple[Any, ...]:
+    """What lock capabilities and plans depend on: dialect, server version and flavour
+    (MySQL vs MariaDB)."""
+    return (dialect.name, version_of(dialect), getattr(dialect, "is_mariadb", False))
 
 
 def lock_capabilities(bind: Any) -> LockCapabilities:

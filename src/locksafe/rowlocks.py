@@ -7,28 +7,47 @@ an :class:`~locksafe.UnsupportedLockOption` or, when the caller allows it, a *st
 never no lock. The statement carries its request as the execution option ``locksafe_row_locks``,
 so that a statement built without a bind is planned by the connection that finally executes it,
 and so that SQLite, which has no row locks, takes its database write lock right before the
-SELECT runs.
+SELECT runs. The locking SELECT also carries it in its ``FOR UPDATE`` arguments
+(:class:`_LockArg`), which travel with it when it is nested in another statement (subquery,
+CTE, ``IN``, ``EXISTS``, ``INSERT ... SELECT``...): the execution hook finds those once per
+compiled statement and plans them the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
-from sqlalchemy import event, table
+from sqlalchemy import event, select, table
 from sqlalchemy.engine import Connection, Dialect, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, UnboundExecutionError
 from sqlalchemy.orm import Query
-from sqlalchemy.sql.selectable import CompoundSelect, GenerativeSelect, Select
+from sqlalchemy.sql.elements import ColumnClause, TextClause
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.selectable import (
+    AliasedReturnsRows,
+    CompoundSelect,
+    ForUpdateArg,
+    FromGrouping,
+    GenerativeSelect,
+    Join,
+    Select,
+    TableClause,
+    TextualSelect,
+)
+from sqlalchemy.sql.visitors import InternalTraversal, iterate
 
 from locksafe.capabilities import (
     LockCapabilities,
     dialect_of,
     lock_capabilities,
+    server_key,
     unsupported,
     version_of,
 )
@@ -38,6 +57,8 @@ from locksafe.kinds import LockDegradedWarning
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
     from sqlalchemy.sql.base import Executable
+    from sqlalchemy.sql.compiler import Compiled
+    from sqlalchemy.sql.elements import ClauseElement
 
 __all__ = [
     "OPTION",
@@ -138,11 +159,6 @@ DEGRADATIONS: Final = (
 )
 
 
-def _server_key(dialect: Dialect) -> tuple[Any, ...]:
-    """What a plan depends on: dialect, server version and flavour (MySQL vs MariaDB)."""
-    return (dialect.name, version_of(dialect), getattr(dialect, "is_mariadb", False))
-
-
 @dataclass(frozen=True)
 class _Request:
     options: LockOptions
@@ -154,7 +170,7 @@ class _Request:
     def plan_for(self, dialect: Dialect, *, report_new: bool = False) -> RowLockPlan:
         """The plan for this server, made once; ``report_new``: report its degradations when
         it is made (the execution path, which has no caller line of its own to warn at)."""
-        key = _server_key(dialect)
+        key = server_key(dialect)
         plan = self.plans.get(key)
         if plan is None:
             plan = _plan(dialect, self.options, self.on_unsupported, self)
@@ -162,6 +178,40 @@ class _Request:
             if report_new:
                 _report(plan, self.on_unsupported, stacklevel=2)
         return plan
+
+    @property
+    def token(self) -> tuple[Any, ...]:
+        """What this request adds to the compiled-statement cache key of a locked SELECT (the
+        rendered clause is already in it): two statements that render the same clause but
+        ask for different locks never share a compiled form."""
+        o = self.options
+        return (o.read, o.key_share, o.nowait, o.skip_locked, o.of is not None, self.on_unsupported)
+
+
+class _LockArg(ForUpdateArg):
+    """SQLAlchemy's ``FOR UPDATE`` arguments of a SELECT locked by :func:`with_row_locks`,
+    carrying locksafe's request. The request travels with the SELECT wherever it is nested
+    (subquery, CTE, ``IN``, ``EXISTS``, ``INSERT ... SELECT``), and is part of the statement's
+    cache key, so that a compiled statement tells which of its SELECTs locksafe locks."""
+
+    _traverse_internals = [  # noqa: RUF012 (SQLAlchemy's class-level declaration)
+        *ForUpdateArg._traverse_internals,
+        ("locksafe_token", InternalTraversal.dp_plain_obj),
+    ]
+    locksafe_token: tuple[Any, ...] = ()
+    locksafe_value: _Request | RowLockPlan | None = None
+
+
+def _lock(query: Q, options: LockOptions, value: _Request | RowLockPlan, request: _Request) -> Q:
+    """``query`` with ``options`` rendered by ``with_for_update()``, carrying ``value``."""
+    locked: Any = query.with_for_update(**options.for_update_kwargs())
+    rendered = locked._for_update_arg
+    arg = _LockArg.__new__(_LockArg)
+    arg.__dict__.update(rendered.__dict__)
+    arg.locksafe_token = request.token
+    arg.locksafe_value = value
+    locked._for_update_arg = arg
+    return locked.execution_options(**{OPTION: value})  # type: ignore[no-any-return]
 
 
 _requests: dict[tuple[LockOptions, str], _Request] = {}
@@ -203,6 +253,10 @@ class RowLockPlan:
     degradations: tuple[str, ...]
     dialect: Dialect = field(compare=False, repr=False)
     request: _Request | None = field(default=None, compare=False, repr=False)
+    #: (dialect class, compound, nested) -> whether SQLAlchemy renders a lock there.
+    _renders: dict[tuple[Any, ...], bool] = field(
+        default_factory=dict, compare=False, repr=False, init=False
+    )
 
     @property
     def mechanism(self) -> str:
@@ -216,11 +270,7 @@ class RowLockPlan:
         """
         if self.mechanism != "row":
             return ""
-        stmt = table("t").select().with_only_columns(_literal_one())
-        locked = stmt.with_for_update(**self.effective.for_update_kwargs())
-        plain = str(stmt.compile(dialect=self.dialect))
-        rendered = str(locked.compile(dialect=self.dialect))
-        return rendered[len(plain) :].strip()
+        return _clause(self.dialect, self.effective.for_update_kwargs())
 
     def describe(self) -> str:
         """One line for logs, docs and ``locksafe doctor``."""
@@ -241,10 +291,15 @@ class RowLockPlan:
         return head + how
 
 
-def _literal_one() -> Any:
+def _clause(dialect: Dialect, for_update: dict[str, Any]) -> str:
+    """The locking clause SQLAlchemy renders for these ``with_for_update()`` arguments."""
     from sqlalchemy import literal_column
 
-    return literal_column("1")
+    stmt: Select[Any] = table("t").select().with_only_columns(literal_column("1"))
+    locked = stmt.with_for_update(**for_update)
+    plain = str(stmt.compile(dialect=dialect))
+    rendered = str(locked.compile(dialect=dialect))
+    return rendered[len(plain) :].strip()
 
 
 def _check_options(
@@ -391,6 +446,10 @@ def with_row_locks(
     On SQLite, which has no row locks, executing the statement takes the database write lock
     first, so concurrent read-modify-write transactions cannot lose updates.
 
+    The result may be nested in another statement (a subquery, a CTE, ``IN``, ``EXISTS``, an
+    ``INSERT ... SELECT``...): it still locks, or the outer statement is refused. ``of`` must
+    name what the statement selects FROM (else ``ValueError``).
+
     >>> from sqlalchemy import column, create_engine, select, table
     >>> jobs = table("jobs", column("id"), column("state"))
     >>> pg = create_engine("postgresql+psycopg2://")
@@ -405,6 +464,8 @@ def with_row_locks(
         raise TypeError(
             f"with_row_locks() takes an ORM Query or a select(), not {type(query).__name__!r}"
         )
+    if of_elements:
+        _check_of_in_from(query, of_elements)
     options = LockOptions(
         read=read, key_share=key_share, nowait=nowait, skip_locked=skip_locked, of=of_elements
     )
@@ -413,14 +474,78 @@ def with_row_locks(
     value: _Request | RowLockPlan = request
     effective = options
     if session is not None:
-        dialect = dialect_of(session)
-        support = support_for(dialect.name)
-        if support is None or not support.version_dependent or version_of(dialect):
-            plan = request.plan_for(dialect)
-            _report(plan, on_unsupported, stacklevel=1)
-            value, effective = plan, plan.effective
-    locked: Any = query.with_for_update(**effective.for_update_kwargs())
-    return locked.execution_options(**{OPTION: value})  # type: ignore[no-any-return]
+        try:
+            dialect: Dialect | None = dialect_of(session, query)
+        except UnboundExecutionError:
+            # A Session bound per mapper / table that has no bind for this statement: the
+            # connection that finally executes it plans it.
+            dialect = None
+        if dialect is not None:
+            support = support_for(dialect.name)
+            if support is None or not support.version_dependent or version_of(dialect):
+                plan = request.plan_for(dialect)
+                compound = isinstance(query, CompoundSelect)
+                _refuse_unrendered(plan, dialect, compound=compound, nested=False)
+                _report(plan, on_unsupported, stacklevel=1)
+                value, effective = plan, plan.effective
+    return _lock(query, effective, value, request)
+
+
+def _check_of_in_from(query: Query[Any] | GenerativeSelect, of: tuple[Any, ...]) -> None:
+    """``of=`` must name tables the statement selects FROM: PostgreSQL would refuse the
+    statement, and servers without OF would silently lock something else."""
+    from sqlalchemy.sql import coercions, roles
+    from sqlalchemy.sql.util import surface_selectables_only
+
+    statement: Any = query.statement if isinstance(query, Query) else query
+    froms = _froms(statement)
+    if froms is None:
+        return  # a textual FROM: what it names cannot be checked
+    for element in of:
+        target = coercions.expect(roles.ColumnsClauseRole, element)
+        for selectable in surface_selectables_only(target):
+            if not any(_plain(selectable) is from_ for from_ in froms):
+                listed = ", ".join(_name(from_) for from_ in froms) or "nothing"
+                raise ValueError(
+                    f"of= names {_name(selectable)!r}, which is not in the statement's FROM "
+                    f"({listed}): of= may only name tables, aliases, entities or columns of "
+                    "what the query selects from"
+                )
+
+
+def _froms(statement: Any) -> list[Any] | None:
+    """The tables and aliases a SELECT (or each SELECT of a UNION) selects FROM, joins
+    unpacked; ``None`` when part of the FROM is text."""
+    from sqlalchemy.sql.util import surface_selectables_only
+
+    pending = [statement]
+    froms: list[Any] = []
+    while pending:
+        candidate = pending.pop()
+        if isinstance(candidate, CompoundSelect):
+            pending.extend(candidate.selects)
+            continue
+        if not isinstance(candidate, Select):
+            return None
+        for from_ in candidate.get_final_froms():
+            for selectable in surface_selectables_only(from_):
+                if isinstance(selectable, (TextClause, TextualSelect)):
+                    return None
+                plain = _plain(selectable)
+                if not any(plain is known for known in froms):
+                    froms.append(plain)
+    return froms
+
+
+def _plain(element: Any) -> Any:
+    """``element`` without ORM annotations (the Table or alias itself)."""
+    deannotate = getattr(element, "_deannotate", None)
+    return deannotate() if deannotate is not None else element
+
+
+def _name(element: Any) -> str:
+    name = getattr(element, "name", None)
+    return str(name) if name is not None else type(element).__name__
 
 
 # -- execution hooks --------------------------------------------------------------------------
@@ -439,7 +564,7 @@ def _install_hooks() -> None:
 
 def _plan_of(value: Any, dialect: Dialect) -> RowLockPlan | None:
     if isinstance(value, RowLockPlan):
-        if value.dialect is dialect or _server_key(value.dialect) == _server_key(dialect):
+        if value.dialect is dialect or server_key(value.dialect) == server_key(dialect):
             return value
         if value.request is None:
             return None
@@ -447,6 +572,12 @@ def _plan_of(value: Any, dialect: Dialect) -> RowLockPlan | None:
     if isinstance(value, _Request):
         return value.plan_for(dialect, report_new=True)
     return None
+
+
+def _is_locked_select(element: Any) -> bool:
+    """A SELECT that itself renders a locking clause (not one that only carries the option,
+    such as the ``count(*)`` around a locked Query)."""
+    return isinstance(element, GenerativeSelect) and element._for_update_arg is not None
 
 
 def _before_execute(
@@ -458,13 +589,133 @@ def _before_execute(
 ) -> tuple[Executable, Any, Any]:
     options = getattr(clauseelement, "_execution_options", None)
     value = options.get(OPTION) if options else None
-    if value is None or not isinstance(clauseelement, GenerativeSelect):
+    if value is None or not _is_locked_select(clauseelement):
         return clauseelement, multiparams, params
     plan = _plan_of(value, conn.dialect)
-    if plan is None or plan is value:
+    if plan is None or plan is value or plan.request is None:
         return clauseelement, multiparams, params
-    replanned = clauseelement.with_for_update(**plan.effective.for_update_kwargs())
-    return replanned.execution_options(**{OPTION: plan}), multiparams, params
+    replanned = _lock(clauseelement, plan.effective, plan, plan.request)  # type: ignore[type-var]
+    return replanned, multiparams, params
+
+
+@dataclass
+class _Found:
+    """A SELECT locked by with_row_locks, found in a compiled statement."""
+
+    value: _Request | RowLockPlan
+    arg: _LockArg
+    #: The tables it reads; empty when it reads something locksafe cannot name.
+    tables: tuple[TableClause, ...]
+    #: Whether it is the compiled statement itself (rather than nested in it).
+    top: bool
+    #: Whether it is a UNION / INTERSECT / EXCEPT rather than a SELECT.
+    compound: bool
+    #: Per server: whether the clause compiled into the statement is the one planned there.
+    verified: dict[tuple[Any, ...], bool] = field(default_factory=dict)
+
+
+@dataclass
+class _Scan:
+    """What one compiled statement holds for locksafe, found once per compiled form."""
+
+    found: tuple[_Found, ...]
+    #: The tables the whole statement reads (for a lock requested by the execution option).
+    tables: tuple[TableClause, ...]
+
+
+#: id(compiled statement) -> (weak reference to it, what it locks). SQLAlchemy caches compiled
+#: forms, so a statement is scanned once, not on every execution; an entry goes when its
+#: compiled statement does. (Keyed by id, checked through the weak reference: a lookup here is
+#: on the path of every statement an application runs.)
+_scans: dict[int, tuple[weakref.ref[Compiled], _Scan]] = {}
+_NOTHING: Final = _Scan((), ())
+
+
+def _scan(compiled: Compiled) -> _Scan:
+    key = id(compiled)
+    entry = _scans.get(key)
+    if entry is not None and entry[0]() is compiled:
+        return entry[1]
+    scan = _scan_statement(compiled)
+    try:
+        reference = weakref.ref(compiled, functools.partial(_forget, key))
+    except TypeError:  # not weakly referenceable: scanned on every execution
+        return scan
+    _scans[key] = (reference, scan)
+    return scan
+
+
+def _forget(key: int, reference: weakref.ref[Compiled]) -> None:
+    entry = _scans.get(key)
+    if entry is not None and entry[0] is reference:
+        del _scans[key]
+
+
+def _scan_statement(compiled: Compiled) -> _Scan:
+    statement: Any = getattr(compiled, "statement", None)
+    if statement is None:
+        return _NOTHING
+    found: list[_Found] = []
+    seen: set[int] = set()
+    for element in iterate(statement):
+        if not isinstance(element, GenerativeSelect):
+            continue
+        arg = element._for_update_arg
+        if not isinstance(arg, _LockArg) or arg.locksafe_value is None or id(element) in seen:
+            continue
+        seen.add(id(element))
+        found.append(
+            _Found(
+                arg.locksafe_value,
+                arg,
+                _tables_read(element),
+                top=element is statement,
+                compound=isinstance(element, CompoundSelect),
+            )
+        )
+    if not found and not _is_locked_select(statement):
+        return _NOTHING
+    # The whole statement, as the ORM compiled it (eager-loaded joins included).
+    final = getattr(getattr(compiled, "compile_state", None), "statement", None)
+    return _Scan(tuple(found), _tables_read(final if final is not None else statement))
+
+
+def _tables_read(element: ClauseElement) -> tuple[TableClause, ...]:
+    """The tables (Table or lightweight ``table()``) a statement reads, each once; empty when
+    it reads anything locksafe cannot name: text (``text()``, a textual FROM, a literal
+    column), or a table-valued function."""
+    tables: dict[int, TableClause] = {}
+    in_from: set[int] = set()
+    for item in iterate(element):
+        if isinstance(item, TableClause):
+            plain = _plain(item)
+            tables.setdefault(id(plain), plain)
+        elif _unnameable(item, in_from):
+            return ()
+        elif isinstance(item, Select):
+            in_from.update(id(from_) for from_ in _unwrapped(item._from_obj))
+        elif isinstance(item, Join):
+            in_from.update(id(side) for side in _unwrapped((item.left, item.right)))
+    return tuple(tables.values())
+
+
+def _unnameable(item: Any, in_from: set[int]) -> bool:
+    """Whether ``item`` may read tables locksafe cannot name: text, a literal column, a
+    table-valued function (or any function used as a FROM)."""
+    if isinstance(item, (TextClause, TextualSelect)):
+        return True
+    if isinstance(item, ColumnClause):
+        return bool(item.is_literal)
+    if isinstance(item, AliasedReturnsRows):
+        return isinstance(item.element, FunctionElement)
+    return isinstance(item, FunctionElement) and id(item) in in_from
+
+
+def _unwrapped(froms: Any) -> Iterator[Any]:
+    for from_ in froms:
+        while isinstance(from_, FromGrouping):
+            from_ = from_.element
+        yield from_
 
 
 def _before_cursor_execute(
@@ -478,18 +729,160 @@ def _before_cursor_execute(
     if context is None:
         return statement, parameters
     value = context.execution_options.get(OPTION)
-    if value is None:
-        return statement, parameters
-    plan = _plan_of(value, conn.dialect)
-    if plan is None or plan.mechanism != "database":
-        return statement, parameters
-    support = support_for(conn.dialect.name)
-    if support is None or support.before_locking_select is None:
-        return statement, parameters
-    try:
-        replacement = support.before_locking_select(
-            cursor, context, plan, statement, _tables(context)
+    compiled = context.compiled
+    if compiled is None:
+        scan = _NOTHING
+    else:
+        entry = _scans.get(id(compiled))  # _scan(), inlined: this runs for every statement
+        scan = entry[1] if entry is not None and entry[0]() is compiled else _scan(compiled)
+    if value is None and not scan.found:
+        return statement, parameters  # the common case: nothing locked
+    dialect = conn.dialect
+    if value is not None and not _is_locked_select(getattr(compiled, "statement", None)):
+        value = None  # the lock, if any, is nested: found by the scan
+    locks: list[tuple[RowLockPlan, tuple[TableClause, ...], bool]] = []
+    if value is not None:
+        plan = _plan_of(value, dialect)
+        if plan is not None:
+            compound = isinstance(getattr(compiled, "statement", None), CompoundSelect)
+            _refuse_unrendered(plan, dialect, compound=compound, nested=False)
+            locks.append((plan, scan.tables, True))
+    for found in scan.found:
+        if found.top and value is not None:
+            continue  # planned above, from the statement's own option
+        plan = _plan_of(found.value, dialect)
+        if plan is None:
+            continue
+        _refuse_unrendered(plan, dialect, compound=found.compound, nested=not found.top)
+        if plan.mechanism == "row":
+            _verify_rendered(found, plan, dialect)
+        locks.append((plan, scan.tables if found.top else found.tables, found.top))
+    return _take_database_locks(conn, cursor, context, statement, parameters, locks)
+
+
+_rendered: dict[tuple[Any, ...], bool] = {}
+
+
+def _renders_lock(dialect: Dialect, *, compound: bool, nested: bool) -> bool:
+    """Whether SQLAlchemy renders a locking clause there for a SELECT (``compound``: a UNION)
+    at the top of a statement or ``nested`` in one. It renders none for a UNION, and some
+    dialects none for a nested SELECT (Oracle, whose server refuses them)."""
+    key = (type(dialect), server_key(dialect), compound, nested)
+    found = _rendered.get(key)
+    if found is None:
+        from sqlalchemy import column, union_all
+
+        t = table("t", column("id"))
+        inner: Any = union_all(select(t), select(t)) if compound else select(t)
+        outer: Callable[[Any], Any] = (lambda s: select(s.subquery())) if nested else (lambda s: s)
+        plain = str(outer(inner).compile(dialect=dialect))
+        locked = str(outer(inner.with_for_update()).compile(dialect=dialect))
+        found = _rendered[key] = plain != locked
+    return found
+
+
+def _refuse_unrendered(
+    plan: RowLockPlan, dialect: Dialect, *, compound: bool, nested: bool
+) -> None:
+    """Where the lock is a clause, refuse a statement in which SQLAlchemy would render none
+    (it would run unlocked)."""
+    if plan.mechanism != "row":
+        return
+    key = (type(dialect), compound, nested)
+    renders = plan._renders.get(key)
+    if renders is None:
+        renders = plan._renders[key] = _renders_lock(dialect, compound=compound, nested=nested)
+    if renders:
+        return
+    what = "a UNION / INTERSECT / EXCEPT" if compound else "a SELECT"
+    where = " nested in another statement" if nested else ""
+    raise unsupported(
+        plan.capabilities,
+        *(plan.requested.names or ("FOR UPDATE",)),
+        reason=(
+            f"SQLAlchemy renders no lock for {what}{where} on {plan.capabilities.title}: it "
+            "would run unlocked; lock each SELECT on its own, and run it on its own"
+        ),
+    )
+
+
+def _verify_rendered(found: _Found, plan: RowLockPlan, dialect: Dialect) -> None:
+    """A nested SELECT's clause was rendered when the statement was built; refuse to run it
+    if that is not the clause planned for this server (it would lock differently)."""
+    key = server_key(dialect)
+    ok = found.verified.get(key)
+    if ok is None:
+        arg = found.arg
+        rendered = _clause(
+            dialect,
+            {
+                "read": arg.read,
+                "key_share": arg.key_share,
+                "nowait": arg.nowait,
+                "skip_locked": arg.skip_locked,
+                "of": arg.of,
+            },
         )
+        ok = found.verified[key] = rendered == plan.clause
+    if not ok:
+        raise unsupported(
+            plan.capabilities,
+            *(plan.requested.names or ("FOR UPDATE",)),
+            reason=(
+                "a SELECT locked by with_row_locks() and nested in another statement is "
+                f"rendered when it is built; here it would not be {plan.clause!r}: pass the "
+                "session or connection to with_row_locks() so that it is planned for this "
+                "server"
+            ),
+        )
+
+
+def _take_database_locks(
+    conn: Connection,
+    cursor: DBAPICursor,
+    context: ExecutionContext,
+    statement: str,
+    parameters: Any,
+    locks: list[tuple[RowLockPlan, tuple[TableClause, ...], bool]],
+) -> tuple[str, Any]:
+    """Run the dialect's step before each lock planned as a "database" lock (SQLite)."""
+    support = None
+    done: set[tuple[Any, ...]] = set()
+    for plan, tables, top in locks:
+        if plan.mechanism != "database":
+            continue
+        if support is None:
+            support = support_for(conn.dialect.name)
+            if support is None or support.before_locking_select is None:
+                return statement, parameters
+        if not top and plan.effective.skip_locked:
+            # Skipping means the whole statement returns no rows; a SELECT nested in another
+            # statement cannot be made to return none, so it fails at once instead of waiting.
+            effective = dataclasses.replace(plan.effective, skip_locked=False, nowait=True)
+            plan = dataclasses.replace(plan, effective=effective)
+        key = (plan.effective.nowait, plan.effective.skip_locked, tuple(map(id, tables)))
+        if key in done:
+            continue
+        done.add(key)
+        hook = support.before_locking_select
+        replacement = _call_hook(hook, conn, cursor, context, plan, statement, parameters, tables)
+        if replacement is not None:
+            return replacement, parameters  # nothing is read: no other lock is needed
+    return statement, parameters
+
+
+def _call_hook(
+    hook: Any,
+    conn: Connection,
+    cursor: DBAPICursor,
+    context: ExecutionContext,
+    plan: RowLockPlan,
+    statement: str,
+    parameters: Any,
+    tables: tuple[TableClause, ...],
+) -> str | None:
+    try:
+        replacement: str | None = hook(cursor, context, plan, statement, tables)
     except Exception as error:
         # SQLAlchemy 2.1 wraps what this hook raises like any statement error; 2.0 calls the
         # hook outside that, so wrap a driver error here: callers always see a DBAPIError.
@@ -499,15 +892,4 @@ def _before_cursor_execute(
                 statement, parameters, error, dbapi.Error, dialect=conn.dialect
             ) from error
         raise
-    return (statement if replacement is None else replacement), parameters
-
-
-def _tables(context: ExecutionContext) -> Sequence[Any]:
-    from sqlalchemy import Table
-    from sqlalchemy.sql.util import find_tables
-
-    compiled = getattr(context, "compiled", None)
-    statement = getattr(compiled, "statement", None)
-    if statement is None:
-        return ()
-    return [t for t in find_tables(statement, include_joins=False) if isinstance(t, Table)]
+    return replacement
