@@ -1163,3 +1163,69 @@ def test_session_bound_per_mapper(db: Cell, prober: Prober) -> None:
             seen = work(session)
     assert seen == [db.backend, [1], True, [("a",)], True]
     assert not prober.locked()
+
+
+# -- a lock that fails while streamed rows are fetched ---------------------------------------------
+
+streamed = Table(
+    "rl_streamed",
+    MetaData(),
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("v", Integer, nullable=False),
+)
+#: Enough rows that the locked one (STREAMED_LOCKED) comes long after the first fetch.
+STREAMED_ROWS = 2000
+STREAMED_LOCKED = 1500
+
+
+@pytest.mark.cells("mariadb")
+def test_nowait_failing_while_streamed_rows_are_fetched(cell: Cell) -> None:
+    """MariaDB reports a failed NOWAIT as 1205, like a lock wait timeout; only the statement
+    tells them apart. With streamed results the error surfaces while rows are fetched, and
+    SQLAlchemy wraps it without its statement: locksafe fills it in, so the failure is
+    lock_not_available — for a with_row_locks statement and for plain SQL alike. The
+    MariaDB Connector/Python driver returns a truncated result instead of raising there:
+    locksafe refuses to run a locking query that way (see docs/row-locks.md)."""
+    cell.create_all(streamed.metadata)
+    with cell.sync_engine().begin() as conn:
+        conn.execute(insert(streamed), [{"id": i, "v": 0} for i in range(1, STREAMED_ROWS + 1)])
+    locked_row = select(streamed.c.id).where(streamed.c.id == STREAMED_LOCKED)
+    everything = select(streamed.c.id).order_by(streamed.c.id)
+    loses_errors = cell.driver == "mariadbconnector"
+
+    def attempt(conn: Connection, stmt: Any) -> tuple[int | None, BaseException | None]:
+        try:
+            rows = conn.execution_options(stream_results=True).execute(stmt).all()
+        except Exception as exc:
+            return None, exc
+        finally:
+            conn.rollback()
+        return len(rows), None
+
+    with cell.other() as holder:
+        holder.execute(locked_row.with_for_update())
+        for stmt in (
+            with_row_locks(everything, nowait=True),
+            text(f"{everything} FOR UPDATE NOWAIT"),
+        ):
+            count, error = cell.run(attempt, stmt)
+            if loses_errors and isinstance(stmt, Select):
+                assert isinstance(error, UnsupportedLockOption), (
+                    f"{count} of {STREAMED_ROWS} rows and no error: locksafe must refuse; the "
+                    "MySQL dialect module lists the driver in streaming_loses_errors"
+                )
+                assert error.options == ("stream_results",)
+            elif loses_errors:
+                # The driver's fault, shown for the record: no error, rows missing.
+                assert error is None
+                assert count is not None
+                assert count < STREAMED_ROWS
+            else:
+                assert error is not None, count
+                assert classify(error) is LockErrorKind.LOCK_NOT_AVAILABLE, error
+                assert "NOWAIT" in str(getattr(error, "statement", "")), error
+        # skip_locked never fails on a lock: streamed, it returns every row but the locked one.
+        skipping = with_row_locks(everything, skip_locked=True)
+        count, error = cell.run(attempt, skipping)
+        assert error is None, error
+        assert count == STREAMED_ROWS - 1

@@ -55,7 +55,11 @@ from locksafe.dialects import support_for
 from locksafe.kinds import LockDegradedWarning
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
+    from sqlalchemy.engine.interfaces import (
+        DBAPICursor,
+        ExceptionContext,
+        ExecutionContext,
+    )
     from sqlalchemy.sql.base import Executable
     from sqlalchemy.sql.compiler import Compiled
     from sqlalchemy.sql.elements import ClauseElement
@@ -757,7 +761,33 @@ def _before_cursor_execute(
         if plan.mechanism == "row":
             _verify_rendered(found, plan, dialect)
         locks.append((plan, scan.tables if found.top else found.tables, found.top))
+    if locks and context.execution_options.get("stream_results"):
+        _refuse_streaming_that_loses_errors(dialect, locks)
     return _take_database_locks(conn, cursor, context, statement, parameters, locks)
+
+
+def _refuse_streaming_that_loses_errors(
+    dialect: Dialect, locks: list[tuple[RowLockPlan, tuple[TableClause, ...], bool]]
+) -> None:
+    """Some drivers end a streamed result quietly when the server reports an error while rows
+    are fetched (the dialect module lists them): a row lock that fails half-way would return
+    a truncated result, silently. Refuse, before anything runs. SKIP LOCKED never waits for
+    a lock, so it cannot fail that way."""
+    support = support_for(dialect.name)
+    if dialect.driver not in getattr(support, "streaming_loses_errors", ()):
+        return
+    for plan, _, _ in locks:
+        if plan.mechanism == "row" and not plan.effective.skip_locked:
+            raise unsupported(
+                plan.capabilities,
+                "stream_results",
+                reason=(
+                    f"the {dialect.driver} driver ends a streamed result without an error when "
+                    "a lock fails while rows are fetched (a truncated result, silently); "
+                    "execute this locking query without stream_results / yield_per, or use "
+                    "skip_locked=True, or another driver"
+                ),
+            )
 
 
 _rendered: dict[tuple[Any, ...], bool] = {}
@@ -893,3 +923,28 @@ def _call_hook(
             ) from error
         raise
     return replacement
+
+
+# -- errors raised while rows are fetched --------------------------------------------------------
+
+
+def _fill_statement(context: ExceptionContext) -> None:
+    """An error raised while rows are fetched (streamed results, ``yield_per``) reaches
+    SQLAlchemy's error handling without its statement (``statement=None``); the classifier
+    needs it (MariaDB reports a failed NOWAIT like a lock wait timeout, and only the
+    statement tells them apart). Fill it, and its parameters, from the execution context."""
+    error = context.sqlalchemy_exception
+    execution = context.execution_context
+    if error is None or execution is None or error.statement is not None:
+        return
+    sql = getattr(execution, "statement", None)
+    if not isinstance(sql, str):
+        return
+    error.statement = sql
+    if error.params is None:
+        sent = getattr(execution, "parameters", None)
+        if isinstance(sent, list) and sent:
+            error.params = sent if getattr(execution, "executemany", False) else sent[0]
+
+
+event.listen(Engine, "handle_error", _fill_statement)
