@@ -20,7 +20,7 @@ import functools
 import logging
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
@@ -774,7 +774,7 @@ def _refuse_streaming_that_loses_errors(
     a truncated result, silently. Refuse, before anything runs. SKIP LOCKED never waits for
     a lock, so it cannot fail that way."""
     support = support_for(dialect.name)
-    if dialect.driver not in getattr(support, "streaming_loses_errors", ()):
+    if support is None or dialect.driver not in support.streaming_loses_errors:
         return
     for plan, _, _ in locks:
         if plan.mechanism == "row" and not plan.effective.skip_locked:
@@ -876,14 +876,15 @@ def _take_database_locks(
     locks: list[tuple[RowLockPlan, tuple[TableClause, ...], bool]],
 ) -> tuple[str, Any]:
     """Run the dialect's step before each lock planned as a "database" lock (SQLite)."""
-    support = None
+    hook: _LockingHook | None = None
     done: set[tuple[Any, ...]] = set()
     for plan, tables, top in locks:
         if plan.mechanism != "database":
             continue
-        if support is None:
+        if hook is None:
             support = support_for(conn.dialect.name)
-            if support is None or support.before_locking_select is None:
+            hook = support.before_locking_select if support is not None else None
+            if hook is None:  # only a dialect with this hook plans "database" locks
                 return statement, parameters
         if not top and plan.effective.skip_locked:
             # Skipping means the whole statement returns no rows; a SELECT nested in another
@@ -894,15 +895,19 @@ def _take_database_locks(
         if key in done:
             continue
         done.add(key)
-        hook = support.before_locking_select
         replacement = _call_hook(hook, conn, cursor, context, plan, statement, parameters, tables)
         if replacement is not None:
             return replacement, parameters  # nothing is read: no other lock is needed
     return statement, parameters
 
 
+_LockingHook = Callable[
+    ["DBAPICursor", "ExecutionContext", RowLockPlan, str, "Sequence[TableClause]"], "str | None"
+]
+
+
 def _call_hook(
-    hook: Any,
+    hook: _LockingHook,
     conn: Connection,
     cursor: DBAPICursor,
     context: ExecutionContext,

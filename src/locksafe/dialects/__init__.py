@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 from locksafe.kinds import LockErrorKind
 
 if TYPE_CHECKING:
-    from sqlalchemy import Table
     from sqlalchemy.engine import Dialect
     from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
+    from sqlalchemy.sql.expression import TableClause
 
     from locksafe.capabilities import LockCapabilities
     from locksafe.rowlocks import RowLockPlan
@@ -136,7 +136,9 @@ class DialectSupport:
     #: executed; returns a replacement SQL string or ``None`` to run the statement unchanged.
     #: Called with (cursor, context, plan, SQL string, tables the statement reads).
     before_locking_select: (
-        Callable[[DBAPICursor, ExecutionContext, RowLockPlan, str, Sequence[Table]], str | None]
+        Callable[
+            [DBAPICursor, ExecutionContext, RowLockPlan, str, Sequence[TableClause]], str | None
+        ]
         | None
     ) = None
     #: Turns the ``of=`` elements of a row-lock request (tables, ORM entities, columns) into
@@ -158,6 +160,10 @@ class DialectSupport:
     #: Servers worth documenting in the generated capability matrix:
     #: (label, SQLAlchemy dialect name, server version).
     documented_versions: tuple[tuple[str, str, tuple[int, ...] | None], ...] = ()
+    #: SQLAlchemy driver names (``dialect.driver``) whose streamed results (``stream_results``
+    #: / ``yield_per``) end early *without raising* when a lock fails mid-stream: row-lock
+    #: statements that could fail that way are refused before they run with such a driver.
+    streaming_loses_errors: tuple[str, ...] = ()
     #: Extra facts for the docs.
     notes: str = ""
 
