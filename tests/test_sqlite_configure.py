@@ -10,8 +10,8 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import (
@@ -27,8 +27,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import InvalidRequestError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
@@ -37,6 +37,8 @@ import locksafe.sqlite
 from conftest import Cell
 
 pytestmark = pytest.mark.cells("sqlite")
+
+T = TypeVar("T")
 
 metadata = MetaData()
 items = Table("cfg_items", metadata, Column("id", Integer, primary_key=True, autoincrement=False))
@@ -99,16 +101,19 @@ def test_begin_nested_is_a_real_savepoint_only_when_configured(
         assert count_items(cell) == 2
 
 
-def read_then_write(cell: Cell, engine: Any, workers: int, rounds: int) -> dict[str, Any]:
-    """``workers`` threads each run ``rounds`` read-then-write transactions on one counter;
-    failures are counted (not retried) with how long the failing statement waited."""
+def read_then_write(
+    cell: Cell, engine: Any, workers: int, rounds: int, *, nested: bool = False
+) -> dict[str, Any]:
+    """``workers`` threads each run ``rounds`` read-then-write transactions on one counter
+    (``nested``: inside a ``begin_nested()`` that opens the transaction); failures are counted
+    (not retried) with how long the failing statement waited."""
     failures: list[float] = []
     kinds: list[Any] = []
     successes: list[int] = []
     start = threading.Barrier(workers)
 
     def one(session: Session) -> None:
-        with session.begin():
+        with session.begin(), session.begin_nested() if nested else contextlib.nullcontext():
             value = session.execute(select(counter.c.value)).scalar_one()
             time.sleep(0.002)  # others commit in between
             began = time.monotonic()
@@ -380,7 +385,8 @@ def test_a_locking_select_refuses_sqlite3_autocommit_true(cell: Cell) -> None:
 # -- begin="immediate" with nowait / skip_locked --------------------------------------------------
 
 _LOCKING = re.compile(
-    r"^\s*(BEGIN\s+(IMMEDIATE|EXCLUSIVE)|DELETE|UPDATE|INSERT|PRAGMA\s+\S+\.user_version\s*=)", re.I
+    r"^\s*(BEGIN\s+(IMMEDIATE|EXCLUSIVE)|DELETE|UPDATE|INSERT|PRAGMA\s+\S+\.incremental_vacuum)",
+    re.I,
 )
 _TIMEOUT = re.compile(r"^\s*PRAGMA\s+busy_timeout\s*=\s*(\d+)", re.I)
 
@@ -528,3 +534,269 @@ def test_configure_keeps_an_in_memory_database(cell: Cell) -> None:
             cell.run_async(engine.dispose)
         else:
             engine.dispose()
+
+
+# -- begin="immediate" and SAVEPOINTs ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["nowait", "skip_locked"])
+@pytest.mark.parametrize("how", ["conn.begin_nested()", "Session.begin_nested()"])
+def test_begin_immediate_does_not_make_nowait_or_skip_locked_wait_inside_begin_nested(
+    cell: Cell, how: str, option: str
+) -> None:
+    """A SAVEPOINT opening the transaction gets a plain BEGIN (it reads nothing), and the write
+    lock stays owed: the nowait / skip_locked SELECT inside it takes it without waiting. The
+    owed lock is then taken before the transaction's next statement, waiting as configured."""
+    setup(cell)
+    statements: list[str] = []
+    engine = cell.engine()
+    trace_statements(engine, statements)
+    locksafe.sqlite.configure(engine, busy_timeout=2, begin="immediate")
+    stmt = locksafe.with_row_locks(select(counter), **{option: True})
+
+    holder = sqlite3.connect(db_path(cell), timeout=5, isolation_level=None)
+
+    def in_the_transaction(begin_nested: Any, execute: Any) -> tuple[Any, list[str], bool]:
+        try:
+            with begin_nested():
+                outcome = execute(stmt).all()
+        except OperationalError as exc:
+            outcome = exc
+        waited = lock_requests_that_could_wait(statements, 2000)
+        holder.execute("ROLLBACK")  # the holder goes: the next statement can have the lock
+        execute(select(counter.c.value)).all()
+        return outcome, waited, write_lock_held(db_path(cell))
+
+    def on_connection(conn: Connection) -> tuple[Any, list[str], bool]:
+        with conn.begin():
+            return in_the_transaction(conn.begin_nested, conn.execute)
+
+    def on_session(session: Session) -> tuple[Any, list[str], bool]:
+        with session.begin():
+            return in_the_transaction(session.begin_nested, session.execute)
+
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        statements.clear()
+        if how == "Session.begin_nested()":
+            outcome, waited, locked_after = cell.run_session(on_session, engine=engine)
+        else:
+            outcome, waited, locked_after = cell.run(on_connection, engine=engine)
+    finally:
+        holder.close()
+    assert any(_LOCKING.match(sql) for sql in statements), statements  # the lock was asked for
+    if option == "nowait":
+        assert isinstance(outcome, OperationalError), outcome
+        assert locksafe.classify(outcome) is locksafe.LockErrorKind.DATABASE_BUSY
+    else:
+        assert outcome == []
+    # Nothing asked for the lock with a busy timeout while the holder held it; the statement
+    # after the nested block took the write lock the transaction owed.
+    assert waited == [], statements
+    assert locked_after is True, statements
+    begins = [sql for sql in statements if sql.upper().startswith("BEGIN")]
+    assert begins == ["BEGIN"], statements
+
+
+def test_begin_immediate_still_holds_when_begin_nested_opens_the_transaction(cell: Cell) -> None:
+    """Read-then-write inside a begin_nested() that opens each transaction: the write lock is
+    taken before the first read (nothing is read before it), so no upgrade ever fails and no
+    increment is lost."""
+    setup(cell)
+    statements: list[str] = []
+    engine = cell.engine()
+    trace_statements(engine, statements)
+    engine = cell.warm_up(locksafe.sqlite.configure(engine, busy_timeout=10, begin="immediate"))
+    # One transaction on its own: BEGIN, SAVEPOINT, the write lock, and only then the read.
+    statements.clear()
+    read_then_write(cell, engine, workers=1, rounds=1, nested=True)
+    shown = [sql for sql in statements if not sql.upper().startswith("PRAGMA BUSY_TIMEOUT")]
+    shown = shown[shown.index("BEGIN") :]  # after the new connection's set-up
+    first_read = next(i for i, sql in enumerate(shown) if sql.startswith("SELECT cfg_"))
+    assert shown[:2] == ["BEGIN", "SAVEPOINT sa_savepoint_1"], shown
+    assert "incremental_vacuum" in shown[first_read - 1], shown
+    # Many at once: every upgrade waits instead of failing.
+    result = read_then_write(cell, engine, workers=6, rounds=10, nested=True)
+    assert result["failures"] == []
+    assert result["successes"] == 60
+    assert result["final"] == 61
+
+
+# -- begin="immediate": skip_locked that found the database busy ---------------------------------
+
+
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_skip_locked_on_a_busy_database_leaves_the_write_lock_owed(
+    cell: Cell, journal: str
+) -> None:
+    """begin="immediate", and the transaction's first statement is a skip_locked SELECT that
+    finds another writer holding the lock: no rows, and nothing read (the writer can commit
+    without waiting for this transaction). The write lock is still owed: the next statement
+    takes it before it reads, so the read-then-write after it cannot fail."""
+    setup(cell)
+    engine = locksafe.sqlite.configure(
+        cell.engine(), busy_timeout=5, begin="immediate", journal_mode=journal
+    )
+    cell.warm_up(engine)  # the journal mode is changed before anyone holds a lock
+    path = db_path(cell)
+
+    def work(session: Session) -> tuple[list[Any], int, bool]:
+        holder = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            holder.execute("UPDATE cfg_counter SET value = 100")
+            with session.begin():
+                stmt = locksafe.with_row_locks(select(counter), skip_locked=True)
+                rows = [tuple(row) for row in session.execute(stmt)]
+                holder.execute("COMMIT")  # fails at once if this transaction read anything
+                value = session.execute(select(counter.c.value)).scalar_one()
+                held = write_lock_held(path)
+                session.execute(update(counter).values(value=value + 1))
+            return rows, value, held
+        finally:
+            holder.close()
+
+    rows, value, held = cell.run_session(work, engine=engine)
+    assert rows == []
+    assert value == 100
+    assert held is True, "the write lock was not taken before the read"
+    assert counter_value(cell) == 101
+
+
+# -- the BEGIN and the raw DB-API connection ------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["conn.begin()", "Session"])
+def test_deferred_begin_covers_raw_dbapi_work_right_after_begin(cell: Cell, how: str) -> None:
+    """begin="deferred" (the default) sends BEGIN when SQLAlchemy's transaction begins, so work
+    done on the raw DB-API connection before any SQLAlchemy statement is in the transaction,
+    and rolled back with it."""
+    setup(cell)
+    engine = locksafe.sqlite.configure(cell.engine(), busy_timeout=5)
+
+    def raw_insert(dbapi: Any, *ids: int) -> bool:
+        cursor = dbapi.cursor()
+        cursor.executemany("INSERT INTO cfg_items (id) VALUES (?)", [(i,) for i in ids])
+        cursor.close()
+        return write_lock_held(db_path(cell))
+
+    def on_connection(conn: Connection) -> bool:
+        conn.begin()
+        held = raw_insert(conn.connection, 1)
+        conn.rollback()
+        return held
+
+    def on_session(session: Session) -> bool:
+        held = raw_insert(session.connection().connection, 2, 3)
+        session.rollback()
+        return held
+
+    if how == "Session":
+        held = cell.run_session(on_session, engine=engine)
+    else:
+        held = cell.run(on_connection, engine=engine)
+    assert held is True  # still uncommitted: the transaction holds the write lock
+    assert count_items(cell) == 0
+
+
+def test_immediate_begin_covers_raw_dbapi_work_after_the_first_statement(cell: Cell) -> None:
+    """begin="immediate": the BEGIN is owed to the transaction's first SQLAlchemy statement.
+    Raw DB-API work after that statement is in the transaction; before it, there is no
+    transaction yet and sqlite3 (which configure() keeps from opening one itself) commits it at
+    once — the documented limit."""
+    setup(cell)
+    engine = locksafe.sqlite.configure(cell.engine(), busy_timeout=5, begin="immediate")
+
+    def raw_insert(conn: Connection, item: int) -> None:
+        cursor = conn.connection.cursor()
+        cursor.execute("INSERT INTO cfg_items (id) VALUES (?)", (item,))
+        cursor.close()
+
+    def work(conn: Connection) -> None:
+        conn.begin()
+        raw_insert(conn, 1)  # before the first statement: committed at once
+        conn.execute(select(counter.c.value)).all()
+        raw_insert(conn, 2)  # inside the transaction
+        conn.rollback()
+
+    cell.run(work, engine=engine)
+    with cell.sync_engine().connect() as conn:
+        assert conn.execute(select(items.c.id)).scalars().all() == [1]
+
+
+# -- several SQLAlchemy connections over one sqlite3 connection ------------------------------------
+
+
+def on_one_sqlite3_connection(cell: Cell, pool: str, fn: Callable[[Engine], T]) -> T:
+    """``fn(engine)`` with a sync engine whose connections all share one sqlite3 connection
+    (``pool``); on the async cell, the AsyncEngine's sync engine, run where it can await."""
+    from sqlalchemy.pool import SingletonThreadPool, StaticPool
+    from sqlalchemy.util import greenlet_spawn
+
+    if cell.is_async and pool == "SingletonThreadPool":
+        pytest.skip("SQLAlchemy refuses SingletonThreadPool for asyncio engines")
+    poolclass = SingletonThreadPool if pool == "SingletonThreadPool" else StaticPool
+    engine = cell.engine(poolclass=poolclass)
+    return fn(engine) if not cell.is_async else cell.run_async(greenlet_spawn, fn, engine)
+
+
+@pytest.mark.parametrize("pool", ["SingletonThreadPool", "StaticPool"])
+def test_each_connection_pays_its_own_owed_begin(cell: Cell, pool: str) -> None:
+    """begin="immediate": two SQLAlchemy connections over one sqlite3 connection. The second
+    one's checkout, BEGIN, first statement and COMMIT leave the first one's owed BEGIN alone:
+    its writes are in its transaction, and its rollback undoes them."""
+    setup(cell)
+
+    def scenario(engine: Any) -> tuple[bool, int]:
+        sync = locksafe.sqlite.configure(engine, busy_timeout=5, begin="immediate")
+        sync = getattr(sync, "sync_engine", sync)
+        first = sync.connect()
+        first.begin()  # owes BEGIN IMMEDIATE
+        second = sync.connect()
+        assert second.connection.dbapi_connection is first.connection.dbapi_connection
+        second.begin()
+        second.execute(select(counter.c.value)).all()  # pays its own BEGIN IMMEDIATE
+        second.commit()
+        second.close()
+        first.execute(insert(items).values(id=1))
+        in_transaction = bool(first.connection.driver_connection.in_transaction)
+        first.rollback()
+        first.close()
+        return in_transaction, count_items(cell)
+
+    in_transaction, count = on_one_sqlite3_connection(cell, pool, scenario)
+    assert in_transaction is True
+    assert count == 0
+
+
+@pytest.mark.parametrize("begin", ["deferred", "immediate"])
+@pytest.mark.parametrize("pool", ["SingletonThreadPool", "StaticPool"])
+def test_a_second_transaction_on_a_shared_sqlite3_connection_is_refused(
+    cell: Cell, pool: str, begin: str
+) -> None:
+    """SQLite has one transaction per connection: while the first SQLAlchemy connection's
+    transaction is open, the second one's BEGIN raises a clear error, before anything is sent
+    (a BEGIN that fails makes SQLAlchemy roll the shared connection back, ending the first
+    transaction silently); the first transaction goes on, and its rollback undoes its work."""
+    setup(cell)
+
+    def scenario(engine: Any) -> tuple[str, int]:
+        sync = locksafe.sqlite.configure(engine, busy_timeout=5, begin=begin)  # type: ignore[arg-type]
+        sync = getattr(sync, "sync_engine", sync)
+        first = sync.connect()
+        first.begin()
+        first.execute(insert(items).values(id=1))
+        second = sync.connect()
+        try:
+            with pytest.raises(InvalidRequestError, match="already in a transaction") as caught:
+                second.begin()
+            first.execute(insert(items).values(id=2))
+            first.rollback()
+        finally:
+            first.close()
+            second.close()
+        return str(caught.value), count_items(cell)
+
+    message, count = on_one_sqlite3_connection(cell, pool, scenario)
+    assert "StaticPool" in message
+    assert count == 0

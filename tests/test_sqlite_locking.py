@@ -15,6 +15,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Table,
+    bindparam,
     column,
     event,
     select,
@@ -371,3 +372,40 @@ def test_configure_sets_the_journal_mode_of_the_main_database_only(
         )
 
     assert cell.run(modes, engine=dbs.engine(journal_mode="wal")) == ("wal", "delete")
+
+
+# -- skip_locked: no rows, nothing read ----------------------------------------------------------
+
+items = Table("lk_items", MetaData(), Column("id", Integer, primary_key=True), Column("v", Integer))
+
+
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_skip_locked_answers_with_no_rows_and_reads_nothing(
+    cell: Cell, tmp_path: Path, journal: str
+) -> None:
+    """While another connection holds the write lock, skip_locked returns no rows — the
+    statement's columns, its parameters bound — without reading: the holder can commit at once
+    (rollback journal: no shared lock held against it), and the transaction can still take the
+    write lock afterwards (WAL: no snapshot that the holder's commit made stale)."""
+    dbs = Databases(cell, tmp_path)
+    engine = cell.warm_up(dbs.engine(journal_mode=journal))
+    stmt = with_row_locks(
+        select(items).where(items.c.id >= bindparam("low")).order_by(items.c.id), skip_locked=True
+    )
+
+    def work(conn: Connection) -> tuple[list[str], list[Any], list[Any]]:
+        holder = sqlite3.connect(dbs.main, timeout=0, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            holder.execute("UPDATE lk_items SET v = 7")
+            with conn.begin():
+                conn.exec_driver_sql("SELECT 1")
+                result = conn.execute(stmt, {"low": 1})
+                keys, rows = list(result.keys()), result.all()
+                holder.execute("COMMIT")  # waits for nobody: this transaction read nothing
+                locked = [tuple(row) for row in conn.execute(with_row_locks(select(items.c.v)))]
+            return keys, rows, locked
+        finally:
+            holder.close()
+
+    assert cell.run(work, engine=engine) == (["id", "v"], [], [(7,)])

@@ -13,9 +13,11 @@ upgrade fails at once with SQLITE_BUSY (SQLITE_BUSY_SNAPSHOT in WAL mode) when a
 got in between, however long the busy timeout: with ``"immediate"`` the second writer waits at
 ``BEGIN`` instead.
 
-The ``BEGIN`` is sent right before the transaction's first statement (not when SQLAlchemy's
-``begin`` event fires), so that a ``nowait`` / ``skip_locked`` locking SELECT that opens the
-transaction can start it with a plain ``BEGIN`` and take the write lock without waiting.
+Under ``"deferred"`` the ``BEGIN`` is sent when SQLAlchemy's transaction begins. Under
+``"immediate"`` / ``"exclusive"`` it is sent right before the transaction's first statement, so
+that a ``nowait`` / ``skip_locked`` locking SELECT opening the transaction takes the write lock
+without waiting; a ``SAVEPOINT`` opening it gets a plain ``BEGIN`` and leaves the write lock to
+the next statement (see :class:`locksafe.dialects.sqlite.OwedBegin`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from locksafe.dialects.sqlite import OWED_BEGIN, on_sqlite3, pay_owed_begin, sqlalchemy_autocommit
+from locksafe.dialects.sqlite import (
+    forget_owed_begin,
+    on_sqlite3,
+    owe_begin,
+    pay_owed_begin,
+    refuse_a_transaction_in_progress,
+    sqlalchemy_autocommit,
+)
 
 if TYPE_CHECKING:  # at run time, async engines are told by their sync_engine: no greenlet needed
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -69,10 +78,13 @@ def configure(
     - ``foreign_keys``: also set ``PRAGMA foreign_keys`` when not ``None``.
 
     SQLAlchemy then emits ``BEGIN`` itself, so the transaction covers its reads and
-    ``Session.begin_nested()`` is a real ``SAVEPOINT`` inside it; the ``BEGIN`` goes out
-    right before the transaction's first statement (a plain one when that is a ``nowait`` /
-    ``skip_locked`` locking SELECT, whose write lock is then tried without waiting).
-    Connections in ``AUTOCOMMIT`` isolation get no ``BEGIN``. Python ≥ 3.12 connections made
+    ``Session.begin_nested()`` is a real ``SAVEPOINT`` inside it. Under ``"immediate"`` /
+    ``"exclusive"`` the ``BEGIN`` goes out right before the transaction's first statement
+    (a plain one when that is a ``nowait`` / ``skip_locked`` locking SELECT, whose write
+    lock is then tried without waiting, or a ``SAVEPOINT``, after which the write lock is
+    taken before the next statement): work done on the raw DB-API connection before that
+    first statement is not inside the transaction. Connections in ``AUTOCOMMIT`` isolation
+    get no ``BEGIN``. Python ≥ 3.12 connections made
     with ``autocommit=True`` or ``False`` are put back into ``sqlite3``'s legacy transaction
     control (an open transaction rolled back), pysqlite and aiosqlite alike. Connections the
     engine pooled before ``configure()`` are set up at their next checkout (nothing is
@@ -130,19 +142,19 @@ def configure(
         set_up(dbapi_connection, connection_record.info)
 
     def on_checkout(dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
-        info = connection_record.info
-        # A transaction that ended without SQLAlchemy (a connection garbage-collected while
-        # checked out) owes nothing to the next one.
-        info.pop(OWED_BEGIN, None)
-        if _SET_UP not in info:  # pooled before configure() was called
-            set_up(dbapi_connection, info)
+        if _SET_UP not in connection_record.info:  # pooled before configure() was called
+            set_up(dbapi_connection, connection_record.info)
 
-    def on_begin(conn: Connection) -> None:
+    def begin_now(conn: Connection) -> None:
         if not sqlalchemy_autocommit(conn):  # AUTOCOMMIT: no transaction, so no BEGIN
-            conn.info[OWED_BEGIN] = begin_sql
+            refuse_a_transaction_in_progress(conn)
+            conn.exec_driver_sql(begin_sql)
 
-    def on_end(conn: Connection) -> None:
-        conn.info.pop(OWED_BEGIN, None)
+    def begin_later(conn: Connection) -> None:
+        if not sqlalchemy_autocommit(conn):
+            refuse_a_transaction_in_progress(conn)
+            # Owed by this Connection alone (several may share one DB-API connection).
+            owe_begin(conn, begin_sql)
 
     def before_cursor_execute(
         conn: Connection,
@@ -152,15 +164,19 @@ def configure(
         context: Any,
         executemany: bool,
     ) -> None:
-        if OWED_BEGIN in conn.info:
-            pay_owed_begin(conn, cursor, context)
+        pay_owed_begin(conn, cursor, context, statement)
 
     event.listen(sync_engine, "connect", on_connect)
     event.listen(sync_engine, "checkout", on_checkout)
-    event.listen(sync_engine, "begin", on_begin)
-    event.listen(sync_engine, "commit", on_end)
-    event.listen(sync_engine, "rollback", on_end)
-    event.listen(sync_engine, "before_cursor_execute", before_cursor_execute)
+    if begin == "deferred":
+        # Nothing to gain by waiting: the BEGIN takes no lock, and sending it now keeps work
+        # done on the raw DB-API connection inside the transaction.
+        event.listen(sync_engine, "begin", begin_now)
+    else:
+        event.listen(sync_engine, "begin", begin_later)
+        event.listen(sync_engine, "commit", forget_owed_begin)
+        event.listen(sync_engine, "rollback", forget_owed_begin)
+        event.listen(sync_engine, "before_cursor_execute", before_cursor_execute)
     setattr(sync_engine, _CONFIGURED, True)
     return engine
 

@@ -11,22 +11,30 @@ Each database file has its own write lock: the lock is taken on every database t
 tables live in (main, attached schemas, temp). A name that is a view (or a virtual table that
 cannot be written) takes its database's lock with ``PRAGMA <schema>.incremental_vacuum(1)``,
 which needs no table and reads nothing first; a SELECT whose tables locksafe cannot name (a
-textual FROM) takes every database's. Outside a transaction the ``BEGIN`` that starts one takes
-the lock (``BEGIN IMMEDIATE``); a connection that has no transaction at all (SQLAlchemy's
-``AUTOCOMMIT``) is refused, since nothing could hold the lock past the statement.
+textual FROM) takes every database's. Outside a transaction the ``BEGIN`` that starts
+one takes the lock (``BEGIN IMMEDIATE``); a connection that has no transaction at all
+(SQLAlchemy's ``AUTOCOMMIT``) is refused, since nothing could hold the lock past the statement.
+Under ``skip_locked`` a busy database makes the SELECT return no rows without reading anything.
+
+:func:`locksafe.sqlite.configure` with ``begin="immediate"`` / ``"exclusive"`` leaves its
+``BEGIN`` owed (:class:`OwedBegin`, per SQLAlchemy ``Connection``) until the transaction's first
+statement, so that a ``nowait`` / ``skip_locked`` SELECT there takes the write lock without
+waiting; this module pays it (:func:`pay_owed_begin`, :func:`take_write_lock`).
 
 Result codes: https://www.sqlite.org/rescode.html (primary code = extended code & 0xFF).
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Table
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InvalidRequestError
 
 from locksafe.capabilities import LockCapabilities, unsupported, version_of
 from locksafe.dialects import (
@@ -142,36 +150,7 @@ def _extended_code(exc: BaseException) -> int | None:
 _SKIP_LOCKED_ATTEMPTS = 3
 
 
-def _probe_busy(cursor: DBAPICursor) -> int | None:
-    """Without an extended result code (Python 3.10), tell SQLITE_BUSY (another connection
-    holds the write lock of one of this connection's database files) from
-    SQLITE_BUSY_SNAPSHOT (the locks are free, but this transaction's WAL snapshot is stale):
-    try each write lock from a fresh connection, without waiting. SQLITE_BUSY means someone
-    holds one; SQLITE_BUSY_SNAPSHOT only that they were free a moment later, so the caller
-    tries its own lock again before believing it."""
-    cursor.execute("PRAGMA database_list")
-    paths = [row[2] for row in cursor.fetchall() if row[1] != "temp" and row[2]]
-    if not paths:
-        return None
-    for path in paths:  # main and each attached database file
-        probe = sqlite3.connect(path, timeout=0, isolation_level=None)
-        try:
-            probe.execute("BEGIN IMMEDIATE")
-            probe.execute("ROLLBACK")
-        except sqlite3.OperationalError:
-            return SQLITE_BUSY
-        finally:
-            probe.close()
-    return SQLITE_BUSY_SNAPSHOT
-
-
 T = TypeVar("T")
-
-#: ``Connection.info`` key: the ``BEGIN`` that :func:`locksafe.sqlite.configure` owes the
-#: current transaction. It is sent right before the transaction's first statement, when that
-#: statement is known: a ``nowait`` / ``skip_locked`` locking SELECT then starts its
-#: transaction without waiting (see :func:`pay_owed_begin`).
-OWED_BEGIN: Final = "locksafe.sqlite.owed_begin"
 
 
 def on_sqlite3(dbapi_connection: Any, fn: Callable[[Any], T]) -> T:
@@ -206,38 +185,112 @@ def _driver_autocommit(dbapi_connection: Any) -> bool:
     return on_sqlite3(dbapi_connection, lambda conn: getattr(conn, "autocommit", None) is True)
 
 
-def _in_transaction(dbapi_connection: Any) -> bool:
+def _in_transaction(dbapi_connection: Any, unknown: bool = True) -> bool:
     for candidate in (dbapi_connection, getattr(dbapi_connection, "_connection", None)):
         value = getattr(candidate, "in_transaction", None)
         if isinstance(value, bool):
             return value
-    return True
+    return unknown
 
 
-def _fail_fast(context: ExecutionContext | None) -> bool:
-    """The statement asks for a ``nowait`` or ``skip_locked`` row lock."""
-    from locksafe.rowlocks import OPTION
+def refuse_a_transaction_in_progress(connection: Connection) -> None:
+    """Before ``connection`` sends the ``BEGIN`` of its transaction: raise when its ``sqlite3``
+    connection is already in a transaction, which is then not this ``Connection``'s. SQLite has
+    one transaction per connection, and SQLAlchemy's COMMIT / ROLLBACK of either ``Connection``
+    would end the other's (a ``BEGIN`` sent anyway fails, and SQLAlchemy's clean-up after that
+    failure rolls the other transaction back)."""
+    if _in_transaction(connection.connection.dbapi_connection, unknown=False):
+        raise InvalidRequestError(
+            "this SQLAlchemy Connection's sqlite3 connection is already in a transaction it did "
+            "not begin: another Connection sharing the same sqlite3 connection "
+            "(SingletonThreadPool for sqlite:// within one thread, StaticPool) is in a "
+            "transaction, or BEGIN was sent on the raw DB-API connection. SQLite has one "
+            "transaction per connection: end the other transaction first, or give each "
+            "Connection its own sqlite3 connection (a file database and the default pool)"
+        )
 
-    value = context.execution_options.get(OPTION) if context is not None else None
-    # A RowLockPlan (its effective options) or a request not yet planned (its options).
-    options = getattr(value, "effective", None) or getattr(value, "options", None)
-    return bool(getattr(options, "nowait", False) or getattr(options, "skip_locked", False))
+
+# -- the BEGIN that configure(begin="immediate" | "exclusive") owes ------------------------------
+
+
+@dataclass
+class OwedBegin:
+    """What :func:`locksafe.sqlite.configure` still owes one SQLAlchemy ``Connection``'s
+    transaction under ``begin="immediate"`` / ``"exclusive"``: the ``BEGIN`` itself, sent right
+    before the transaction's first statement (when that statement is known), or — once a plain
+    ``BEGIN`` went out — the write lock that ``BEGIN IMMEDIATE`` would have taken."""
+
+    #: ``"BEGIN IMMEDIATE"`` or ``"BEGIN EXCLUSIVE"``.
+    sql: str
+    #: A plain ``BEGIN`` was sent (the first statement was a ``SAVEPOINT``, or a
+    #: ``skip_locked`` SELECT found the database busy); nothing has been read since, and the
+    #: write lock is taken before the next statement that reads or writes.
+    begun: bool = False
+    #: The execution whose ``skip_locked`` SELECT the row-lock hook answered with no rows
+    #: (it already did what this statement owed).
+    answered: Any = None
+
+
+#: Per SQLAlchemy ``Connection`` (weakly: an entry goes with its connection). Not in
+#: ``Connection.info``, which belongs to the DB-API connection and is shared by every
+#: ``Connection`` that uses it (``SingletonThreadPool``, ``StaticPool``): each transaction's
+#: debt is paid or forgotten by its own connection only.
+_owed: weakref.WeakKeyDictionary[Connection, OwedBegin] = weakref.WeakKeyDictionary()
+
+#: Statements that read nothing and take no lock: a SAVEPOINT opening a transaction leaves the
+#: write lock owed to the next statement.
+_SAVEPOINT = re.compile(r"\s*(SAVEPOINT|RELEASE|ROLLBACK\s+TO)\b", re.IGNORECASE)
+
+
+def owe_begin(connection: Connection, sql: str) -> None:
+    """Record that ``connection``'s new transaction still needs ``sql`` (``BEGIN IMMEDIATE``
+    or ``BEGIN EXCLUSIVE``); see :func:`pay_owed_begin`."""
+    _owed[connection] = OwedBegin(sql)
+
+
+def forget_owed_begin(connection: Connection) -> None:
+    """``connection``'s transaction ended: it owes nothing any more."""
+    _owed.pop(connection, None)
 
 
 def pay_owed_begin(
-    connection: Connection, cursor: DBAPICursor, context: ExecutionContext | None
+    connection: Connection,
+    cursor: DBAPICursor,
+    context: ExecutionContext | None,
+    statement: str,
 ) -> None:
-    """Send the ``BEGIN`` that :data:`OWED_BEGIN` records, right before the first statement of
-    the transaction. A ``nowait`` / ``skip_locked`` locking SELECT gets a plain ``BEGIN``
-    instead of a waiting ``BEGIN IMMEDIATE``: its write lock is then taken without waiting."""
-    owed = connection.info.get(OWED_BEGIN)
+    """Right before a statement of ``connection``'s transaction, send what the transaction
+    still owes (see :class:`OwedBegin`):
+
+    - nothing sent yet: the ``BEGIN IMMEDIATE`` / ``EXCLUSIVE``, waiting the busy timeout —
+      except before a ``SAVEPOINT``, which gets a plain ``BEGIN`` and leaves the write lock
+      owed to the next statement (a ``nowait`` / ``skip_locked`` SELECT there must not wait);
+    - a plain ``BEGIN`` sent: the write lock of every database of the connection, waiting the
+      busy timeout, before anything is read (``SAVEPOINT`` / ``RELEASE`` / ``ROLLBACK TO``
+      read nothing, and leave it owed).
+
+    A locking SELECT is handled by the row-lock hook (:func:`take_write_lock`), which runs
+    first, and pays with a zero busy timeout under ``nowait`` / ``skip_locked``.
+    """
+    owed = _owed.get(connection)
     if owed is None:
         return
-    if not _in_transaction(connection.connection.dbapi_connection):
-        if owed != "BEGIN" and _fail_fast(context):
-            owed = "BEGIN"
-        _execute_wrapped(connection, cursor, owed)
-    connection.info.pop(OWED_BEGIN, None)
+    if owed.answered is not None:
+        answered, owed.answered = owed.answered, None
+        if answered is context:
+            return
+    if _SAVEPOINT.match(statement):
+        if not owed.begun:
+            refuse_a_transaction_in_progress(connection)
+            _execute_wrapped(connection, cursor, "BEGIN")
+            owed.begun = True
+        return
+    if owed.begun:
+        _take_or_raise(connection, cursor, _every_database(cursor))
+    else:
+        refuse_a_transaction_in_progress(connection)
+        _execute_wrapped(connection, cursor, owed.sql)
+    _owed.pop(connection, None)
 
 
 def _execute_wrapped(connection: Connection, cursor: DBAPICursor, sql: str) -> None:
@@ -246,12 +299,26 @@ def _execute_wrapped(connection: Connection, cursor: DBAPICursor, sql: str) -> N
     try:
         cursor.execute(sql)
     except Exception as error:
-        dbapi = connection.dialect.loaded_dbapi
-        if isinstance(error, dbapi.Error):
-            raise DBAPIError.instance(
-                sql, (), error, dbapi.Error, dialect=connection.dialect
-            ) from error
-        raise
+        raise _wrapped(connection, sql, error) from error
+
+
+def _wrapped(connection: Connection, sql: str, error: Exception) -> Exception:
+    dbapi = connection.dialect.loaded_dbapi
+    if isinstance(error, dbapi.Error):
+        return DBAPIError.instance(sql, (), error, dbapi.Error, dialect=connection.dialect)
+    return error
+
+
+def _take_or_raise(connection: Connection, cursor: DBAPICursor, locks: list[_Lock]) -> None:
+    attempt = _Attempt()
+    try:
+        _take(cursor, locks, attempt)
+    except Exception as error:
+        failed = attempt.failed.sql if attempt.failed is not None else ""
+        raise _wrapped(connection, failed, error) from error
+
+
+# -- locking statements -----------------------------------------------------------------------
 
 
 def _outside_a_transaction(plan: RowLockPlan, why: str) -> UnsupportedLockOption:
@@ -280,11 +347,22 @@ def _is_temporary(table: TableClause) -> bool:
 class _Lock:
     """One statement that takes a database's write lock and changes nothing; ``table`` (with
     its ``database``, ``None`` when SQLite resolves the name) when it writes to a table the
-    SELECT names, which may turn out to be a view."""
+    SELECT names, which may turn out to be a view; ``begins`` for a ``BEGIN IMMEDIATE`` /
+    ``EXCLUSIVE`` (every database, outside a transaction)."""
 
     sql: str
     database: str | None = None
     table: str | None = None
+    begins: bool = False
+
+
+@dataclass
+class _Attempt:
+    """What one pass over the lock statements did."""
+
+    taken: int = 0
+    #: The lock statement whose error is being raised.
+    failed: _Lock | None = None
 
 
 def _locks_for_tables(context: ExecutionContext, tables: Sequence[TableClause]) -> list[_Lock]:
@@ -318,21 +396,24 @@ def _database_lock(database: str) -> _Lock:
     would make it unable to wait for the lock) and without knowing its tables. It changes
     nothing, except in an ``auto_vacuum = INCREMENTAL`` database, where it frees at most one
     free page, as that mode's routine maintenance does."""
-    return _Lock(f"PRAGMA {_quote(database)}.incremental_vacuum(1)")
+    return _Lock(f"PRAGMA {_quote(database)}.incremental_vacuum(1)", database)
 
 
-def _databases(cursor: DBAPICursor) -> list[str]:
+def _database_list(cursor: DBAPICursor) -> list[tuple[str, str]]:
+    """(name, file) of each database of the connection, in SQLite's order (main, temp once it
+    is used, then the attached ones); ``file`` is empty for temp and in-memory databases."""
     cursor.execute("PRAGMA database_list")  # reads no database: takes no lock
-    return [str(row[1]) for row in cursor.fetchall()]
+    return [(str(row[1]), str(row[2] or "")) for row in cursor.fetchall()]
 
 
 def _every_database(cursor: DBAPICursor) -> list[_Lock]:
     """The write lock of every database of the connection: main, each attached one, and temp
     when it has tables (temp is private to the connection: reading its schema locks nothing
-    another connection needs). For a SELECT that reads something locksafe cannot name (a
-    textual FROM), inside a transaction, where ``BEGIN IMMEDIATE`` is refused."""
+    another connection needs), in SQLite's order, as ``BEGIN IMMEDIATE`` takes them. For a
+    SELECT that reads something locksafe cannot name (a textual FROM), and for the write lock a
+    transaction still owes, inside a transaction, where ``BEGIN IMMEDIATE`` is refused."""
     locks = []
-    for database in _databases(cursor):
+    for database, _ in _database_list(cursor):
         if database == "temp":
             cursor.execute("SELECT 1 FROM temp.sqlite_master WHERE type = 'table' LIMIT 1")
             if cursor.fetchone() is None:
@@ -357,15 +438,57 @@ def _instead_of_table(cursor: DBAPICursor, lock: _Lock, error: BaseException) ->
     return [_database_lock(lock.database)]
 
 
-def _take(cursor: DBAPICursor, locks: list[_Lock]) -> None:
+def _take(cursor: DBAPICursor, locks: list[_Lock], attempt: _Attempt) -> None:
+    """Run each lock statement; an error is raised with the lock statement that failed in
+    ``attempt.failed``."""
     for lock in locks:
         try:
             cursor.execute(lock.sql)
         except Exception as error:
             instead = _instead_of_table(cursor, lock, error)
             if instead is None:
+                attempt.failed = lock
                 raise
-            _take(cursor, instead)
+            _take(cursor, instead, attempt)
+        else:
+            attempt.taken += 1
+
+
+def _probe_busy(cursor: DBAPICursor) -> int | None:
+    """Without an extended result code (Python 3.10), tell SQLITE_BUSY (another connection
+    holds the write lock of one of this connection's database files) from
+    SQLITE_BUSY_SNAPSHOT (the locks are free, but this transaction's WAL snapshot is stale):
+    try each write lock from a fresh connection, without waiting. SQLITE_BUSY means someone
+    holds one; SQLITE_BUSY_SNAPSHOT only that they were free a moment later, so the caller
+    tries its own lock again before believing it."""
+    paths = [file for name, file in _database_list(cursor) if name != "temp" and file]
+    if not paths:
+        return None
+    for path in paths:  # main and each attached database file
+        probe = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            return SQLITE_BUSY
+        finally:
+            probe.close()
+    return SQLITE_BUSY_SNAPSHOT
+
+
+def _no_rows(context: ExecutionContext, statement: str) -> str:
+    """The SELECT that ``skip_locked`` runs instead of ``statement`` when every row is locked:
+    the same columns, no rows, and nothing read — a read would start a snapshot (WAL) or take
+    a shared lock (rollback journal) that the rest of the transaction would have to live with.
+    ``statement`` stays in an unused CTE, which SQLite parses (so the parameters still bind)
+    but never runs."""
+    compiled = getattr(context, "compiled", None)
+    columns = getattr(compiled, "_result_columns", None) or ()
+    names = [str(entry[1]) for entry in columns]
+    if not names:  # not a compiled SELECT: keep its columns (this reads the tables)
+        return f"SELECT * FROM ({statement}) WHERE 0"
+    nulls = ", ".join(f"NULL AS {_quote(name)}" for name in names)
+    return f"WITH {_quote('locksafe_skipped')} AS ({statement}) SELECT {nulls} WHERE 0"
 
 
 def take_write_lock(
@@ -377,31 +500,33 @@ def take_write_lock(
 ) -> str | None:
     """Take SQLite's write lock before a locking SELECT; see the module docstring.
 
-    Outside a transaction the lock is taken by the ``BEGIN`` that starts one: the ``BEGIN``
-    :func:`locksafe.sqlite.configure` owes (see :data:`OWED_BEGIN`), else ``BEGIN IMMEDIATE``
-    (the driver's own transaction, which SQLAlchemy commits and rolls back). A connection with
-    no transaction at all (SQLAlchemy's ``AUTOCOMMIT``, ``sqlite3``'s ``autocommit=True``)
-    raises :class:`~locksafe.UnsupportedLockOption`. Inside a transaction, a no-op write on each
-    database the SELECT reads (every database when locksafe cannot name them: ``tables`` empty).
+    Outside a transaction the lock is taken by the ``BEGIN`` that starts one: the
+    ``BEGIN IMMEDIATE`` / ``EXCLUSIVE`` :func:`locksafe.sqlite.configure` owes (see
+    :class:`OwedBegin`), else ``BEGIN IMMEDIATE`` (the driver's own transaction, which
+    SQLAlchemy commits and rolls back). A connection with no transaction at all (SQLAlchemy's
+    ``AUTOCOMMIT``, ``sqlite3``'s ``autocommit=True``) raises
+    :class:`~locksafe.UnsupportedLockOption`. Inside a transaction, a no-op write on each
+    database the SELECT reads (every database when locksafe cannot name them: ``tables``
+    empty, or when the transaction still owes ``configure()``'s write lock).
 
     ``nowait`` and ``skip_locked`` use a zero busy timeout for the attempt. Under
     ``skip_locked`` a busy database makes the SELECT return no rows (every row is locked by
-    the writer) instead of waiting; a stale WAL snapshot (SQLITE_BUSY_SNAPSHOT) always raises.
+    the writer) without reading anything, instead of waiting; a write lock ``configure()``
+    owes stays owed to the next statement. A stale WAL snapshot (SQLITE_BUSY_SNAPSHOT) always
+    raises.
     """
     requested = plan.effective
     fail_fast = requested.nowait or requested.skip_locked
     connection = context.root_connection
     dbapi_connection = connection.connection.dbapi_connection
-    owed = connection.info.get(OWED_BEGIN)
-    locks: list[_Lock] | None = None
-    if _in_transaction(dbapi_connection):
-        connection.info.pop(OWED_BEGIN, None)
-    elif owed == "BEGIN":
-        # configure(begin="deferred"): start the transaction, then lock what it reads.
-        _execute_wrapped(connection, cursor, owed)
-        connection.info.pop(OWED_BEGIN, None)
+    owed = _owed.get(connection)
+    if owed is not None and not owed.begun:
+        refuse_a_transaction_in_progress(connection)
+        locks = [_Lock(owed.sql, begins=True)]  # takes every database's lock
     elif owed is not None:
-        locks = [_Lock(owed)]  # BEGIN IMMEDIATE / EXCLUSIVE: takes every database's lock
+        locks = _every_database(cursor)  # what the BEGIN IMMEDIATE owed would have taken
+    elif _in_transaction(dbapi_connection):
+        locks = _locks_for_tables(context, tables) if tables else _every_database(cursor)
     elif sqlalchemy_autocommit(connection):
         raise _outside_a_transaction(plan, "the connection is in AUTOCOMMIT isolation")
     elif _driver_autocommit(dbapi_connection):
@@ -412,19 +537,15 @@ def take_write_lock(
             "SQLAlchemy)",
         )
     else:
-        locks = [_Lock("BEGIN IMMEDIATE")]  # the driver's own (legacy) transaction
-    if locks is None:
-        locks = _locks_for_tables(context, tables) if tables else _every_database(cursor)
+        locks = [_Lock("BEGIN IMMEDIATE", begins=True)]  # the driver's own (legacy) transaction
     saved = _busy_timeout(cursor) if fail_fast else None
     try:
         if saved is not None:
             cursor.execute("PRAGMA busy_timeout = 0")
         for _attempt in range(_SKIP_LOCKED_ATTEMPTS):
+            attempt = _Attempt()
             try:
-                _take(cursor, locks)
-                if owed is not None:
-                    connection.info.pop(OWED_BEGIN, None)
-                return None
+                _take(cursor, locks, attempt)
             except Exception as exc:
                 if not (requested.skip_locked and _primary_code(exc) == SQLITE_BUSY):
                     raise
@@ -432,12 +553,20 @@ def take_write_lock(
                 if extended == SQLITE_BUSY_SNAPSHOT:
                     raise
                 if extended is not None or _probe_busy(cursor) == SQLITE_BUSY:
-                    # No rows; a BEGIN still owed is sent before the next statement.
-                    return f"SELECT * FROM ({statement}) WHERE 0"
+                    if owed is not None:  # the write lock stays owed to the next statement
+                        if not owed.begun:
+                            _execute_wrapped(connection, cursor, "BEGIN")
+                            owed.begun = True
+                        owed.answered = context
+                    return _no_rows(context, statement)
                 # Python 3.10, and the lock looks free: either the holder just left (take it
                 # now) or this transaction's snapshot is stale (it keeps failing: raise).
                 if _attempt == _SKIP_LOCKED_ATTEMPTS - 1:
                     raise
+                continue
+            if owed is not None:
+                _owed.pop(connection, None)
+            return None
     finally:
         if saved is not None:
             cursor.execute(f"PRAGMA busy_timeout = {saved:d}")
