@@ -80,12 +80,22 @@ class Databases:
     """main (``lk_items`` and a view on it, or nothing at all), ``aux`` (``lk_jobs`` and a
     view on it) and ``aux2`` (a view only), attached on every connection of the engine."""
 
-    def __init__(self, cell: Cell, tmp_path: Path, *, main_tables: bool = True) -> None:
+    def __init__(
+        self,
+        cell: Cell,
+        tmp_path: Path,
+        *,
+        main_tables: bool = True,
+        read_only: bool = False,
+        wal: bool = False,
+    ) -> None:
         assert cell.url.database
         self.cell = cell
         self.main = Path(cell.url.database)
         self.aux = tmp_path / "aux.sqlite"
         self.aux2 = tmp_path / "aux2.sqlite"
+        #: ``ref`` (``lk_ref``), attached read-only when ``read_only``.
+        self.ref = tmp_path / "ref.sqlite" if read_only else None
         for path, script in (
             (
                 self.main,
@@ -102,12 +112,26 @@ class Databases:
                 "CREATE VIEW lk_jobs_v AS SELECT id, v FROM lk_jobs;",
             ),
             (self.aux2, "CREATE VIEW lk_only_v AS SELECT 1 AS id; PRAGMA user_version = 7;"),
+            *(
+                [
+                    (
+                        self.ref,
+                        "CREATE TABLE lk_ref (id INTEGER PRIMARY KEY, v INTEGER);"
+                        "INSERT INTO lk_ref VALUES (1, 20);",
+                    )
+                ]
+                if self.ref is not None
+                else []
+            ),
         ):
             with contextlib.closing(sqlite3.connect(path)) as conn:
                 conn.executescript(script)
+                if wal:
+                    conn.execute("PRAGMA journal_mode = wal")
 
     def engine(self, **configure: Any) -> Any:
-        engine = self.cell.engine()
+        # uri=True: ATTACH then takes a file: URI (mode=ro) whatever SQLite's build default.
+        engine = self.cell.engine(connect_args={"timeout": 5, "uri": True})
         sync = getattr(engine, "sync_engine", engine)
 
         @event.listens_for(sync, "connect")
@@ -115,6 +139,8 @@ class Databases:
             cursor = dbapi_connection.cursor()
             cursor.execute(f"ATTACH DATABASE '{self.aux}' AS aux")
             cursor.execute(f"ATTACH DATABASE '{self.aux2}' AS aux2")
+            if self.ref is not None:
+                cursor.execute(f"ATTACH DATABASE 'file:{self.ref}?mode=ro' AS ref")
             cursor.close()
 
         configure.setdefault("busy_timeout", 5)
@@ -409,3 +435,131 @@ def test_skip_locked_answers_with_no_rows_and_reads_nothing(
             holder.close()
 
     assert cell.run(work, engine=engine) == (["id", "v"], [], [(7,)])
+
+
+# -- Python 3.10: telling a busy database from a stale snapshot -----------------------------------
+
+
+@pytest.mark.parametrize("stale", ["main", "aux"])
+def test_skip_locked_on_a_stale_snapshot_raises_while_holding_another_database(
+    cell: Cell, tmp_path: Path, stale: str
+) -> None:
+    """The transaction read one database (a WAL snapshot another connection then made stale)
+    and holds the write lock of another: skip_locked on the stale one raises database_busy
+    (its lock can never be had), it does not return no rows. Python 3.10's exceptions carry no
+    extended code: only the database whose lock failed is probed, never the one this
+    transaction holds (which a probe would see as locked by someone else)."""
+    dbs = Databases(cell, tmp_path, wal=True)
+    engine = dbs.engine(busy_timeout=1)
+    read, written, path = (
+        (items, aux_jobs, dbs.main) if stale == "main" else (aux_jobs, items, dbs.aux)
+    )
+    table_name = "lk_items" if stale == "main" else "lk_jobs"
+
+    def work(conn: Connection) -> Any:
+        with conn.begin():
+            conn.execute(select(read)).all()  # a snapshot of the stale database
+            conn.execute(update(written).values(v=5))  # this transaction holds that lock
+            with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+                other.execute(f"UPDATE {table_name} SET v = v + 1")  # committed
+            try:
+                return conn.execute(with_row_locks(select(read), skip_locked=True)).all()
+            except OperationalError as exc:
+                return exc
+
+    outcome = cell.run(work, engine=engine)
+    assert isinstance(outcome, OperationalError), outcome
+    assert classify(outcome) is LockErrorKind.DATABASE_BUSY
+
+
+def test_skip_locked_on_a_busy_database_sqlite_finds_by_name(cell: Cell, tmp_path: Path) -> None:
+    """A table without a schema, which SQLite finds in an attached database that another
+    connection holds, while this transaction holds main's write lock: no rows (on Python
+    3.10 the probe finds which database the name is in, and probes that one)."""
+    dbs = Databases(cell, tmp_path, wal=True)
+    engine = dbs.engine(busy_timeout=1)
+    stmt = with_row_locks(select(table("lk_jobs", column("id"))), skip_locked=True)
+
+    def work(conn: Connection) -> list[Any]:
+        holder = sqlite3.connect(dbs.aux, timeout=0, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            with conn.begin():
+                conn.execute(update(items).values(v=5))
+                return conn.execute(stmt).all()
+        finally:
+            holder.close()
+
+    assert cell.run(work, engine=engine) == []
+
+
+# -- read-only databases ----------------------------------------------------------------------
+
+ref_items = Table(
+    "lk_ref",
+    MetaData(),
+    Column("id", Integer, primary_key=True),
+    Column("v", Integer),
+    schema="ref",
+)
+
+
+def check_read_only(dbs: Databases, engine: Any) -> None:
+    """``ref`` really is read-only on the engine's connections."""
+
+    def write(conn: Connection) -> None:
+        with pytest.raises(OperationalError, match="readonly"):
+            conn.execute(update(ref_items).values(v=0))
+        conn.rollback()
+
+    dbs.cell.run(write, engine=engine)
+
+
+def test_a_database_attached_read_only_is_left_out_of_the_lock(cell: Cell, tmp_path: Path) -> None:
+    """This connection cannot write ``ref``, so it has no write lock to take there (SQLite's own
+    BEGIN IMMEDIATE leaves it out too): a SELECT locksafe cannot name locks every other
+    database, a join with ``ref`` locks the other table's database."""
+    dbs = Databases(cell, tmp_path, read_only=True)
+    engine = dbs.engine()
+    check_read_only(dbs, engine)
+    textual = with_row_locks(select(column("v")).select_from(text("lk_items")))
+    rows, during, after = locked_in_a_transaction(dbs, engine, textual)
+    assert rows == [(0,)]
+    assert during == ALL
+    assert after == NO_LOCKS
+    joined = with_row_locks(
+        select(items.c.v, ref_items.c.v).join_from(items, ref_items, items.c.id == ref_items.c.id)
+    )
+    rows, during, after = locked_in_a_transaction(dbs, engine, joined)
+    assert rows == [(0, 20)]
+    assert during == {"main": True, "aux": False, "aux2": False}
+    assert after == NO_LOCKS
+
+
+def test_a_row_lock_on_read_only_databases_only_is_refused(cell: Cell, tmp_path: Path) -> None:
+    """A SELECT that reads nothing this connection can write (a database attached read-only;
+    a connection in PRAGMA query_only) cannot be locked at all: a clear error naming the
+    database, never a lock that locks nothing."""
+    dbs = Databases(cell, tmp_path, read_only=True)
+    engine = dbs.engine()
+    check_read_only(dbs, engine)
+
+    def work(conn: Connection) -> tuple[str, str]:
+        with conn.begin():
+            conn.exec_driver_sql("SELECT 1")
+            with pytest.raises(locksafe.UnsupportedLockOption) as attached:
+                conn.execute(with_row_locks(select(ref_items)))
+        conn.exec_driver_sql("PRAGMA query_only = 1")
+        conn.commit()
+        with conn.begin():
+            conn.exec_driver_sql("SELECT 1")
+            with pytest.raises(locksafe.UnsupportedLockOption) as query_only:
+                conn.execute(with_row_locks(select(items)))
+        conn.exec_driver_sql("PRAGMA query_only = 0")
+        conn.commit()
+        return str(attached.value), str(query_only.value)
+
+    attached, query_only = cell.run(work, engine=engine)
+    assert "opened 'ref' read-only" in attached
+    assert "read-only" in query_only
+    assert dbs.held() == NO_LOCKS

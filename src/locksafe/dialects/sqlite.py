@@ -11,7 +11,8 @@ Each database file has its own write lock: the lock is taken on every database t
 tables live in (main, attached schemas, temp). A name that is a view (or a virtual table that
 cannot be written) takes its database's lock with ``PRAGMA <schema>.incremental_vacuum(1)``,
 which needs no table and reads nothing first; a SELECT whose tables locksafe cannot name (a
-textual FROM) takes every database's. Outside a transaction the ``BEGIN`` that starts
+textual FROM) takes every database's; a database this connection opened read-only is left out,
+as SQLite's ``BEGIN IMMEDIATE`` leaves it out. Outside a transaction the ``BEGIN`` that starts
 one takes the lock (``BEGIN IMMEDIATE``); a connection that has no transaction at all
 (SQLAlchemy's ``AUTOCOMMIT``) is refused, since nothing could hold the lock past the statement.
 Under ``skip_locked`` a busy database makes the SELECT return no rows without reading anything.
@@ -30,7 +31,7 @@ import re
 import sqlite3
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Table
@@ -120,6 +121,10 @@ def capabilities(dialect: Dialect) -> LockCapabilities:
 
 # -- the write lock ---------------------------------------------------------------------------
 
+SQLITE_READONLY = 8
+#: sqlite3_errstr(SQLITE_READONLY): the only clue where the exception carries no code.
+READONLY_MESSAGE = "attempt to write a readonly database"
+
 
 def _busy_timeout(cursor: DBAPICursor) -> int:
     cursor.execute("PRAGMA busy_timeout")
@@ -145,6 +150,18 @@ def _primary_code(exc: BaseException) -> int | None:
 def _extended_code(exc: BaseException) -> int | None:
     code = getattr(exc, "sqlite_errorcode", None)
     return code if isinstance(code, int) else None
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    """SQLITE_READONLY itself (not one of its extended codes, which report a broken or
+    unwritable journal): this connection opened the database read-only (``mode=ro``,
+    ``immutable=1``, a read-only file) or runs with ``PRAGMA query_only``."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    extended = _extended_code(exc)
+    if extended is not None:
+        return extended == SQLITE_READONLY
+    return str(exc).lower().lstrip().startswith(READONLY_MESSAGE)  # Python 3.10
 
 
 _SKIP_LOCKED_ATTEMPTS = 3
@@ -334,6 +351,20 @@ def _outside_a_transaction(plan: RowLockPlan, why: str) -> UnsupportedLockOption
     )
 
 
+def _read_only(plan: RowLockPlan, databases: Sequence[str]) -> UnsupportedLockOption:
+    names = ", ".join(databases)
+    return unsupported(
+        plan.capabilities,
+        "a row lock on a read-only database",
+        reason=(
+            f"this connection opened {names} read-only (mode=ro, immutable=1, a read-only "
+            "file, or PRAGMA query_only), so it cannot take the write lock (SQLite's row lock) "
+            "of any database the SELECT reads; connections that opened the file read-write "
+            "can still change it. Attach it read-write to lock its rows"
+        ),
+    )
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -355,12 +386,23 @@ class _Lock:
     table: str | None = None
     begins: bool = False
 
+    @property
+    def what(self) -> str:
+        """The database, for a message."""
+        if self.database is not None:
+            return repr(self.database)
+        if self.table is not None:
+            return f"the database of {self.table!r}"
+        return "every database"
+
 
 @dataclass
 class _Attempt:
     """What one pass over the lock statements did."""
 
     taken: int = 0
+    #: The databases left out because this connection cannot write them.
+    read_only: list[str] = field(default_factory=list)
     #: The lock statement whose error is being raised.
     failed: _Lock | None = None
 
@@ -439,12 +481,17 @@ def _instead_of_table(cursor: DBAPICursor, lock: _Lock, error: BaseException) ->
 
 
 def _take(cursor: DBAPICursor, locks: list[_Lock], attempt: _Attempt) -> None:
-    """Run each lock statement; an error is raised with the lock statement that failed in
-    ``attempt.failed``."""
+    """Run each lock statement. A database this connection cannot write (opened read-only, or
+    ``PRAGMA query_only``) is left out, as SQLite's own ``BEGIN IMMEDIATE`` leaves it out: its
+    write lock does not exist for this connection. Any other error is raised, with the lock
+    statement that failed in ``attempt.failed``."""
     for lock in locks:
         try:
             cursor.execute(lock.sql)
         except Exception as error:
+            if _is_read_only(error):
+                attempt.read_only.append(lock.what)
+                continue
             instead = _instead_of_table(cursor, lock, error)
             if instead is None:
                 attempt.failed = lock
@@ -454,26 +501,58 @@ def _take(cursor: DBAPICursor, locks: list[_Lock], attempt: _Attempt) -> None:
             attempt.taken += 1
 
 
-def _probe_busy(cursor: DBAPICursor) -> int | None:
+def _held_by_another(cursor: DBAPICursor, lock: _Lock | None) -> bool | None:
     """Without an extended result code (Python 3.10), tell SQLITE_BUSY (another connection
-    holds the write lock of one of this connection's database files) from
-    SQLITE_BUSY_SNAPSHOT (the locks are free, but this transaction's WAL snapshot is stale):
-    try each write lock from a fresh connection, without waiting. SQLITE_BUSY means someone
-    holds one; SQLITE_BUSY_SNAPSHOT only that they were free a moment later, so the caller
-    tries its own lock again before believing it."""
-    paths = [file for name, file in _database_list(cursor) if name != "temp" and file]
-    if not paths:
+    holds the write lock ``lock`` asked for: ``True``) from SQLITE_BUSY_SNAPSHOT (that lock is
+    free, but this transaction's WAL snapshot of the database is stale: ``False``, also when
+    the holder just left; the caller tries again before believing it). ``None``: cannot tell.
+
+    Only the database whose lock statement failed is probed, from a fresh connection, without
+    waiting: this transaction does not hold that lock (else its statement would have got it),
+    while it may hold another database's, which a probe would mistake for someone else's.
+    """
+    if lock is None:
         return None
-    for path in paths:  # main and each attached database file
-        probe = sqlite3.connect(path, timeout=0, isolation_level=None)
+    if lock.begins:
+        return True  # no transaction yet, so no snapshot: only another connection refuses it
+    databases = _database_list(cursor)
+    database = lock.database
+    if database is None and lock.table is not None:
+        resolved = _resolve(cursor, lock.table, [name for name, _ in databases])
+        if resolved is None:
+            return None
+        database, took_it = resolved
+        if took_it:
+            return False  # the lock is free now: try again
+    path = next((file for name, file in databases if name.lower() == (database or "").lower()), "")
+    if not path:
+        return None  # temp or in-memory: private to this connection, nobody else locks it
+    probe = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+    except sqlite3.OperationalError as error:
+        return None if _is_read_only(error) else True
+    finally:
+        probe.close()
+    return False
+
+
+def _resolve(cursor: DBAPICursor, table: str, databases: list[str]) -> tuple[str, bool] | None:
+    """The database SQLite found the schema-less name ``table`` in (temp first, then main,
+    then the attached ones), by the same no-op write qualified with each database in turn —
+    reading no schema (a read would start a snapshot). Also whether that write took the lock
+    (it is free now). ``None`` when no database has it."""
+    ordered = sorted(databases, key=lambda name: name.lower() != "temp")  # stable: temp first
+    for database in ordered:
         try:
-            probe.execute("BEGIN IMMEDIATE")
-            probe.execute("ROLLBACK")
-        except sqlite3.OperationalError:
-            return SQLITE_BUSY
-        finally:
-            probe.close()
-    return SQLITE_BUSY_SNAPSHOT
+            cursor.execute(f"DELETE FROM {_quote(database)}.{_quote(table)} WHERE 0")
+        except sqlite3.Error as error:
+            if _primary_code(error) != SQLITE_BUSY and str(error).startswith("no such table"):
+                continue
+            return database, False
+        return database, True
+    return None
 
 
 def _no_rows(context: ExecutionContext, statement: str) -> str:
@@ -513,7 +592,8 @@ def take_write_lock(
     ``skip_locked`` a busy database makes the SELECT return no rows (every row is locked by
     the writer) without reading anything, instead of waiting; a write lock ``configure()``
     owes stays owed to the next statement. A stale WAL snapshot (SQLITE_BUSY_SNAPSHOT) always
-    raises.
+    raises. Databases this connection opened read-only are left out; when that leaves none,
+    :class:`~locksafe.UnsupportedLockOption`.
     """
     requested = plan.effective
     fail_fast = requested.nowait or requested.skip_locked
@@ -552,7 +632,7 @@ def take_write_lock(
                 extended = _extended_code(exc)
                 if extended == SQLITE_BUSY_SNAPSHOT:
                     raise
-                if extended is not None or _probe_busy(cursor) == SQLITE_BUSY:
+                if extended is not None or _held_by_another(cursor, attempt.failed):
                     if owed is not None:  # the write lock stays owed to the next statement
                         if not owed.begun:
                             _execute_wrapped(connection, cursor, "BEGIN")
@@ -564,6 +644,8 @@ def take_write_lock(
                 if _attempt == _SKIP_LOCKED_ATTEMPTS - 1:
                     raise
                 continue
+            if attempt.read_only and not attempt.taken:
+                raise _read_only(plan, attempt.read_only)
             if owed is not None:
                 _owed.pop(connection, None)
             return None
