@@ -722,3 +722,72 @@ def test_session_bound_per_mapper_resolves_the_statements_bind() -> None:
         lock_capabilities(mixed)
     assert "postgresql" in str(info.value)
     assert "sqlite" in str(info.value)
+
+
+def offline_engine(url: str, flavour: str, version: tuple[int, ...]) -> Any:
+    """An Engine (what a Session binds to) whose dialect is set up as for ``version``; it never
+    connects."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    engine.dialect = offline_dialect(flavour, version)
+    return engine
+
+
+def test_session_per_entity_binds_win_over_the_default_bind() -> None:
+    """``Session(bind=A, binds={Job: B})`` runs a statement on Job (or its table) on B, as
+    Session.execute() resolves it: with_row_locks plans it for B, not for the default bind.
+    MySQL 5.7 has no SKIP LOCKED, PostgreSQL 15 does: which bind was chosen shows."""
+    from sqlalchemy.orm import Session
+
+    pg = offline_engine("postgresql+psycopg2://", "postgresql", (15, 0))
+    mysql57 = offline_engine("mysql+pymysql://", "mysql", (5, 7, 40))
+    for session, stmt in (
+        (Session(bind=mysql57, binds={Job: pg}), select(Job).where(Job.id == 1)),
+        (Session(bind=mysql57, binds={Job: pg}), Query(Job)),
+        (Session(bind=mysql57, binds={jobs: pg}), select(jobs.c.id)),
+    ):
+        assert session.get_bind(clause=stmt if isinstance(stmt, Select) else stmt.statement) is pg
+        locked = with_row_locks(stmt, session, skip_locked=True)  # type: ignore[type-var]
+        statement = locked.statement if isinstance(locked, Query) else locked
+        plan = statement._execution_options["locksafe_row_locks"]
+        assert plan.capabilities.flavour == "postgresql"
+        assert str(statement.compile(dialect=pg.dialect)).endswith("FOR UPDATE SKIP LOCKED")
+    # The other way round: planned for MySQL 5.7, refused at the call.
+    for stmt in (select(Job), Query(Job), select(jobs.c.id)):
+        session = Session(bind=pg, binds={Job: mysql57, jobs: mysql57})
+        with pytest.raises(UnsupportedLockOption) as info:
+            with_row_locks(stmt, session, skip_locked=True)  # type: ignore[type-var]
+        assert (info.value.dialect, info.value.options) == ("mysql", ("skip_locked",))
+    # A statement the binds do not cover goes to the default bind.
+    session = Session(bind=pg, binds={Job: mysql57})
+    with_row_locks(select(owners), session, skip_locked=True)
+
+
+# -- pickling -------------------------------------------------------------------------------------
+
+
+def test_locked_statements_pickle_without_their_plans() -> None:
+    """A locked statement pickles like SQLAlchemy's own: before and after any statement with
+    the same options was planned against a bind (its shared request then holds plans, which
+    hold a Dialect and the driver module), and when it was planned at call time (it carries
+    its plan). Unpickled, it carries the request again (planned by the connection that runs
+    it), renders the same clause, and adds the same token to its cache key."""
+    import pickle
+
+    pg = offline_dialect("postgresql", (15, 0))
+    stmt = with_row_locks(select(jobs).where(jobs.c.id == 1), skip_locked=True)
+    unrelated = with_row_locks(select(owners), pg, skip_locked=True)  # plans the same options
+    request = stmt._execution_options["locksafe_row_locks"]
+    assert request.plans, "the shared request holds the plan made for the unrelated call"
+    bound = with_row_locks(select(jobs).where(jobs.c.id == 1), pg, skip_locked=True)
+    for original in (stmt, unrelated, bound):
+        back = pickle.loads(pickle.dumps(original))
+        value = back._execution_options["locksafe_row_locks"]
+        assert type(value).__name__ == "_Request"
+        assert not value.plans or value is request  # the shared request of this process
+        assert back._for_update_arg.locksafe_value is value
+        assert str(back.compile(dialect=pg)) == str(original.compile(dialect=pg))
+        assert back._for_update_arg.locksafe_token == original._for_update_arg.locksafe_token
+    with pytest.raises(TypeError, match="holds its SQLAlchemy Dialect"):
+        pickle.dumps(plan_row_locks(pg, nowait=True))

@@ -17,7 +17,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -34,6 +34,7 @@ from sqlalchemy import (
     event,
     exists,
     insert,
+    lambda_stmt,
     literal_column,
     select,
     table,
@@ -42,7 +43,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    column_property,
+    foreign,
+    joinedload,
+    query_expression,
+    relationship,
+    with_expression,
+    with_loader_criteria,
+)
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.selectable import Select
 
@@ -81,6 +93,32 @@ class Base(DeclarativeBase):
 
 class Item(Base):
     __table__ = items
+
+
+class Owner(Base):
+    __table__ = owners
+    owned = relationship(Item, primaryjoin=owners.c.id == foreign(items.c.owner_id), viewonly=True)
+    item_v: Mapped[int] = query_expression()
+
+
+def item_value(item_id: int = 1) -> Select[Any]:
+    return select(items.c.v).where(items.c.id == item_id)
+
+
+class LockedView(Base):
+    """Owners with a mapped SQL expression that reads (and locks) item 1."""
+
+    __table__ = owners
+    __mapper_args__: ClassVar[dict[str, Any]] = {"exclude_properties": ["name"]}
+    item_v = column_property(with_row_locks(item_value()).scalar_subquery())
+
+
+class PlainView(Base):
+    """The control: the same expression, unlocked."""
+
+    __table__ = owners
+    __mapper_args__: ClassVar[dict[str, Any]] = {"exclude_properties": ["name"]}
+    item_v = column_property(item_value().scalar_subquery())
 
 
 LOCK_WAIT = 5.0
@@ -123,6 +161,15 @@ def db(cell: Cell) -> Cell:
             insert(items), [{"id": 1, "owner_id": 1, "v": 0}, {"id": 2, "owner_id": 2, "v": 0}]
         )
     return cell
+
+
+def bound_session_lock_waits(session: Session, seconds: float = LOCK_WAIT) -> None:
+    support = support_for(session.get_bind().dialect.name)
+    assert support is not None
+    assert support.lock_timeout_sql is not None
+    for sql in support.lock_timeout_sql(seconds):
+        session.execute(text(sql))
+    session.commit()
 
 
 def bound_lock_waits(conn: Connection, seconds: float = LOCK_WAIT) -> None:
@@ -274,6 +321,185 @@ def test_orm_query_subquery_locks(db: Cell, probe: Probe) -> None:
         return found
 
     assert db.run_session(work) == [[(1, 0)], True, 1, True, False]
+
+
+# -- locked SELECTs the ORM adds from options and mapped expressions ---------------------------
+
+
+def orm_option_cases(locked: bool) -> dict[str, Executable]:
+    """A SELECT of item 1 (locked by with_row_locks, or not) placed in an ORM statement by a
+    loader option or a mapped SQL expression: the ORM adds it when it compiles the statement,
+    so it is not in the statement the application executes, only in what is compiled."""
+
+    def lock(stmt: Select[Any]) -> Select[Any]:
+        return with_row_locks(stmt) if locked else stmt
+
+    owner_of_item = lock(select(items.c.owner_id).where(items.c.id == 1))
+    item_ids = lock(select(items.c.id).where(items.c.id == 1))
+    return {
+        "with_loader_criteria": select(Owner).options(
+            with_loader_criteria(Owner, Owner.id.in_(owner_of_item))
+        ),
+        "relationship_and_criteria": select(Owner).options(
+            joinedload(Owner.owned.and_(Item.id.in_(item_ids)))
+        ),
+        "with_expression": select(Owner).options(
+            with_expression(Owner.item_v, lock(item_value()).scalar_subquery())
+        ),
+        "column_property": select(LockedView if locked else PlainView),
+    }
+
+
+ORM_OPTION_CASES = tuple(orm_option_cases(locked=False))
+
+
+@pytest.mark.parametrize("case", ORM_OPTION_CASES)
+def test_locked_select_added_by_an_orm_option_locks(db: Cell, probe: Probe, case: str) -> None:
+    """with_loader_criteria, a relationship's .and_() criteria in joinedload, with_expression
+    and column_property: while the transaction is open item 1 is locked (SQLite: the write
+    lock is held), seen from another connection; PostgreSQL and MariaDB receive the clause.
+    The same statements without with_row_locks lock nothing."""
+    log = SqlLog(db.default_engine)
+
+    def work(session: Session) -> dict[str, bool]:
+        bound_session_lock_waits(session)
+        seen = {}
+        for locked in (True, False):
+            session.execute(orm_option_cases(locked)[case]).unique().all()
+            seen["locked" if locked else "control"] = probe.locked()
+            if db.backend != "sqlite":
+                assert ("FOR UPDATE" in log.sent[-1]) is locked, log.sent[-1]
+            session.rollback()
+            assert not probe.locked()
+        return seen
+
+    assert db.run_session(work) == {"locked": True, "control": False}
+
+
+@pytest.mark.parametrize("server", [("mssql", (16, 0)), ("oracle", (19, 0))], ids=str)
+@pytest.mark.parametrize("case", ORM_OPTION_CASES)
+def test_locked_select_added_by_an_orm_option_is_refused_where_unrendered(
+    case: str, server: tuple[str, tuple[int, ...]]
+) -> None:
+    """Where SQLAlchemy renders no lock there (SQL Server: none at all; Oracle: none for a
+    nested SELECT), a locked SELECT added through an ORM option is refused before it runs;
+    the same statement unlocked runs."""
+    dialect = offline_dialect(*server)
+    conn, context = hook_context(dialect, orm_option_cases(locked=True)[case])
+    assert "FOR UPDATE" not in str(context.compiled)
+    with pytest.raises(UnsupportedLockOption) as info:
+        rowlocks._before_cursor_execute(conn, None, "x", {}, context, False)
+    assert info.value.dialect == server[0]
+    conn, context = hook_context(dialect, orm_option_cases(locked=False)[case])
+    assert rowlocks._before_cursor_execute(conn, None, "x", {}, context, False) == ("x", {})
+
+
+def test_a_locked_select_in_an_orm_statement_is_found_once() -> None:
+    """Both the ORM statement and what the ORM compiles from it are scanned; the locked
+    SELECT (or its annotated copies) is found once, as the statement itself when it is."""
+    cases = {
+        **orm_option_cases(locked=True),
+        "top-level": with_row_locks(select(Owner)),
+        "nested": select(Owner).where(Owner.id.in_(with_row_locks(select(items.c.owner_id)))),
+    }
+    for case, stmt in cases.items():
+        compiled = stmt.compile(dialect=offline_dialect("sqlite"))
+        found = rowlocks._scan_statement(compiled).found
+        assert [f.top for f in found] == [case == "top-level"], case
+
+
+# -- a locked SELECT that is the statement, wrapped: lambda_stmt(), ORM from_statement() ---------
+
+
+def wrapped_top_level(**options: Any) -> dict[str, Callable[[Session], list[Any]]]:
+    """Ways to execute a locked SELECT of item 1 that is the statement itself, wrapped: by
+    lambda_stmt() (each lambda with its own literal options: a lambda is run once per code
+    location) or by an ORM select(...).from_statement()."""
+    if options == {}:
+        wrapped = lambda_stmt(lambda: with_row_locks(item_row()))
+    elif options == {"skip_locked": True}:
+        wrapped = lambda_stmt(lambda: with_row_locks(item_row(), skip_locked=True))
+    elif options == {"nowait": True}:
+        wrapped = lambda_stmt(lambda: with_row_locks(item_row(), nowait=True))
+    else:
+        raise AssertionError(options)
+    from_statement = select(Item).from_statement(
+        with_row_locks(select(items).where(items.c.id == 1), **options)
+    )
+    return {
+        "lambda_stmt": lambda session: [tuple(r) for r in session.execute(wrapped)],
+        "from_statement": lambda session: [i.id for i in session.scalars(from_statement)],
+    }
+
+
+WRAPPINGS = tuple(wrapped_top_level())
+
+
+@pytest.mark.parametrize("wrapping", WRAPPINGS)
+def test_wrapped_top_level_locked_select_locks(db: Cell, probe: Probe, wrapping: str) -> None:
+    """lambda_stmt(lambda: with_row_locks(...)) and select(Entity).from_statement(locked)
+    lock like the locked SELECT itself: the row (SQLite: the database) is locked while the
+    transaction is open, and the clause ends the statement on PostgreSQL and MariaDB."""
+    log = SqlLog(db.default_engine)
+    run = wrapped_top_level()[wrapping]
+
+    def work(session: Session) -> list[Any]:
+        bound_session_lock_waits(session)
+        found = [run(session), probe.locked()]
+        session.rollback()
+        found.append(probe.locked())
+        return found
+
+    assert db.run_session(work) in ([[(1, 1, 0)], True, False], [[1], True, False])
+    if db.backend != "sqlite":
+        assert log.sent[-1].endswith("FOR UPDATE"), log.sent[-1]
+
+
+@pytest.mark.cells("sqlite")
+@pytest.mark.parametrize("wrapping", WRAPPINGS)
+def test_sqlite_wrapped_top_level_skip_locked_returns_no_rows(db: Cell, wrapping: str) -> None:
+    """A wrapped top-level skip_locked SELECT is top-level: while another connection holds
+    the write lock it returns no rows (as the plain statement does) instead of failing; nowait
+    fails at once with database_busy; once the holder is gone both return the row."""
+    skip = wrapped_top_level(skip_locked=True)[wrapping]
+    nowait = wrapped_top_level(nowait=True)[wrapping]
+
+    def attempt(session: Session, run: Callable[[Session], list[Any]]) -> Any:
+        try:
+            return run(session)
+        except Exception as exc:
+            return exc
+        finally:
+            session.rollback()
+
+    with db.other() as holder:
+        holder.execute(with_row_locks(select(owners.c.id)))  # the write lock
+        assert db.run_session(attempt, skip) == []
+        error = db.run_session(attempt, nowait)
+        assert isinstance(error, Exception), error
+        assert classify(error) is LockErrorKind.DATABASE_BUSY, error
+        holder.rollback()
+    assert len(db.run_session(attempt, skip)) == 1
+    assert len(db.run_session(attempt, nowait)) == 1
+
+
+@pytest.mark.parametrize("wrapping", ["lambda_stmt", "from_statement"])
+def test_wrapped_top_level_locked_select_is_not_refused_on_oracle(wrapping: str) -> None:
+    """Oracle renders FOR UPDATE for a top-level SELECT, wrapped or not, and none for a
+    nested one: the wrapped statement runs (its clause is there), nested it is refused."""
+    oracle = offline_dialect("oracle", (19, 0))
+    locked = item_row()
+    stmt: Executable = (
+        lambda_stmt(lambda: with_row_locks(item_row()))
+        if wrapping == "lambda_stmt"
+        else select(Item).from_statement(with_row_locks(select(items).where(items.c.id == 1)))
+    )
+    conn, context = hook_context(oracle, stmt)
+    assert str(context.compiled).endswith("FOR UPDATE")
+    assert rowlocks._before_cursor_execute(conn, None, "x", {}, context, False) == ("x", {})
+    conn, context = hook_context(oracle, select(with_row_locks(locked).subquery()))
+    with pytest.raises(UnsupportedLockOption, match="nested"):
+        rowlocks._before_cursor_execute(conn, None, "x", {}, context, False)
 
 
 # -- SQLite: the write lock, and the fail-fast options ----------------------------------------
@@ -542,6 +768,27 @@ def test_nested_lock_planned_at_execution_that_would_render_differently_is_refus
     with pytest.raises(UnsupportedLockOption) as info:
         rowlocks._before_cursor_execute(conn, None, "x", {}, context, False)
     assert info.value.options == ("skip_locked",)
+
+
+def test_wrapped_lock_planned_at_execution_that_would_render_differently_is_refused() -> None:
+    """A locked SELECT wrapped by lambda_stmt() is rendered when it is built, like a nested
+    one: built without a bind and degraded at execution, it is refused with the remedy; with
+    the bind, it is rendered as planned and runs."""
+    old = offline_dialect("mariadb", (10, 3, 39))
+    unbound = lambda_stmt(
+        lambda: with_row_locks(item_row(), skip_locked=True, on_unsupported="degrade")
+    )
+    conn, context = hook_context(old, unbound)
+    with pytest.raises(UnsupportedLockOption, match="lambda_stmt"):
+        rowlocks._before_cursor_execute(conn, None, "x", {}, context, False)
+    bound = lambda_stmt(  # the Dialect as a default argument: SQLAlchemy tracks closures only
+        lambda bind=old: with_row_locks(
+            item_row(), bind, skip_locked=True, on_unsupported="degrade"
+        )
+    )
+    conn, context = hook_context(old, bound)
+    assert rowlocks._before_cursor_execute(conn, None, "x", {}, context, False) == ("x", {})
+    assert str(context.compiled).endswith("FOR UPDATE")
 
 
 @pytest.mark.cells("mariadb")

@@ -15,6 +15,7 @@ import contextlib
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.interfaces import CacheStats
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Query, Session
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.selectable import Select
@@ -1165,6 +1166,64 @@ def test_session_bound_per_mapper(db: Cell, prober: Prober) -> None:
     assert not prober.locked()
 
 
+def test_session_per_entity_bind_wins_over_the_default_bind(db: Cell, prober: Prober) -> None:
+    """``Session(bind=default, binds={Item: cell})``: SQLAlchemy runs a statement on Item on
+    the cell's server, so with_row_locks plans it for that server, not for the default bind
+    (a MySQL 5.7 engine that never connects, which has no SKIP LOCKED and would refuse):
+    skip_locked is accepted at the call, rendered, and the row is locked."""
+    engine = db.warm_up(db.engine())  # connected: the server version is known
+    log = SqlLog(engine)
+    url = "mysql+aiomysql://x@127.0.0.1/x" if db.is_async else "mysql+pymysql://x@127.0.0.1/x"
+    default = create_async_engine(url) if db.is_async else create_engine(url)
+    sync_default = default.sync_engine if isinstance(default, AsyncEngine) else default
+    sync_default.dialect.server_version_info = (5, 7, 40)
+    with pytest.raises(UnsupportedLockOption):
+        with_row_locks(select(Item), default, skip_locked=True)  # the default bind refuses
+
+    def work(session: Session) -> list[Any]:
+        stmt = with_row_locks(select(Item).where(Item.id == 1), session, skip_locked=True)
+        seen: list[Any] = [[item.id for item in session.scalars(stmt)], prober.locked()]
+        session.rollback()
+        return seen
+
+    if db.is_async:
+
+        async def main() -> list[Any]:
+            async with AsyncSession(bind=default, binds={Item: engine}) as session:
+                return await session.run_sync(work)
+
+        seen = db.run_async(main)
+    else:
+        with Session(bind=default, binds={Item: engine}) as session:
+            seen = work(session)
+    assert seen == [[1], True]
+    if db.backend != "sqlite":
+        assert log.last().endswith("FOR UPDATE SKIP LOCKED"), log.last()
+    assert not prober.locked()
+
+
+def test_an_unpickled_locked_statement_locks(db: Cell, prober: Prober) -> None:
+    """A statement from with_row_locks, pickled after its options were planned against this
+    server (built without a bind, and built with the engine), unpickles and locks the row
+    (SQLite: the database) when executed."""
+    import pickle
+
+    engine = db.warm_up(db.engine())
+    unbound = with_row_locks(one_item(), nowait=True)
+    bound = with_row_locks(one_item(), engine, nowait=True)
+
+    def work(conn: Connection, stmt: Any) -> list[Any]:
+        seen: list[Any] = [[tuple(row) for row in conn.execute(stmt)], prober.locked()]
+        conn.rollback()
+        return seen
+
+    assert db.run(work, unbound, engine=engine) == [[(1, 0)], True]  # planned here now
+    for original in (unbound, bound):
+        back = pickle.loads(pickle.dumps(original))
+        assert db.run(work, back, engine=engine) == [[(1, 0)], True]
+    assert not prober.locked()
+
+
 # -- a lock that fails while streamed rows are fetched ---------------------------------------------
 
 streamed = Table(
@@ -1229,3 +1288,57 @@ def test_nowait_failing_while_streamed_rows_are_fetched(cell: Cell) -> None:
         count, error = cell.run(attempt, skipping)
         assert error is None, error
         assert count == STREAMED_ROWS - 1
+
+
+# The sync drivers that can stream (mysql-connector cannot; async engines refuse the option).
+@pytest.mark.cells("mariadb+mariadbconnector", "mysql+pymysql", "mysql+mysqldb")
+def test_engine_streaming_every_select_is_seen(cell: Cell) -> None:
+    """create_engine(server_side_cursors=True) (deprecated, still accepted by SQLAlchemy 2.0
+    and 2.1) streams every SELECT without the stream_results execution option. On the
+    MariaDB Connector/Python driver a locking query must still be refused (else a NOWAIT
+    failing half-way returns a truncated result, silently); skip_locked and unlocked reads
+    still run. Other drivers stream too, and raise a classified error."""
+    cell.create_all(streamed.metadata)
+    with cell.sync_engine().begin() as conn:
+        conn.execute(insert(streamed), [{"id": i, "v": 0} for i in range(1, STREAMED_ROWS + 1)])
+    everything = select(streamed.c.id).order_by(streamed.c.id)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The create_engine.server_side_cursors", Warning)
+        engine = cell.engine(server_side_cursors=True)
+    sync = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    server_side: list[bool] = []
+    event.listen(
+        sync,
+        "after_cursor_execute",
+        lambda *args: server_side.append(bool(getattr(args[4], "_is_server_side", False))),
+    )
+
+    def attempt(conn: Connection, stmt: Any) -> tuple[int | None, BaseException | None]:
+        try:
+            rows = conn.execute(stmt).all()
+        except Exception as exc:
+            return None, exc
+        finally:
+            conn.rollback()
+        return len(rows), None
+
+    with cell.other() as holder:
+        holder.execute(
+            select(streamed.c.id).where(streamed.c.id == STREAMED_LOCKED).with_for_update()
+        )
+        count, error = cell.run(attempt, with_row_locks(everything, nowait=True), engine=engine)
+        if cell.driver == "mariadbconnector":
+            assert isinstance(error, UnsupportedLockOption), (
+                f"{count} of {STREAMED_ROWS} rows and no error: locksafe must refuse"
+            )
+            assert error.options == ("stream_results",)
+            assert "server_side_cursors" in str(error)
+        else:
+            assert error is not None, count
+            assert classify(error) is LockErrorKind.LOCK_NOT_AVAILABLE, error
+        assert cell.run(attempt, everything, engine=engine) == (STREAMED_ROWS, None)
+        skipping = with_row_locks(everything, skip_locked=True)
+        assert cell.run(attempt, skipping, engine=engine) == (STREAMED_ROWS - 1, None)
+    # The engine did stream (so the refusal is about a streamed result), without asking.
+    assert server_side
+    assert all(server_side), server_side

@@ -86,10 +86,11 @@ def dialect_of(bind: Any, clause: Any = None) -> Dialect:
     """The SQLAlchemy :class:`~sqlalchemy.engine.Dialect` behind any bind-like object.
 
     Accepts a Dialect, Engine, Connection, Session, AsyncEngine, AsyncConnection or
-    AsyncSession (or anything with ``get_bind()`` or ``dialect``). A Session bound per mapper
-    or per table (``Session(binds={...})``) is resolved with ``clause`` (the statement about
-    to run, or an ORM ``Query``) when given, else from its binds when they all lead to the
-    same kind of server; otherwise :class:`~sqlalchemy.exc.UnboundExecutionError`.
+    AsyncSession (or anything with ``get_bind()`` or ``dialect``). With ``clause`` (the
+    statement about to run, or an ORM ``Query``) a Session is resolved as ``Session.execute()``
+    resolves it: its per-entity and per-table ``binds`` before its default bind. Without one,
+    its default bind, else its binds when they all lead to the same kind of server; otherwise
+    :class:`~sqlalchemy.exc.UnboundExecutionError`.
 
     >>> from sqlalchemy import create_engine
     >>> from sqlalchemy.orm import Session
@@ -117,20 +118,26 @@ def dialect_of(bind: Any, clause: Any = None) -> Dialect:
 
 
 def _session_bind(session: Any, clause: Any) -> Any:
-    """The Engine or Connection a Session would use for ``clause``: its single bind, else the
-    bind of the statement's mapper / tables, else the one server all its binds lead to."""
+    """The Engine or Connection a Session would use for ``clause``: resolved as
+    ``Session.execute()`` does (``get_bind(mapper=<the statement's entity>, clause=...)``);
+    without a clause, its default bind, else the one server all its binds lead to."""
     from sqlalchemy.exc import UnboundExecutionError
     from sqlalchemy.orm import Query
 
+    if clause is not None:
+        # As Session.execute() resolves it: the statement's ORM entity first (per-entity
+        # binds win over the Session's default bind), then its tables, then the default.
+        statement = clause.statement if isinstance(clause, Query) else clause
+        mapper = None
+        attrs = getattr(statement, "_propagate_attrs", None) or {}
+        if attrs.get("compile_state_plugin") == "orm":
+            mapper = getattr(attrs.get("plugin_subject"), "mapper", None)
+        return session.get_bind(mapper=mapper, clause=statement)
     try:
         return session.get_bind()
     except UnboundExecutionError:
-        if clause is None and not _binds_of(session):
+        if not _binds_of(session):
             raise
-    if clause is not None:
-        if isinstance(clause, Query):
-            clause = clause.statement
-        return session.get_bind(clause=clause)
     binds = _binds_of(session)
     servers = {server_key(dialect_of(bind)): bind for bind in binds}
     if len(servers) == 1:

@@ -183,6 +183,11 @@ class _Request:
                 _report(plan, self.on_unsupported, stacklevel=2)
         return plan
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A pickled statement carries the request, not its plans: those hold a Dialect (and
+        # the driver module). Unpickled, it is the shared request for the same options again.
+        return (_request, (self.options, self.on_unsupported))
+
     @property
     def token(self) -> tuple[Any, ...]:
         """What this request adds to the compiled-statement cache key of a locked SELECT (the
@@ -261,6 +266,17 @@ class RowLockPlan:
     _renders: dict[tuple[Any, ...], bool] = field(
         default_factory=dict, compare=False, repr=False, init=False
     )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A plan holds its Dialect, which does not pickle. A statement planned at call time
+        # (which carries its plan) pickles with the request instead: the connection that
+        # executes the unpickled statement plans it again.
+        if self.request is None:
+            raise TypeError(
+                "a RowLockPlan from plan_row_locks() holds its SQLAlchemy Dialect and cannot be "
+                "pickled; pickle the statement from with_row_locks(), or the options"
+            )
+        return self.request.__reduce__()
 
     @property
     def mechanism(self) -> str:
@@ -451,8 +467,10 @@ def with_row_locks(
     first, so concurrent read-modify-write transactions cannot lose updates.
 
     The result may be nested in another statement (a subquery, a CTE, ``IN``, ``EXISTS``, an
-    ``INSERT ... SELECT``...): it still locks, or the outer statement is refused. ``of`` must
-    name what the statement selects FROM (else ``ValueError``).
+    ``INSERT ... SELECT``, an ORM loader option such as ``with_loader_criteria()``,
+    ``with_expression()``, a ``column_property()``...): it still locks, or the outer statement
+    is refused. Wrapped by ``lambda_stmt()`` or ORM ``from_statement()`` it is still the
+    statement itself. ``of`` must name what the statement selects FROM (else ``ValueError``).
 
     >>> from sqlalchemy import column, create_engine, select, table
     >>> jobs = table("jobs", column("id"), column("state"))
@@ -598,8 +616,25 @@ def _before_execute(
     plan = _plan_of(value, conn.dialect)
     if plan is None or plan is value or plan.request is None:
         return clauseelement, multiparams, params
+    if _renders_as(getattr(clauseelement, "_for_update_arg", None), plan.effective):
+        # Already rendered as planned for this server (no degradation): run it as it is,
+        # rather than building (and computing the cache key of) a new statement each time.
+        return clauseelement, multiparams, params
     replanned = _lock(clauseelement, plan.effective, plan, plan.request)  # type: ignore[type-var]
     return replanned, multiparams, params
+
+
+def _renders_as(arg: ForUpdateArg | None, options: LockOptions) -> bool:
+    """Whether ``arg`` renders ``options`` (``of`` never counts as equal: rebuilt instead)."""
+    return (
+        arg is not None
+        and not options.of
+        and not arg.of
+        and arg.read == options.read
+        and arg.key_share == options.key_share
+        and arg.nowait == options.nowait
+        and arg.skip_locked == options.skip_locked
+    )
 
 
 @dataclass
@@ -659,29 +694,39 @@ def _scan_statement(compiled: Compiled) -> _Scan:
     statement: Any = getattr(compiled, "statement", None)
     if statement is None:
         return _NOTHING
-    found: list[_Found] = []
-    seen: set[int] = set()
-    for element in iterate(statement):
-        if not isinstance(element, GenerativeSelect):
-            continue
-        arg = element._for_update_arg
-        if not isinstance(arg, _LockArg) or arg.locksafe_value is None or id(element) in seen:
-            continue
-        seen.add(id(element))
-        found.append(
-            _Found(
+    # The statement as the compiler finally rendered it: for an ORM statement, the Core SELECT
+    # the ORM built from it, with what its loader options and mapped SQL expressions added
+    # (with_loader_criteria, relationship criteria, column_property, with_expression...); for a
+    # lambda_stmt() or ORM from_statement(), the SELECT it wraps. Both are scanned.
+    final: Any = getattr(getattr(compiled, "compile_state", None), "statement", None)
+    roots = (statement,) if final is None or final is statement else (statement, final)
+    # The SELECT the SQL sent is, when it is one: the statement itself, else what it wraps.
+    top = statement if isinstance(statement, GenerativeSelect) else final
+    found: dict[int, _Found] = {}
+    for root in roots:
+        for element in iterate(root):
+            if not isinstance(element, GenerativeSelect):
+                continue
+            arg = element._for_update_arg
+            if not isinstance(arg, _LockArg) or arg.locksafe_value is None:
+                continue
+            # One request per _LockArg: the ORM's annotated copies of a SELECT are distinct
+            # elements sharing it.
+            known = found.get(id(arg))
+            is_top = element is top or element is statement
+            if known is not None:
+                known.top = known.top or is_top
+                continue
+            found[id(arg)] = _Found(
                 arg.locksafe_value,
                 arg,
                 _tables_read(element),
-                top=element is statement,
+                top=is_top,
                 compound=isinstance(element, CompoundSelect),
             )
-        )
     if not found and not _is_locked_select(statement):
         return _NOTHING
-    # The whole statement, as the ORM compiled it (eager-loaded joins included).
-    final = getattr(getattr(compiled, "compile_state", None), "statement", None)
-    return _Scan(tuple(found), _tables_read(final if final is not None else statement))
+    return _Scan(tuple(found.values()), _tables_read(final if final is not None else statement))
 
 
 def _tables_read(element: ClauseElement) -> tuple[TableClause, ...]:
@@ -761,9 +806,20 @@ def _before_cursor_execute(
         if plan.mechanism == "row":
             _verify_rendered(found, plan, dialect)
         locks.append((plan, scan.tables if found.top else found.tables, found.top))
-    if locks and context.execution_options.get("stream_results"):
+    if locks and _streams(context):
         _refuse_streaming_that_loses_errors(dialect, locks)
     return _take_database_locks(conn, cursor, context, statement, parameters, locks)
+
+
+def _streams(context: ExecutionContext) -> bool:
+    """Whether this execution streams its rows from a server-side cursor: asked for with
+    ``stream_results`` / ``yield_per``, or chosen by the dialect for every SELECT
+    (``create_engine(server_side_cursors=True)``). SQLAlchemy records its choice on the
+    execution context when it creates the cursor, before ``before_cursor_execute``."""
+    return bool(
+        getattr(context, "_is_server_side", False)
+        or context.execution_options.get("stream_results")
+    )
 
 
 def _refuse_streaming_that_loses_errors(
@@ -784,7 +840,8 @@ def _refuse_streaming_that_loses_errors(
                 reason=(
                     f"the {dialect.driver} driver ends a streamed result without an error when "
                     "a lock fails while rows are fetched (a truncated result, silently); "
-                    "execute this locking query without stream_results / yield_per, or use "
+                    "execute this locking query without stream_results / yield_per (and on "
+                    "an engine made without server_side_cursors=True), or use "
                     "skip_locked=True, or another driver"
                 ),
             )
@@ -837,8 +894,8 @@ def _refuse_unrendered(
 
 
 def _verify_rendered(found: _Found, plan: RowLockPlan, dialect: Dialect) -> None:
-    """A nested SELECT's clause was rendered when the statement was built; refuse to run it
-    if that is not the clause planned for this server (it would lock differently)."""
+    """A nested (or wrapped) SELECT's clause was rendered when the statement was built; refuse
+    to run it if that is not the clause planned for this server (it would lock differently)."""
     key = server_key(dialect)
     ok = found.verified.get(key)
     if ok is None:
@@ -859,8 +916,9 @@ def _verify_rendered(found: _Found, plan: RowLockPlan, dialect: Dialect) -> None
             plan.capabilities,
             *(plan.requested.names or ("FOR UPDATE",)),
             reason=(
-                "a SELECT locked by with_row_locks() and nested in another statement is "
-                f"rendered when it is built; here it would not be {plan.clause!r}: pass the "
+                "a SELECT locked by with_row_locks() and nested in another statement (or "
+                "wrapped by lambda_stmt() / from_statement()) is rendered when it is built; "
+                f"here it would not be {plan.clause!r}: pass the "
                 "session or connection to with_row_locks() so that it is planned for this "
                 "server"
             ),
