@@ -17,14 +17,15 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, event, insert, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError, PendingRollbackError
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
 
 import locksafe
 import locksafe.sqlite
 from conftest import Cell
 from locksafe import LockErrorKind, LockUnavailable, RetryDetails, transactional
+from locksafe.classify import RETRYABLE_KINDS
 
 metadata = MetaData()
 accounts = Table(
@@ -34,6 +35,17 @@ accounts = Table(
     Column("balance", Integer, nullable=False),
     Column("note", String(40)),
 )
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    """The ORM view of ``accounts``: its changes are written by a flush."""
+
+    __table__ = accounts
+
 
 BARRIER_TIMEOUT = 10
 
@@ -47,17 +59,20 @@ def _no_backoff() -> Iterator[None]:
         locksafe.set_testing(False)
 
 
-def engine_for(cell: Cell, **kw: Any) -> Any:
-    """The cell's engine, with fast deadlock detection and bounded lock waits."""
+def engine_for(cell: Cell, *, lock_wait: int = 10, **kw: Any) -> Any:
+    """The cell's engine, with fast deadlock detection and lock waits bounded by
+    ``lock_wait`` seconds (at least 1: MariaDB's unit)."""
+    if cell.backend == "sqlite":
+        kw.setdefault("connect_args", {}).setdefault("timeout", min(lock_wait, 5))
     engine = cell.engine(**kw)
     sync = engine.sync_engine if cell.is_async else engine
     if cell.backend == "sqlite":
-        locksafe.sqlite.configure(engine, busy_timeout=5, begin="deferred")
+        locksafe.sqlite.configure(engine, busy_timeout=min(lock_wait, 5), begin="deferred")
     else:
         settings = (
-            ["SET deadlock_timeout = '100ms'", "SET lock_timeout = '10s'"]
+            ["SET deadlock_timeout = '100ms'", f"SET lock_timeout = '{lock_wait}s'"]
             if cell.backend == "postgresql"
-            else ["SET SESSION innodb_lock_wait_timeout = 10"]
+            else [f"SET SESSION innodb_lock_wait_timeout = {lock_wait}"]
         )
 
         @event.listens_for(sync, "connect")
@@ -440,10 +455,12 @@ def test_sessionmaker_gives_a_fresh_session_per_attempt(cell: Cell) -> None:
     assert balances(cell) == {1: 1}, "only the successful attempt's write is committed"
 
 
-@pytest.mark.cells("postgresql+psycopg2", "postgresql+asyncpg", "mysql+pymysql", "mysql+aiomysql")
-def test_commit_that_may_have_succeeded_is_never_retried(cell: Cell) -> None:
+@pytest.mark.cells("postgresql", "mariadb")
+@pytest.mark.parametrize("committer", ["decorator", "function"])
+def test_commit_that_may_have_succeeded_is_never_retried(cell: Cell, committer: str) -> None:
     """The connection dies during COMMIT (killed for real by another connection): the outcome
-    is unknown, so the error goes up as it is — even with a retry_on that accepts anything."""
+    is unknown, so the error goes up as it is — even with a retry_on that accepts anything.
+    The same when the function sends that COMMIT itself, as its last act."""
     seed(cell, {1: 0})
     engine = engine_for(cell)
     sync = engine.sync_engine if cell.is_async else engine
@@ -469,10 +486,14 @@ def test_commit_that_may_have_succeeded_is_never_retried(cell: Cell) -> None:
     @transactional(attempts=5, retry_on=lambda exc: True)
     def work(*, session: Session) -> None:
         body(session)
+        if committer == "function":
+            session.commit()  # its last act: allowed, nothing runs after it
 
     @transactional(attempts=5, retry_on=lambda exc: True)
     async def work_async(*, session: AsyncSession) -> None:
         await session.run_sync(body)
+        if committer == "function":
+            await session.commit()
 
     with killer:
         if cell.is_async:
@@ -481,6 +502,8 @@ def test_commit_that_may_have_succeeded_is_never_retried(cell: Cell) -> None:
                 async with AsyncSession(engine) as session:
                     with pytest.raises(DBAPIError) as info:
                         await work_async(session=session)
+                    assert not session.in_transaction()
+                    await session.execute(select(1))  # usable: a new connection
                     return info.value
 
             error = cell.run_async(main)
@@ -489,6 +512,8 @@ def test_commit_that_may_have_succeeded_is_never_retried(cell: Cell) -> None:
             def run(session: Session) -> BaseException:
                 with pytest.raises(DBAPIError) as info:
                     work(session=session)
+                assert not session.in_transaction()
+                session.execute(select(1))  # usable: a new connection
                 return info.value
 
             error = cell.run_session(run, engine=engine)
@@ -1022,3 +1047,450 @@ def test_a_custom_retry_on_that_ran_out_raises_the_last_error_as_it_is(cell: Cel
     assert calls == [1, 1, 1]
     assert [d.kind for d in seen] == [None, None]
     assert all(isinstance(d.exception, IntegrityError) for d in seen)
+
+
+@pytest.mark.cells("postgresql+psycopg2", "postgresql+asyncpg", "mysql+pymysql", "mysql+aiomysql")
+def test_an_inner_commit_that_may_have_succeeded_is_not_retried_around_it(cell: Cell) -> None:
+    """An inner @transactional (its own session) loses its connection during COMMIT: the
+    outer one, even with a retry_on that accepts anything, must not run it again."""
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    sync = engine.sync_engine if cell.is_async else engine
+    inner_calls: list[int] = []
+    outer_calls: list[int] = []
+    killer = locksafe.testing.OtherConnection(cell.admin_url)
+
+    @event.listens_for(sync, "commit")
+    def kill_own_connection(conn: Any) -> None:
+        pid = conn.exec_driver_sql(
+            "SELECT pg_backend_pid()" if cell.backend == "postgresql" else "SELECT CONNECTION_ID()"
+        ).scalar_one()
+        sql = (
+            f"SELECT pg_terminate_backend({pid}, 5000)"
+            if cell.backend == "postgresql"
+            else f"KILL CONNECTION {pid}"
+        )
+        killer.execute(sql)
+
+    def audit_body(session: Session) -> None:
+        inner_calls.append(1)
+        session.execute(update(accounts).values(balance=accounts.c.balance + 1))
+
+    if cell.is_async:
+        factory: Any = async_sessionmaker(engine)
+
+        @transactional(sessionmaker=factory)
+        async def audit_async(*, session: AsyncSession = locksafe.NEW_SESSION) -> None:
+            await session.run_sync(audit_body)
+
+        @transactional(attempts=5, retry_on=lambda exc: True, sessionmaker=factory)
+        async def handler_async(*, session: AsyncSession = locksafe.NEW_SESSION) -> None:
+            outer_calls.append(1)
+            await session.execute(select(accounts))
+            await audit_async()
+
+        async def main() -> BaseException:
+            with pytest.raises(DBAPIError) as info:
+                await handler_async()
+            return info.value
+
+        def call() -> BaseException:
+            return cell.run_async(main)
+
+    else:
+        factory = sessionmaker(engine)
+
+        @transactional(sessionmaker=factory)
+        def audit(*, session: Session = locksafe.NEW_SESSION) -> None:
+            audit_body(session)
+
+        @transactional(attempts=5, retry_on=lambda exc: True, sessionmaker=factory)
+        def handler(*, session: Session = locksafe.NEW_SESSION) -> None:
+            outer_calls.append(1)
+            session.execute(select(accounts)).all()
+            audit()
+
+        def call() -> BaseException:
+            with pytest.raises(DBAPIError) as info:
+                handler()
+            return info.value
+
+    with killer:
+        error = call()
+    assert locksafe.classify(error) is None
+    assert inner_calls == [1]
+    assert outer_calls == [1], "the outer call ran again an inner COMMIT with an unknown outcome"
+    assert balances(cell) == {1: 0}
+
+
+@pytest.mark.cells("sqlite")
+def test_the_functions_own_commit_refused_with_a_lock_error_is_retried(cell: Cell) -> None:
+    """SQLite (rollback journal) refuses the COMMIT the function sends itself: a reader holds
+    the database, the COMMIT gets "database is locked". The server reported a lock error for
+    that COMMIT, so nothing was committed, and the whole function runs again — as when the
+    decorator's own COMMIT is refused."""
+    cell.create_all(metadata)
+    with cell.sync_engine().connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode = delete").scalar() == "delete"
+    with cell.sync_engine().begin() as conn:
+        conn.execute(insert(accounts).values(id=1, balance=0))
+    engine = cell.engine(connect_args={"timeout": 1})
+    locksafe.sqlite.configure(engine, busy_timeout=1, journal_mode=None)  # keep "delete"
+    path = cell.url.database
+    assert path
+    reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    reader.execute("BEGIN")
+    reader.execute("SELECT * FROM tx_accounts").fetchall()  # a SHARED lock, held
+    calls: list[int] = []
+    seen: list[RetryDetails] = []
+    refused: list[BaseException] = []  # what the function's own commit() raised
+
+    def release(details: RetryDetails) -> None:
+        seen.append(details)
+        reader.execute("ROLLBACK")
+
+    def body(session: Session) -> None:
+        calls.append(1)
+        session.execute(update(accounts).values(balance=accounts.c.balance + 1))
+
+    try:
+        if cell.is_async:
+
+            @transactional(attempts=3, on_retry=release)
+            async def work_async(*, session: AsyncSession) -> None:
+                await session.run_sync(body)
+                try:
+                    await session.commit()
+                except DBAPIError as exc:
+                    refused.append(exc)
+                    raise
+
+            async def main() -> None:
+                async with AsyncSession(engine) as session:
+                    await work_async(session=session)
+
+            cell.run_async(main)
+        else:
+
+            @transactional(attempts=3, on_retry=release)
+            def work(*, session: Session) -> None:
+                body(session)
+                try:
+                    session.commit()
+                except DBAPIError as exc:
+                    refused.append(exc)
+                    raise
+
+            cell.run_session(lambda s: work(session=s), engine=engine)
+    finally:
+        reader.close()
+    assert [d.kind for d in seen] == [LockErrorKind.DATABASE_BUSY]
+    assert [d.exception for d in seen] == refused, "not the COMMIT that was refused"
+    assert calls == [1, 1]
+    assert balances(cell) == {1: 1}
+
+
+# -- a failed flush the function caught -----------------------------------------------------
+
+
+@pytest.mark.cells("sqlite", "postgresql")
+def test_a_flush_error_the_function_swallows_fails_the_call(cell: Cell) -> None:
+    """The function catches the IntegrityError of a flush and returns: SQLAlchemy rolled the
+    whole transaction back, so nothing can be committed. The call fails (it does not report a
+    success with nothing committed), is not retried, and the session is usable."""
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    calls: list[int] = []
+    swallowed: list[BaseException] = []
+
+    if cell.is_async:
+
+        @transactional(attempts=3)
+        async def create_async(*, session: AsyncSession) -> str:
+            calls.append(1)
+            session.add(Account(id=2, balance=0, note="important"))
+            await session.flush()
+            try:
+                session.add(Account(id=1, balance=0, note="optional duplicate"))
+                await session.flush()
+            except IntegrityError as exc:
+                swallowed.append(exc)  # "optional row skipped"
+            return "created"
+
+        async def main() -> BaseException:
+            async with AsyncSession(engine) as session:
+                with pytest.raises(PendingRollbackError) as info:
+                    await create_async(session=session)
+                assert not session.in_transaction()
+                await session.execute(select(accounts))  # usable
+                return info.value
+
+        error = cell.run_async(main)
+    else:
+
+        @transactional(attempts=3)
+        def create(*, session: Session) -> str:
+            calls.append(1)
+            session.add(Account(id=2, balance=0, note="important"))
+            session.flush()
+            try:
+                session.add(Account(id=1, balance=0, note="optional duplicate"))
+                session.flush()
+            except IntegrityError as exc:
+                swallowed.append(exc)  # "optional row skipped"
+            return "created"
+
+        def run(session: Session) -> BaseException:
+            with pytest.raises(PendingRollbackError) as info:
+                create(session=session)
+            assert not session.in_transaction()
+            session.execute(select(accounts)).all()  # usable
+            return info.value
+
+        error = cell.run_session(run, engine=engine)
+    assert len(swallowed) == 1, "no flush failed"
+    assert error.__cause__ is swallowed[0], "not chained from the error SQLAlchemy recorded"
+    assert "create" in str(error)
+    assert calls == [1], "a non-lock error was retried"
+    assert balances(cell) == {1: 0}, "work of a rolled-back transaction was committed"
+
+
+@pytest.mark.cells("sqlite", "postgresql")
+@pytest.mark.parametrize("savepoint", [False, True], ids=["flush", "flush-in-open-savepoint"])
+def test_a_lock_error_the_function_swallows_in_a_flush_is_retried(
+    cell: Cell, savepoint: bool
+) -> None:
+    """The function catches a real lock error raised by a flush and returns: the transaction
+    (or the savepoint the function left open) is rolled back, so the decorator retries the
+    whole function, which then commits."""
+    seed(cell, {1: 0})
+    engine = engine_for(cell, lock_wait=1)
+    calls: list[int] = []
+    handled: list[LockErrorKind | None] = []
+    seen: list[RetryDetails] = []
+    other = cell.other()
+
+    def release(details: RetryDetails) -> None:
+        seen.append(details)
+        other.rollback()
+
+    if cell.is_async:
+
+        @transactional(attempts=3, on_retry=release)
+        async def bump_async(*, session: AsyncSession) -> int:
+            calls.append(1)
+            account = await session.get(Account, 1)
+            assert account is not None
+            if savepoint:
+                await session.begin_nested()  # left open: the decorator's commit releases it
+            account.balance += 1
+            try:
+                await session.flush()
+            except DBAPIError as exc:
+                handled.append(locksafe.classify(exc))  # "busy: skip it this time"
+            return len(calls)
+
+        async def main() -> int:
+            async with AsyncSession(engine) as session:
+                return await bump_async(session=session)
+
+        def call() -> int:
+            return cell.run_async(main)
+
+    else:
+
+        @transactional(attempts=3, on_retry=release)
+        def bump(*, session: Session) -> int:
+            calls.append(1)
+            account = session.get(Account, 1)
+            assert account is not None
+            if savepoint:
+                session.begin_nested()  # left open: the decorator's commit releases it
+            account.balance += 1
+            try:
+                session.flush()
+            except DBAPIError as exc:
+                handled.append(locksafe.classify(exc))  # "busy: skip it this time"
+            return len(calls)
+
+        def call() -> int:
+            return cell.run_session(lambda s: bump(session=s), engine=engine)
+
+    with other:
+        other.execute(locksafe.with_row_locks(ROW_1))
+        result = call()
+    assert len(handled) == 1
+    assert handled[0] in RETRYABLE_KINDS, "no real lock error was swallowed"
+    assert result == 2, "the swallowed lock error was not retried"
+    assert [d.kind for d in seen] == handled
+    assert isinstance(seen[0].exception, PendingRollbackError)
+    assert balances(cell) == {1: 1}, "the retried attempt's work was not committed"
+
+
+# -- scoped sessions ------------------------------------------------------------------------
+
+SCOPED_CELLS = ("sqlite+pysqlite", "sqlite+aiosqlite", "postgresql+psycopg2", "postgresql+asyncpg")
+
+
+def bump_balance(session: Session) -> None:
+    session.execute(update(accounts).values(balance=accounts.c.balance + 1))
+
+
+@pytest.mark.cells(*SCOPED_CELLS)
+def test_a_scoped_session_is_accepted_as_the_session(cell: Cell) -> None:
+    """scoped_session / async_scoped_session passed as ``session``: the registry's session is
+    the one the decorator begins and commits, or leaves alone when it is in a transaction."""
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+
+    if cell.is_async:
+        scoped_async = async_scoped_session(
+            async_sessionmaker(engine), scopefunc=asyncio.current_task
+        )
+
+        @transactional
+        async def bump_async(*, session: Any) -> None:
+            await session.execute(update(accounts).values(balance=accounts.c.balance + 1))
+
+        async def main() -> tuple[bool, bool]:
+            await bump_async(session=scoped_async)  # owned: begun and committed
+            owned_left_open = scoped_async().in_transaction()
+            await scoped_async.begin()  # the caller's transaction
+            await bump_async(session=scoped_async)  # nested: not committed
+            still_open = scoped_async().in_transaction()
+            await scoped_async.rollback()
+            await scoped_async.remove()
+            return owned_left_open, still_open
+
+        owned_left_open, still_open = cell.run_async(main)
+    else:
+        scoped = scoped_session(sessionmaker(engine))
+
+        @transactional
+        def bump(*, session: Any) -> None:
+            bump_balance(session)
+
+        bump(session=scoped)
+        owned_left_open = scoped().in_transaction()
+        scoped.begin()
+        bump(session=scoped)
+        still_open = scoped().in_transaction()
+        scoped.rollback()
+        scoped.remove()
+    assert not owned_left_open
+    assert still_open, "the decorator ended the caller's transaction"
+    assert balances(cell) == {1: 1}, "owned: committed once; nested: left to the caller"
+
+
+@pytest.mark.cells(*SCOPED_CELLS)
+def test_a_scoped_registry_as_sessionmaker_owns_only_what_it_creates(cell: Cell) -> None:
+    """``sessionmaker=`` a scoped registry (Airflow's settings.Session): an inner call gets the
+    caller's thread-local session. In a transaction, that is nested use: the caller's work and
+    the inner work commit or roll back together. Out of a transaction, the decorator begins
+    and commits it, but does not close it (the caller's objects stay attached). A session the
+    decorator created is closed and removed from the registry."""
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    notes = update(accounts).where(accounts.c.id == 1)
+
+    if cell.is_async:
+        registry_async = async_scoped_session(
+            async_sessionmaker(engine), scopefunc=asyncio.current_task
+        )
+
+        @transactional(sessionmaker=registry_async)
+        async def inner_async(*, session: AsyncSession = locksafe.NEW_SESSION) -> None:
+            await session.run_sync(bump_balance)
+
+        async def main() -> dict[str, Any]:
+            facts: dict[str, Any] = {}
+            await inner_async()  # no session in the registry: created, committed, removed
+            facts["created_removed"] = not registry_async.registry.has()
+            outer = registry_async()
+            await outer.execute(notes.values(note="outer before"))
+            await inner_async()
+            facts["outer_open"] = outer.in_transaction()
+            await outer.execute(notes.values(note="outer after"))
+            facts["before_rollback"] = await outer.run_sync(lambda s: balances_in(s))
+            await outer.rollback()  # the inner work goes with the caller's
+            account = await outer.get(Account, 1)
+            await outer.commit()  # out of a transaction; account stays in the session
+            await inner_async()
+            facts["attached"] = account in outer
+            facts["same"] = registry_async() is outer
+            await registry_async.remove()
+            return facts
+
+        facts = cell.run_async(main)
+    else:
+        registry = scoped_session(sessionmaker(engine))
+
+        @transactional(sessionmaker=registry)
+        def inner(*, session: Session = locksafe.NEW_SESSION) -> None:
+            bump_balance(session)
+
+        facts = {}
+        inner()
+        facts["created_removed"] = not registry.registry.has()
+        outer = registry()
+        outer.execute(notes.values(note="outer before"))
+        inner()
+        facts["outer_open"] = outer.in_transaction()
+        outer.execute(notes.values(note="outer after"))
+        facts["before_rollback"] = balances_in(outer)
+        outer.rollback()
+        account = outer.get(Account, 1)
+        outer.commit()
+        inner()
+        facts["attached"] = account in outer
+        facts["same"] = registry() is outer
+        registry.remove()
+    assert facts["created_removed"], "the session the decorator created was left in the registry"
+    assert facts["outer_open"], "the inner call ended the caller's transaction"
+    assert facts["before_rollback"] == {1: 2}, "the inner work is not in the caller's transaction"
+    assert facts["attached"], "the decorator closed a session it did not create"
+    assert facts["same"]
+    assert balances(cell) == {1: 2}, "first call and last call committed; the nested one not"
+
+
+def balances_in(session: Session) -> dict[int, int]:
+    return {r.id: r.balance for r in session.execute(select(accounts))}
+
+
+# -- hostile exceptions ---------------------------------------------------------------------
+
+
+class ProxyError(Exception):
+    """A proxy exception (wrapt-style) whose target is gone: every attribute lookup fails,
+    ``__cause__`` and ``__context__`` included."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("__") and name not in ("__cause__", "__context__"):
+            return object.__getattribute__(self, name)
+        raise RuntimeError(f"proxy target gone ({name})")
+
+
+@pytest.mark.cells("sqlite+pysqlite")
+@pytest.mark.parametrize("retry_on", sorted(RETRY_ON))
+def test_an_exception_whose_attributes_raise_goes_up_as_it_is(cell: Cell, retry_on: str) -> None:
+    seed(cell, {1: 0})
+    calls: list[int] = []
+    raised: list[BaseException] = []
+
+    @transactional(attempts=3, **RETRY_ON[retry_on])
+    def work(*, session: Session) -> None:
+        calls.append(1)
+        bump_balance(session)
+        error = ProxyError("the real problem")
+        raised.append(error)
+        raise error
+
+    def run(session: Session) -> BaseException:
+        with pytest.raises(ProxyError) as info:
+            work(session=session)
+        return info.value
+
+    error = cell.run_session(run, engine=engine_for(cell))
+    assert error is raised[-1]
+    assert len(calls) == (3 if retry_on == "anything" else 1)
+    assert balances(cell) == {1: 0}

@@ -11,6 +11,7 @@ never after a ``COMMIT`` whose outcome is unknown, and never an interruption
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -23,6 +24,10 @@ from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
 import tenacity
+from sqlalchemy.exc import PendingRollbackError
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.session import SessionTransactionState
+from sqlalchemy.util import ScopedRegistry
 
 from locksafe.classify import RETRYABLE_KINDS, classify_raised, is_retryable_lock_error
 from locksafe.kinds import LockErrorKind, LockUnavailable
@@ -43,25 +48,47 @@ T = TypeVar("T")
 _MAX_CHAIN: Final = 64
 
 
-def _gave_up(exc: BaseException) -> bool:
-    """Whether ``exc`` is, or was raised from, a :class:`LockUnavailable`: a
+#: Set (to ``True``) on an error after which work may be committed: a COMMIT whose outcome is
+#: unknown, an error raised after the function ended its transaction itself. No
+#: :func:`transactional` retries it, the one that saw it happen or one around it.
+_MAY_HAVE_COMMITTED: Final = "_locksafe_may_have_committed"
+
+
+def _mark_may_have_committed(exc: BaseException) -> None:
+    # an exception that refuses attributes: the call's own record (``final``) remains
+    with contextlib.suppress(Exception):
+        setattr(exc, _MAY_HAVE_COMMITTED, True)
+
+
+def _settled(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised from, a :class:`LockUnavailable` (a
     :func:`transactional` inside already retried and gave up; retrying again would multiply
-    its attempts and its time budget."""
+    its attempts and its time budget) or an error after which work may be committed (a
+    :func:`transactional` inside lost the connection during its COMMIT...).
+
+    Never raises: an exception whose attribute access fails (a proxy whose target is gone)
+    ends the walk there, and the error the function raised goes on as it is."""
     node: object = exc
     for _ in range(_MAX_CHAIN):
-        if isinstance(node, LockUnavailable):
-            return True
-        node = getattr(node, "__cause__", None)
-        if not isinstance(node, BaseException):
+        try:
+            if isinstance(node, LockUnavailable):
+                return True
+            if getattr(node, _MAY_HAVE_COMMITTED, False) is True:
+                return True
+            node = getattr(node, "__cause__", None)
+            if not isinstance(node, BaseException):
+                return False
+        except Exception:
             return False
     return False
 
 
 def _never_retried(exc: BaseException) -> bool:
     """What no ``retry_on`` can make retryable: interruptions (``KeyboardInterrupt``,
-    ``SystemExit``, a cancelled task, ``GeneratorExit``: anything not an ``Exception``) and
-    lock failures an inner :func:`transactional` already gave up on."""
-    return not isinstance(exc, Exception) or _gave_up(exc)
+    ``SystemExit``, a cancelled task, ``GeneratorExit``: anything not an ``Exception``), lock
+    failures an inner :func:`transactional` already gave up on, and errors after which work
+    may be committed."""
+    return not isinstance(exc, Exception) or _settled(exc)
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -284,6 +311,24 @@ class _Call:
         if self.policy.on_retry is not None:
             self.policy.on_retry(details)
 
+    def body_failed(self, exc: BaseException, tx: object) -> None:
+        """The function raised ``exc`` inside the decorator's transaction ``tx``. If it had
+        ended that transaction itself, ``exc`` is final: after its own COMMIT was sent, as
+        for the decorator's COMMIT, only a lock error the server reported proves nothing was
+        committed; after it committed (or rolled back), running it again would redo work
+        that may be committed."""
+        state = _state(tx)
+        if state is SessionTransactionState.PREPARED:
+            if not _is_retryable(exc):
+                self.may_have_committed(exc)
+        elif state in _ENDED_BY_FUNCTION:
+            self.may_have_committed(exc)
+
+    def may_have_committed(self, exc: BaseException) -> None:
+        """``exc`` goes up as it is, from this call and from any call around it."""
+        self.final.add(id(exc))
+        _mark_may_have_committed(exc)
+
     def exit_error(self, exc: BaseException, body_error: BaseException | None) -> BaseException:
         """What to raise when the transaction block raised ``exc``; ``body_error`` is what the
         function itself raised, ``None`` if it returned (then the COMMIT at exit failed)."""
@@ -291,7 +336,7 @@ class _Call:
             if not _is_retryable(exc):
                 # Only a lock error the server reported for the COMMIT proves it did not
                 # happen; anything else (a lost connection...) may hide a successful commit.
-                self.final.add(id(exc))
+                self.may_have_committed(exc)
             return exc
         if exc is body_error or not isinstance(exc, Exception):
             return exc  # an interruption during the rollback wins
@@ -392,6 +437,70 @@ def _with_session(
     return args, {**kwargs, "session": session}
 
 
+def _registry(obj: object) -> ScopedRegistry[Any] | None:
+    """The registry of a ``scoped_session`` / ``async_scoped_session`` (Airflow's
+    ``settings.Session`` is one), ``None`` for anything else."""
+    registry = getattr(obj, "registry", None) if callable(obj) else None
+    return registry if isinstance(registry, ScopedRegistry) else None
+
+
+def _current(session: Any) -> Any:
+    """The session itself, or for a scoped session the registry's session for this scope
+    (the one every call through the proxy reaches)."""
+    return session() if _registry(session) is not None else session
+
+
+# -- the state of the decorator's transaction -------------------------------------------------
+
+#: The function ended the transaction (committed, rolled back, closed its session) or its own
+#: COMMIT went further than the flush (``PREPARED``: the COMMIT was sent; ``COMMITTED``: it
+#: succeeded and a hook failed).
+_ENDED_BY_FUNCTION: Final = frozenset(
+    {
+        SessionTransactionState.PREPARED,
+        SessionTransactionState.COMMITTED,
+        SessionTransactionState.CLOSED,
+    }
+)
+
+
+def _state(tx: object) -> object:
+    # SQLAlchemy's own ``with session.begin()`` decides on this state too
+    # (``_transaction_is_active`` / ``_transaction_is_closed``); no public attribute tells a
+    # transaction deactivated by a failed flush from one closed or being committed.
+    return getattr(tx, "_state", None) if isinstance(tx, SessionTransaction) else None
+
+
+def _swallowed(session: object, tx: object, operation: str) -> PendingRollbackError | None:
+    """The error to raise when the function *returned* although a failed flush it caught
+    rolled back the decorator's transaction (or a savepoint the function left open in it):
+    SQLAlchemy's ``with session.begin()`` would end it quietly, committing nothing. ``None``
+    when the transaction is fine (or the function ended it itself)."""
+    if not isinstance(session, Session) or not isinstance(tx, SessionTransaction):
+        return None
+    chain: list[SessionTransaction] = []
+    node = session.get_nested_transaction()
+    while node is not None and node is not tx and len(chain) < _MAX_CHAIN:
+        chain.append(node)
+        node = node.parent
+    chain.append(tx)
+    for transaction in chain:
+        if _state(transaction) is not SessionTransactionState.DEACTIVE:
+            continue
+        original = getattr(transaction, "_rollback_exception", None)
+        what = type(original).__name__ if original is not None else "a database error"
+        error = PendingRollbackError(
+            f"@transactional: {operation}() returned, but its transaction had been rolled back "
+            f"by a failed flush ({what}) that it caught: nothing was committed. Let the error "
+            "go up (the decorator rolls back, and retries lock errors), or run the work that "
+            "may fail in `with session.begin_nested():`",
+            code="7s2a",
+        )
+        error.__cause__ = original if isinstance(original, BaseException) else None
+        return error
+    return None
+
+
 @overload
 def transactional(fn: Callable[P, T], /) -> Callable[P, T]: ...
 
@@ -436,12 +545,22 @@ def transactional(
     - the session is already in a transaction the decorator did not begin (nested use): the
       function runs once, nothing is committed or rolled back, errors go up to the owner;
     - with ``sessionmaker=`` and no session passed: a fresh session per attempt is injected as
-      ``session`` and closed afterwards.
+      ``session`` and closed afterwards. A scoped registry (``scoped_session``) as
+      ``sessionmaker`` returns the caller's session when there is one: in a transaction, that
+      is nested use; otherwise the decorator owns the transaction, and closes (and removes
+      from the registry) only a session this call created.
+
+    A ``scoped_session`` / ``async_scoped_session`` passed as ``session`` stands for the
+    registry's current session.
 
     The transaction the decorator owns is the decorator's: the function runs inside
     ``session.begin()`` used as a context manager, so work after the function's own
     ``commit()`` or ``rollback()`` fails at once with SQLAlchemy's ``InvalidRequestError``
     ("Can't operate on closed transaction inside context manager"), which is not retried.
+    Whatever the function raises after it ended the transaction itself is never retried; its
+    own final ``commit()`` that fails is judged like the decorator's (below). A function that
+    *returns* after catching the error of a failed flush (which rolled the transaction back)
+    gets ``PendingRollbackError`` raised from that error: retried if it was a lock error.
 
     Retried: only an error that itself reports a retryable lock error (``retry_on``'s default;
     an application error raised while handling one is the application's answer and is not).
@@ -525,33 +644,56 @@ def _sync_wrapper(
 ) -> Callable[..., T]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        session = _find_session(position, args, kwargs)
-        if session is None and sessionmaker is None:
+        given = _find_session(position, args, kwargs)
+        if given is None and sessionmaker is None:
             raise _no_session(policy)
         call = _Call(policy)
-        if session is not None and session.in_transaction():
-            result = func(*args, **kwargs)  # nested: the owner commits and retries
-            call.refuse_awaitable(result)
+        session = _current(given)
+
+        def nested(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
+            """The session is in a transaction the decorator did not begin: run once; the
+            owner commits, rolls back and retries."""
+            try:
+                result = func(*call_args, **call_kwargs)
+                call.refuse_awaitable(result)
+            except BaseException as exc:
+                call.final.add(id(exc))
+                raise
             return result
 
         def attempt_once() -> T:
             call.attempts += 1
-            if session is None:
-                assert sessionmaker is not None
-                with sessionmaker() as fresh:
-                    call_args, call_kwargs = _with_session(position, args, kwargs, fresh)
-                    return run_in(fresh, call_args, call_kwargs)
-            return run_in(session, args, kwargs)
+            if session is not None:
+                return run_in(session, args, kwargs)
+            assert sessionmaker is not None
+            registry = _registry(sessionmaker)
+            created = registry is not None and not registry.has()
+            made = sessionmaker()
+            call_args, call_kwargs = _with_session(position, args, kwargs, made)
+            if made.in_transaction():  # a scoped session its caller is using: not ours
+                return nested(call_args, call_kwargs)
+            if registry is None:
+                with made:
+                    return run_in(made, call_args, call_kwargs)
+            try:
+                return run_in(made, call_args, call_kwargs)
+            finally:
+                if created:  # only the session this call created is closed, and forgotten
+                    sessionmaker.remove()  # type: ignore[attr-defined]
 
         def run_in(owned: Any, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
             body_error: BaseException | None = None
             try:
-                with owned.begin():
+                with owned.begin() as tx:
                     try:
                         result = func(*call_args, **call_kwargs)
                         call.refuse_awaitable(result)
+                        swallowed = _swallowed(owned, tx, policy.operation)
+                        if swallowed is not None:
+                            raise swallowed
                     except BaseException as exc:
                         body_error = exc
+                        call.body_failed(exc, tx)
                         raise
             except BaseException as exc:
                 error = call.exit_error(exc, body_error)
@@ -561,6 +703,8 @@ def _sync_wrapper(
                 return result
             raise error  # the function's error, not the rollback's (logged)
 
+        if session is not None and session.in_transaction():
+            return nested(args, kwargs)
         try:
             return tenacity.Retrying(**call.retrying_kwargs())(attempt_once)
         except Exception as exc:
@@ -580,30 +724,58 @@ def _async_wrapper(
 ) -> Callable[..., Awaitable[T]]:
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
-        session = _find_session(position, args, kwargs)
-        if session is None and sessionmaker is None:
+        given = _find_session(position, args, kwargs)
+        if given is None and sessionmaker is None:
             raise _no_session(policy)
         call = _Call(policy)
-        if session is not None and session.in_transaction():
-            return await func(*args, **kwargs)
+        session = _current(given)
+
+        async def nested(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
+            """The session is in a transaction the decorator did not begin: run once; the
+            owner commits, rolls back and retries."""
+            try:
+                return await func(*call_args, **call_kwargs)
+            except BaseException as exc:
+                call.final.add(id(exc))
+                raise
 
         async def attempt_once() -> T:
             call.attempts += 1
-            if session is None:
-                assert sessionmaker is not None
-                async with sessionmaker() as fresh:
-                    call_args, call_kwargs = _with_session(position, args, kwargs, fresh)
-                    return await run_in(fresh, call_args, call_kwargs)
-            return await run_in(session, args, kwargs)
+            if session is not None:
+                return await run_in(session, args, kwargs)
+            assert sessionmaker is not None
+            registry = _registry(sessionmaker)
+            created = registry is not None and not registry.has()
+            made = sessionmaker()
+            call_args, call_kwargs = _with_session(position, args, kwargs, made)
+            if made.in_transaction():  # a scoped session its caller is using: not ours
+                return await nested(call_args, call_kwargs)
+            if registry is None:
+                async with made:
+                    return await run_in(made, call_args, call_kwargs)
+            try:
+                return await run_in(made, call_args, call_kwargs)
+            finally:
+                if created:  # only the session this call created is closed, and forgotten
+                    removed = sessionmaker.remove()  # type: ignore[attr-defined]
+                    if inspect.isawaitable(removed):
+                        await removed
 
         async def run_in(owned: Any, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
             body_error: BaseException | None = None
             try:
-                async with owned.begin():
+                async with owned.begin() as async_tx:
+                    tx = getattr(async_tx, "sync_transaction", None)
                     try:
                         result = await func(*call_args, **call_kwargs)
+                        swallowed = _swallowed(
+                            getattr(owned, "sync_session", None), tx, policy.operation
+                        )
+                        if swallowed is not None:
+                            raise swallowed
                     except BaseException as exc:
                         body_error = exc
+                        call.body_failed(exc, tx)
                         raise
             except BaseException as exc:
                 error = call.exit_error(exc, body_error)
@@ -613,6 +785,8 @@ def _async_wrapper(
                 return result
             raise error  # the function's error, not the rollback's (logged)
 
+        if session is not None and session.in_transaction():
+            return await nested(args, kwargs)
         try:
             return await tenacity.AsyncRetrying(**call.retrying_kwargs())(attempt_once)
         except Exception as exc:
