@@ -6,22 +6,26 @@ import logging
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import Column, Integer, MetaData, Table, insert, select
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import locksafe
 from conftest import Cell
 from locksafe import LockErrorKind, LockUnavailable
+from locksafe.classify import RETRYABLE_KINDS
 from locksafe.starlette import BODY, install_lock_error_handlers, lock_error_response
 from locksafe.testing import hold_row_lock
 
@@ -30,8 +34,17 @@ rows = Table("http_rows", metadata, Column("id", Integer, primary_key=True, auto
 
 
 def build(
-    cell: Cell, framework: str, *, previous: Any = None, previous_for: type = DBAPIError
+    cell: Cell,
+    framework: str,
+    *,
+    previous: Any = None,
+    previous_for: type = DBAPIError,
+    order: str = "before",
+    release: Callable[[], object] = lambda: None,
 ) -> TestClient:
+    """The app; ``previous`` is its own handler for ``previous_for``, registered ``order``
+    ("before" or "after") install_lock_error_handlers; ``release`` ends the lock holder's
+    transaction."""
     cell.create_all(metadata)
     with cell.sync_engine().begin() as conn:
         conn.execute(insert(rows).values(id=1))
@@ -54,7 +67,22 @@ def build(
             session.execute(insert(rows).values(id=1))
         return PlainTextResponse("inserted")
 
-    routes = {"/gave-up": gave_up, "/nowait": nowait, "/duplicate": duplicate}
+    def duplicate_while_handling(request: Request) -> PlainTextResponse:
+        """A real lock error, handled by a fallback write that is a duplicate: the
+        IntegrityError is the route's failure (the lock error is only its __context__)."""
+        try:
+            nowait(request)
+        except DBAPIError:
+            release()  # the other writer is done: the duplicate fails at once
+            duplicate(request)
+        return PlainTextResponse("done")
+
+    routes = {
+        "/gave-up": gave_up,
+        "/nowait": nowait,
+        "/duplicate": duplicate,
+        "/duplicate-while-handling": duplicate_while_handling,
+    }
     app: Starlette
     if framework == "fastapi":
         app = FastAPI()
@@ -62,9 +90,11 @@ def build(
             app.add_route(path, endpoint)
     else:
         app = Starlette(routes=[Route(path, endpoint) for path, endpoint in routes.items()])
-    if previous is not None:
+    if previous is not None and order == "before":
         app.add_exception_handler(previous_for, previous)
     install_lock_error_handlers(app, retry_after=4)
+    if previous is not None and order == "after":
+        app.add_exception_handler(previous_for, previous)
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -302,16 +332,158 @@ def test_install_checks_retry_after(retry_after: Any, error: type[Exception]) ->
 
 
 @pytest.mark.cells("sqlite+pysqlite")
+@pytest.mark.parametrize("order", ["before", "after"])
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
 def test_a_handler_for_a_base_class_still_gets_the_errors_that_are_not_lock_errors(
-    cell: Cell,
+    cell: Cell, order: str, framework: str
 ) -> None:
-    """The app handled SQLAlchemyError (DBAPIError's base) before: a non-lock DBAPIError
-    still reaches it, as it did before the install."""
+    """The app handles SQLAlchemyError (DBAPIError's base), registered before or after the
+    install: a non-lock DBAPIError reaches it, as it would without locksafe; lock errors get
+    503."""
 
     def previous(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"handled": type(exc).__name__}, status_code=422)
 
-    client = build(cell, "starlette", previous=previous, previous_for=SQLAlchemyError)
+    client = build(cell, framework, previous=previous, previous_for=SQLAlchemyError, order=order)
     assert client.get("/duplicate").json() == {"handled": "IntegrityError"}
     with hold_row_lock(cell.url, select(rows)):
         assert client.get("/nowait").status_code == 503
+
+
+def _answer(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"handled": type(exc).__name__}, status_code=422)
+
+
+#: (the app's handler is for, registered, path) → (status, handled by the app's handler)
+INTERACTIONS: list[tuple[type[Exception], str, str, int, bool]] = [
+    # the same class as locksafe's: kept for what locksafe does not answer...
+    (DBAPIError, "before", "/duplicate", 422, True),
+    (DBAPIError, "before", "/nowait", 503, False),
+    # ...or, registered after, it replaces locksafe's (one handler per class)
+    (DBAPIError, "after", "/duplicate", 422, True),
+    (DBAPIError, "after", "/nowait", 422, True),
+    # a more specific class: Starlette gives it its errors first, lock errors included
+    (OperationalError, "before", "/nowait", 422, True),
+    (OperationalError, "after", "/nowait", 422, True),
+    (OperationalError, "before", "/duplicate", 500, False),
+    (OperationalError, "after", "/duplicate", 500, False),
+    # LockUnavailable: locksafe answers it (for HTTP), unless the app's comes after
+    (LockUnavailable, "before", "/gave-up", 503, False),
+    (LockUnavailable, "after", "/gave-up", 422, True),
+]
+
+
+@pytest.mark.cells("sqlite+pysqlite")
+@pytest.mark.parametrize(("handled_class", "order", "path", "status", "by_app"), INTERACTIONS)
+def test_how_the_apps_own_handlers_interact(
+    cell: Cell, handled_class: type, order: str, path: str, status: int, by_app: bool
+) -> None:
+    """What docs/transactions.md ("In a web app") says about an app's own handlers."""
+    client = build(cell, "fastapi", previous=_answer, previous_for=handled_class, order=order)
+    if path == "/nowait":
+        with hold_row_lock(cell.url, select(rows)):
+            answer = client.get(path)
+    else:
+        answer = client.get(path)
+    assert answer.status_code == status, answer.text
+    assert ("handled" in answer.text) is by_app
+
+
+@pytest.mark.cells("sqlite+pysqlite", "postgresql+psycopg2", "mysql+pymysql")
+@pytest.mark.parametrize("previous", [None, _answer])
+def test_an_error_raised_while_handling_a_lock_error_is_not_a_503(
+    cell: Cell, previous: Any
+) -> None:
+    """The route handled a real lock error, and its fallback write failed with an
+    IntegrityError: that is the route's failure, not a lock error (the same reading as
+    @transactional's): the app's handler or a 500, never 503."""
+    holder = cell.other()
+    client = build(cell, "starlette", previous=previous, release=holder.rollback)
+    with holder:
+        holder.execute(locksafe.with_row_locks(select(rows)))
+        answer = client.get("/duplicate-while-handling")
+    if previous is None:
+        assert answer.status_code == 500
+    else:
+        assert answer.status_code == 422
+        assert answer.json() == {"handled": "IntegrityError"}
+    assert "Retry-After" not in answer.headers
+
+
+# -- WebSockets -----------------------------------------------------------------------------
+
+
+@pytest.mark.cells("sqlite+pysqlite", "postgresql+psycopg2", "mysql+pymysql")
+@pytest.mark.parametrize("handler", ["none", "before", "after"])
+def test_websocket_errors_are_left_as_they_would_be_without_locksafe(
+    cell: Cell, handler: str
+) -> None:
+    """A lock error, another database error or a LockUnavailable escaping a WebSocket route:
+    the same outcome with and without locksafe (the app's WebSocket-aware handler closes the
+    socket; without one, the exception itself goes on)."""
+    cell.create_all(metadata)
+    with cell.sync_engine().begin() as conn:
+        conn.execute(insert(rows).values(id=1))
+    engine = cell.sync_engine()
+
+    async def lock_ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        with Session(engine) as session:
+            session.execute(locksafe.with_row_locks(select(rows), session, nowait=True)).all()
+
+    async def duplicate_ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        with Session(engine) as session:
+            session.execute(insert(rows).values(id=1))
+
+    async def gave_up_ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        raise LockUnavailable(LockErrorKind.DEADLOCK, attempts=3, elapsed=0.1, retry_after=2)
+
+    async def close_ws(websocket: Any, exc: Exception) -> None:
+        await websocket.close(code=4000, reason=type(exc).__name__)
+
+    def run(install: bool, path: str) -> tuple[str, Any, Any]:
+        app = Starlette(
+            routes=[
+                WebSocketRoute("/lock", lock_ws),
+                WebSocketRoute("/duplicate", duplicate_ws),
+                WebSocketRoute("/gave-up", gave_up_ws),
+            ]
+        )
+        if handler == "before":
+            app.add_exception_handler(DBAPIError, close_ws)
+            app.add_exception_handler(LockUnavailable, close_ws)
+        if install:
+            install_lock_error_handlers(app)
+        if handler == "after":
+            app.add_exception_handler(DBAPIError, close_ws)
+            app.add_exception_handler(LockUnavailable, close_ws)
+        try:
+            with TestClient(app).websocket_connect(path) as websocket:
+                websocket.receive_text()
+        except WebSocketDisconnect as exc:
+            return "closed", exc.code, exc.reason
+        except Exception as exc:
+            return "raised", type(exc).__name__, locksafe.classify(exc)
+        return "no error", None, None
+
+    outcomes: dict[str, tuple[str, Any, Any]] = {}
+    for path in ("/lock", "/duplicate", "/gave-up"):
+        with hold_row_lock(cell.url, select(rows)) if path == "/lock" else nullcontext():
+            without = run(False, path)
+            assert run(True, path) == without, path
+        outcomes[path] = without
+    if handler == "none":
+        assert outcomes == {
+            "/lock": ("raised", "OperationalError", outcomes["/lock"][2]),
+            "/duplicate": ("raised", "IntegrityError", None),
+            "/gave-up": ("raised", "LockUnavailable", LockErrorKind.DEADLOCK),
+        }
+        assert outcomes["/lock"][2] in RETRYABLE_KINDS, "no real lock error"
+    else:
+        assert outcomes == {
+            "/lock": ("closed", 4000, "OperationalError"),
+            "/duplicate": ("closed", 4000, "IntegrityError"),
+            "/gave-up": ("closed", 4000, "LockUnavailable"),
+        }

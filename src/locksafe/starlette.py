@@ -1,11 +1,13 @@
 """HTTP 503 + ``Retry-After`` for lock failures in Starlette and FastAPI apps.
 
 A lock failure is not a bug in the request: the client may simply try again. Installed
-handlers turn :class:`~locksafe.LockUnavailable`, and any database error that
-:func:`~locksafe.classify` calls a retryable lock error — a SQLAlchemy ``DBAPIError``, or a
-driver's own exception that escaped unwrapped (``engine.raw_connection()``, a driver used
-directly) — into ``503 Service Unavailable`` with a ``Retry-After`` header and a fixed JSON body:
+handlers turn :class:`~locksafe.LockUnavailable`, and any database error that is itself a
+retryable lock error (:func:`~locksafe.classify.classify_raised`, as for
+:func:`~locksafe.transactional`) — a SQLAlchemy ``DBAPIError``, or a driver's own exception
+that escaped unwrapped (``engine.raw_connection()``, a driver used directly) — escaping an HTTP
+route into ``503 Service Unavailable`` with a ``Retry-After`` header and a fixed JSON body:
 no SQL, parameters or driver text reach the client; they go to the server log instead.
+Everything else, WebSocket routes included, goes where it would go without locksafe.
 
 >>> from starlette.applications import Starlette  # or fastapi.FastAPI
 >>> import sqlite3
@@ -26,7 +28,7 @@ import math
 import numbers
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
@@ -34,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from locksafe.classify import classify, is_retryable_lock_error
+from locksafe.classify import RETRYABLE_KINDS, classify_raised
 from locksafe.dialects import all_supports
 from locksafe.kinds import LockUnavailable
 from locksafe.transactions import _seconds
@@ -49,7 +51,7 @@ BODY: Final = {
     "error": "lock_unavailable",
 }
 
-_Handler = Callable[[Request, Exception], Awaitable[Response] | Response]
+_Handler = Callable[[Request, Exception], Awaitable[Response | None] | Response | None]
 
 
 def _whole_seconds(value: object) -> int | None:
@@ -94,22 +96,83 @@ def _driver_exception_classes() -> list[type[Exception]]:
     return classes
 
 
-def _handler_before(handlers: Mapping[Any, _Handler], exc: Exception) -> _Handler | None:
-    """The handler Starlette would have chosen for ``exc`` among ``handlers``: the closest
-    class in its MRO. ``Exception`` is the 500 handler's, left to Starlette."""
+def _is_async_callable(obj: object) -> bool:
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(type(obj).__call__)
+
+
+class _LockErrorHandler:
+    """locksafe's exception handler, one per :func:`install_lock_error_handlers` call; the
+    class marks it, so that looking up the app's own handler for an error skips it."""
+
+    def __init__(self, default: float, replaced: dict[Any, _Handler]) -> None:
+        #: ``Retry-After`` seconds for database errors (and a bad ``LockUnavailable``'s).
+        self.default = default
+        #: The app's handlers this one replaced at install, by exception class.
+        self.replaced = replaced
+
+    async def __call__(self, request: Request, exc: Exception) -> Response | None:
+        # Only HTTP requests get a 503; a WebSocket (or any other scope) is left as it would
+        # be without locksafe.
+        if request.scope.get("type") == "http":
+            if isinstance(exc, LockUnavailable):
+                log.warning(
+                    "%s %s: answered 503, %s",
+                    request.method,
+                    request.url.path,
+                    exc,
+                    exc_info=exc,
+                )
+                return lock_error_response(exc.retry_after, fallback=self.default)
+            kind = classify_raised(exc)
+            if kind in RETRYABLE_KINDS:
+                log.warning(
+                    "%s %s: answered 503 for a %s database error",
+                    request.method,
+                    request.url.path,
+                    kind,
+                    exc_info=exc,
+                )
+                return lock_error_response(self.default)
+        return await _fallback(request, exc, self)
+
+
+def _app_handler(handlers: Mapping[Any, _Handler], exc: Exception) -> _Handler | None:
+    """The handler the app itself has for ``exc``: the closest class in its MRO that has one,
+    as Starlette chooses; where locksafe's handler took a class, the handler it replaced.
+    ``Exception`` is the 500 handler's, left to Starlette."""
     for cls in type(exc).__mro__:
         if cls is Exception or cls is BaseException:
             return None
         handler = handlers.get(cls)
+        if isinstance(handler, _LockErrorHandler):
+            handler = handler.replaced.get(cls)
         if handler is not None:
             return handler
     return None
 
 
-def _is_async_callable(obj: object) -> bool:
-    while isinstance(obj, functools.partial):
-        obj = obj.func
-    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(type(obj).__call__)
+async def _fallback(request: Request, exc: Exception, ours: _LockErrorHandler) -> Response | None:
+    """What the app would do with ``exc`` without locksafe: its own handler for it, looked up
+    now (registered before or after the install), else the error goes on (500)."""
+    app = request.scope.get("app")
+    handlers = getattr(app, "exception_handlers", None)
+    previous = (
+        _app_handler(handlers, exc)
+        if isinstance(handlers, Mapping)
+        else _app_handler(ours.replaced, exc)
+    )
+    if previous is None:
+        raise exc
+    # as Starlette calls handlers: coroutine functions awaited, others in the threadpool
+    if _is_async_callable(previous):
+        response: Any = await previous(request, exc)  # type: ignore[misc]
+    else:
+        response = await run_in_threadpool(previous, request, exc)
+        if inspect.isawaitable(response):
+            response = await response
+    return cast(Response | None, response)
 
 
 def install_lock_error_handlers(app: Starlette, *, retry_after: float = 1.0) -> None:
@@ -119,42 +182,26 @@ def install_lock_error_handlers(app: Starlette, *, retry_after: float = 1.0) -> 
     with ``retry_after`` seconds (a finite number ≥ 0; the header says at least 1): lock
     errors wrapped by SQLAlchemy (``DBAPIError``) and the raw exceptions of every database
     driver already imported when this runs, plus ``sqlite3`` (call it after creating your
-    engines; a driver that is not imported is not used, and is not imported here). Errors of
-    those classes that are not lock errors go to the handler the app had for them before (or
-    become the usual 500).
+    engines; a driver that is not imported is not used, and is not imported here).
+
+    A lock error is what :func:`~locksafe.classify.classify_raised` calls a retryable one,
+    the same reading as :func:`~locksafe.transactional`'s: an error raised while handling a
+    lock error (an ``IntegrityError`` in an ``except OperationalError:`` block) is not.
+    Anything else — another error of those classes, or any error on a WebSocket — goes to the
+    handler the app has for it, looked up when it happens (registered before or after this
+    call, for the class or a base class), or on to Starlette (the usual 500).
+
+    >>> app = Starlette()
+    >>> install_lock_error_handlers(app, retry_after=2)
     """
     default = _seconds("retry_after", retry_after)
-    before: dict[Any, _Handler] = dict(app.exception_handlers)
-
-    async def on_lock_unavailable(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, LockUnavailable)
-        log.warning("%s %s: answered 503, %s", request.method, request.url.path, exc, exc_info=exc)
-        return lock_error_response(exc.retry_after, fallback=default)
-
-    async def on_database_error(request: Request, exc: Exception) -> Response:
-        if is_retryable_lock_error(exc):
-            log.warning(
-                "%s %s: answered 503 for a %s database error",
-                request.method,
-                request.url.path,
-                classify(exc),
-                exc_info=exc,
-            )
-            return lock_error_response(default)
-        previous = _handler_before(before, exc)
-        if previous is None:
-            raise exc
-        # as Starlette calls handlers: coroutine functions awaited, others in the threadpool
-        if _is_async_callable(previous):
-            response: Any = await previous(request, exc)  # type: ignore[misc]
-        else:
-            response = await run_in_threadpool(previous, request, exc)
-            if inspect.isawaitable(response):
-                response = await response
-        assert isinstance(response, Response)
-        return response
-
-    app.add_exception_handler(LockUnavailable, on_lock_unavailable)
-    app.add_exception_handler(DBAPIError, on_database_error)
-    for cls in _driver_exception_classes():
-        app.add_exception_handler(cls, on_database_error)
+    replaced: dict[Any, _Handler] = {}
+    handler = _LockErrorHandler(default, replaced)
+    for cls in (LockUnavailable, DBAPIError, *_driver_exception_classes()):
+        previous: Any = app.exception_handlers.get(cls)
+        if isinstance(previous, _LockErrorHandler):  # installed twice: keep the app's own
+            previous = previous.replaced.get(cls)
+        if previous is not None:
+            replaced[cls] = previous
+        # one handler for HTTP requests and WebSockets: Starlette's type has no such union
+        app.add_exception_handler(cls, cast(Any, handler))
