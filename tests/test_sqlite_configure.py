@@ -727,21 +727,24 @@ def test_immediate_begin_covers_raw_dbapi_work_after_the_first_statement(cell: C
 # -- several SQLAlchemy connections over one sqlite3 connection ------------------------------------
 
 
+def shared_connection_pools(cell: Cell) -> list[str]:
+    """The pools whose connections all share one sqlite3 connection, for this cell
+    (SQLAlchemy refuses SingletonThreadPool for asyncio engines)."""
+    return ["StaticPool"] if cell.is_async else ["SingletonThreadPool", "StaticPool"]
+
+
 def on_one_sqlite3_connection(cell: Cell, pool: str, fn: Callable[[Engine], T]) -> T:
     """``fn(engine)`` with a sync engine whose connections all share one sqlite3 connection
     (``pool``); on the async cell, the AsyncEngine's sync engine, run where it can await."""
     from sqlalchemy.pool import SingletonThreadPool, StaticPool
     from sqlalchemy.util import greenlet_spawn
 
-    if cell.is_async and pool == "SingletonThreadPool":
-        pytest.skip("SQLAlchemy refuses SingletonThreadPool for asyncio engines")
     poolclass = SingletonThreadPool if pool == "SingletonThreadPool" else StaticPool
     engine = cell.engine(poolclass=poolclass)
     return fn(engine) if not cell.is_async else cell.run_async(greenlet_spawn, fn, engine)
 
 
-@pytest.mark.parametrize("pool", ["SingletonThreadPool", "StaticPool"])
-def test_each_connection_pays_its_own_owed_begin(cell: Cell, pool: str) -> None:
+def test_each_connection_pays_its_own_owed_begin(cell: Cell) -> None:
     """begin="immediate": two SQLAlchemy connections over one sqlite3 connection. The second
     one's checkout, BEGIN, first statement and COMMIT leave the first one's owed BEGIN alone:
     its writes are in its transaction, and its rollback undoes them."""
@@ -764,15 +767,15 @@ def test_each_connection_pays_its_own_owed_begin(cell: Cell, pool: str) -> None:
         first.close()
         return in_transaction, count_items(cell)
 
-    in_transaction, count = on_one_sqlite3_connection(cell, pool, scenario)
-    assert in_transaction is True
-    assert count == 0
+    for pool in shared_connection_pools(cell):
+        in_transaction, count = on_one_sqlite3_connection(cell, pool, scenario)
+        assert in_transaction is True, pool
+        assert count == 0, pool
 
 
 @pytest.mark.parametrize("begin", ["deferred", "immediate"])
-@pytest.mark.parametrize("pool", ["SingletonThreadPool", "StaticPool"])
 def test_a_second_transaction_on_a_shared_sqlite3_connection_is_refused(
-    cell: Cell, pool: str, begin: str
+    cell: Cell, begin: str
 ) -> None:
     """SQLite has one transaction per connection: while the first SQLAlchemy connection's
     transaction is open, the second one's BEGIN raises a clear error, before anything is sent
@@ -797,6 +800,7 @@ def test_a_second_transaction_on_a_shared_sqlite3_connection_is_refused(
             second.close()
         return str(caught.value), count_items(cell)
 
-    message, count = on_one_sqlite3_connection(cell, pool, scenario)
-    assert "StaticPool" in message
-    assert count == 0
+    for pool in shared_connection_pools(cell):
+        message, count = on_one_sqlite3_connection(cell, pool, scenario)
+        assert "StaticPool" in message, pool
+        assert count == 0, pool
