@@ -213,7 +213,10 @@ if [[ ${LOCKSAFE_PY313:-1} != 0 ]]; then
         PY=$PY313_VENV/bin/python
         PIP_LOG=$(mktemp "${TMPDIR:-/tmp}/locksafe-pip.XXXXXX")
         pip_quietly install --quiet --upgrade pip
-        pip_quietly install --quiet -e '.[aiosqlite]' 'pytest>=8' 'pytest-timeout>=2.3'
+        # PyMySQL and aiomysql (pure Python) for the tests whose SQLite cells also build a
+        # MySQL engine that never connects (a Session's other bind).
+        pip_quietly install --quiet -e '.[aiosqlite]' 'pytest>=8' 'pytest-timeout>=2.3' \
+            'pymysql>=1.1' 'aiomysql>=0.2'
         rm -f "$PIP_LOG"
         "$PY" -c 'import sqlalchemy, sqlite3, sys; print("    Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "SQLite", sqlite3.sqlite_version)'
         # Only SQLite cells and cell-less SQLite tests: no PostgreSQL or MariaDB server starts.
