@@ -186,7 +186,7 @@ fi
 # Python 3.12 changed sqlite3's transaction control (the autocommit attribute); the SQLite-only
 # tests (no server, no server driver) run again on Python 3.13 in their own environment
 # (${LOCKSAFE_PY313_VENV:-.venv-py313}): tests/test_sqlite_*.py and the SQLite cells of the
-# row-lock tests. Set LOCKSAFE_PY313=0 to leave it out; under CI=true a missing Python 3.13 is
+# row-lock and transaction tests. Set LOCKSAFE_PY313=0 to leave it out; under CI=true a missing Python 3.13 is
 # a failure.
 if [[ ${LOCKSAFE_PY313:-1} != 0 ]]; then
     begin_phase py313
@@ -222,6 +222,7 @@ if [[ ${LOCKSAFE_PY313:-1} != 0 ]]; then
         # Only SQLite cells and cell-less SQLite tests: no PostgreSQL or MariaDB server starts.
         run_pytest "$PY" tests/test_sqlite_configure.py tests/test_sqlite_locking.py \
             tests/test_rowlocks_real.py tests/test_rowlocks_concurrency.py \
+            tests/test_rowlocks_nested.py tests/test_transactions.py \
             -k 'sqlite+pysqlite or sqlite+aiosqlite or test_sqlite_configure or test_sqlite_locking or test_sqlite_busy_is_recognised'
     fi
 fi
