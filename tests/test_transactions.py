@@ -1190,6 +1190,60 @@ def test_the_functions_own_commit_refused_with_a_lock_error_is_retried(cell: Cel
     assert balances(cell) == {1: 1}
 
 
+def test_a_lock_error_after_the_functions_own_rollback_is_retried(cell: Cell) -> None:
+    """``except OperationalError: session.rollback(); raise``: the function ended the
+    transaction, but by a rollback, which commits nothing. The lock error is retried like any
+    other (the function's own *commit* is what makes an error final), on every cell: a real
+    NOWAIT failure while another connection holds the row, released before the retry."""
+    seed(cell, {1: 0})
+    engine = engine_for(cell)
+    calls: list[int] = []
+    other = locksafe.testing.OtherConnection(cell.url)
+
+    def release(details: RetryDetails) -> None:
+        other.rollback()
+
+    def body(session: Session) -> None:
+        calls.append(1)
+        session.execute(
+            locksafe.with_row_locks(
+                select(accounts).where(accounts.c.id == 1), session, nowait=True
+            )
+        ).all()
+        session.execute(update(accounts).values(balance=accounts.c.balance + 1))
+
+    with other:
+        other.execute(locksafe.with_row_locks(select(accounts).where(accounts.c.id == 1)))
+        if cell.is_async:
+
+            @transactional(attempts=3, on_retry=release)
+            async def work_async(*, session: AsyncSession) -> None:
+                try:
+                    await session.run_sync(body)
+                except DBAPIError:
+                    await session.rollback()
+                    raise
+
+            async def main() -> None:
+                async with AsyncSession(engine) as session:
+                    await work_async(session=session)
+
+            cell.run_async(main)
+        else:
+
+            @transactional(attempts=3, on_retry=release)
+            def work(*, session: Session) -> None:
+                try:
+                    body(session)
+                except DBAPIError:
+                    session.rollback()
+                    raise
+
+            cell.run_session(lambda s: work(session=s), engine=engine)
+    assert calls == [1, 1], "the lock error after the function's rollback was not retried"
+    assert balances(cell) == {1: 1}
+
+
 # -- a failed flush the function caught -----------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
 import tenacity
+from sqlalchemy import event
 from sqlalchemy.exc import PendingRollbackError
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
@@ -311,17 +312,19 @@ class _Call:
         if self.policy.on_retry is not None:
             self.policy.on_retry(details)
 
-    def body_failed(self, exc: BaseException, tx: object) -> None:
-        """The function raised ``exc`` inside the decorator's transaction ``tx``. If it had
-        ended that transaction itself, ``exc`` is final: after its own COMMIT was sent, as
-        for the decorator's COMMIT, only a lock error the server reported proves nothing was
-        committed; after it committed (or rolled back), running it again would redo work
-        that may be committed."""
+    def body_failed(self, exc: BaseException, tx: object, *, committed: bool) -> None:
+        """The function raised ``exc`` inside the decorator's transaction ``tx``;
+        ``committed``: the function committed it itself. Then ``exc`` is final: after its own
+        COMMIT was sent, as for the decorator's COMMIT, only a lock error the server reported
+        proves nothing was committed; after it committed, running it again would redo
+        committed work. A transaction the function only rolled back or closed (``except
+        OperationalError: session.rollback(); raise``) committed nothing: ``exc`` is judged
+        like any other."""
         state = _state(tx)
         if state is SessionTransactionState.PREPARED:
             if not _is_retryable(exc):
                 self.may_have_committed(exc)
-        elif state in _ENDED_BY_FUNCTION:
+        elif committed or state is SessionTransactionState.COMMITTED:
             self.may_have_committed(exc)
 
     def may_have_committed(self, exc: BaseException) -> None:
@@ -452,16 +455,26 @@ def _current(session: Any) -> Any:
 
 # -- the state of the decorator's transaction -------------------------------------------------
 
-#: The function ended the transaction (committed, rolled back, closed its session) or its own
-#: COMMIT went further than the flush (``PREPARED``: the COMMIT was sent; ``COMMITTED``: it
-#: succeeded and a hook failed).
-_ENDED_BY_FUNCTION: Final = frozenset(
-    {
-        SessionTransactionState.PREPARED,
-        SessionTransactionState.COMMITTED,
-        SessionTransactionState.CLOSED,
-    }
-)
+class _Commits:
+    """Counts the COMMITs of one session while the decorated function runs: a transaction the
+    function ended is ``CLOSED`` whether it committed or rolled back, and only a commit makes
+    running the function again unsafe."""
+
+    def __init__(self, session: object) -> None:
+        self.session = session if isinstance(session, Session) else None
+        self.count = 0
+
+    def _seen(self, session: Session) -> None:
+        self.count += 1
+
+    def __enter__(self) -> _Commits:
+        if self.session is not None:
+            event.listen(self.session, "after_commit", self._seen)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.session is not None:
+            event.remove(self.session, "after_commit", self._seen)
 
 
 def _state(tx: object) -> object:
@@ -685,15 +698,17 @@ def _sync_wrapper(
             body_error: BaseException | None = None
             try:
                 with owned.begin() as tx:
+                    commits = _Commits(owned)
                     try:
-                        result = func(*call_args, **call_kwargs)
+                        with commits:
+                            result = func(*call_args, **call_kwargs)
                         call.refuse_awaitable(result)
                         swallowed = _swallowed(owned, tx, policy.operation)
                         if swallowed is not None:
                             raise swallowed
                     except BaseException as exc:
                         body_error = exc
-                        call.body_failed(exc, tx)
+                        call.body_failed(exc, tx, committed=commits.count > 0)
                         raise
             except BaseException as exc:
                 error = call.exit_error(exc, body_error)
@@ -766,8 +781,10 @@ def _async_wrapper(
             try:
                 async with owned.begin() as async_tx:
                     tx = getattr(async_tx, "sync_transaction", None)
+                    commits = _Commits(getattr(owned, "sync_session", None))
                     try:
-                        result = await func(*call_args, **call_kwargs)
+                        with commits:
+                            result = await func(*call_args, **call_kwargs)
                         swallowed = _swallowed(
                             getattr(owned, "sync_session", None), tx, policy.operation
                         )
@@ -775,7 +792,7 @@ def _async_wrapper(
                             raise swallowed
                     except BaseException as exc:
                         body_error = exc
-                        call.body_failed(exc, tx)
+                        call.body_failed(exc, tx, committed=commits.count > 0)
                         raise
             except BaseException as exc:
                 error = call.exit_error(exc, body_error)
