@@ -63,6 +63,7 @@ from locksafe import LockErrorKind, UnsupportedLockOption, classify, rowlocks, w
 from locksafe.capabilities import offline_dialect
 from locksafe.dialects import support_for
 from locksafe.testing import OtherConnection
+from sqlite_probe import sqlite_write_locked
 
 metadata = MetaData()
 items = Table(
@@ -220,23 +221,6 @@ class Probe:
             return False
         assert classify(error) is LockErrorKind.LOCK_NOT_AVAILABLE, error
         return True
-
-
-def sqlite_write_locked(path: str) -> bool:
-    """Whether another connection holds the write lock of this SQLite database file."""
-    probe = sqlite3.connect(path, timeout=0, isolation_level=None)
-    error: BaseException | None = None
-    try:
-        probe.execute("BEGIN IMMEDIATE")
-        probe.execute("ROLLBACK")
-    except sqlite3.OperationalError as exc:
-        error = exc
-    finally:
-        probe.close()
-    if error is None:
-        return False
-    assert classify(error) is LockErrorKind.DATABASE_BUSY, error
-    return True
 
 
 @pytest.fixture

@@ -56,6 +56,7 @@ from locksafe import (
 from locksafe.dialects import support_for
 from locksafe.testing import OtherConnection, hold_write_lock
 from options import option_combinations
+from sqlite_probe import sqlite_write_locked
 
 metadata = MetaData()
 owners = Table(
@@ -171,7 +172,9 @@ class Prober:
     def locked(self, table: str = "rl_items", row: int = 1, mode: str = "update") -> bool:
         """Whether ``mode`` cannot be had on the row now (the whole database on SQLite)."""
         if self.cell.backend == "sqlite":
-            return self._sqlite_locked()
+            path = self.cell.url.database
+            assert path
+            return sqlite_write_locked(path)
         assert self.other is not None
         modes = self.PG_MODES if self.cell.backend == "postgresql" else self.MARIADB_MODES
         sql = f"SELECT id FROM {table} WHERE id = {row:d} {modes[mode]}"
@@ -187,23 +190,6 @@ class Prober:
         if error is None:
             return False
         assert classify(error) is LockErrorKind.LOCK_NOT_AVAILABLE, error
-        return True
-
-    def _sqlite_locked(self) -> bool:
-        path = self.cell.url.database
-        assert path
-        probe = sqlite3.connect(path, timeout=0, isolation_level=None)
-        error: BaseException | None = None
-        try:
-            probe.execute("BEGIN IMMEDIATE")
-            probe.execute("ROLLBACK")
-        except sqlite3.OperationalError as exc:
-            error = exc
-        finally:
-            probe.close()
-        if error is None:
-            return False
-        assert classify(error) is LockErrorKind.DATABASE_BUSY, error
         return True
 
 

@@ -35,6 +35,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 import locksafe
 import locksafe.sqlite
 from conftest import Cell
+from sqlite_probe import sqlite_write_locked as write_lock_held
 
 pytestmark = pytest.mark.cells("sqlite")
 
@@ -201,19 +202,6 @@ def test_configure_sets_pragmas(cell: Cell) -> None:
 
 
 # -- helpers for the tests below ------------------------------------------------------------------
-
-
-def write_lock_held(path: str) -> bool:
-    """Another connection cannot take the write lock of the database file at ``path`` now."""
-    probe = sqlite3.connect(path, timeout=0, isolation_level=None)
-    try:
-        probe.execute("BEGIN IMMEDIATE")
-        probe.execute("ROLLBACK")
-        return False
-    except sqlite3.OperationalError:
-        return True
-    finally:
-        probe.close()
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ import locksafe.sqlite
 from conftest import Cell
 from locksafe import LockErrorKind, classify, with_row_locks
 from locksafe.dialects import sqlite as sqlite_support
+from sqlite_probe import sqlite_write_locked as write_lock_held
 
 pytestmark = pytest.mark.cells("sqlite")
 
@@ -61,19 +62,6 @@ aux_jobs = Table(
     Column("v", Integer),
     schema="aux",
 )
-
-
-def write_lock_held(path: Path) -> bool:
-    """Another connection cannot take the write lock of the database file at ``path`` now."""
-    probe = sqlite3.connect(path, timeout=0, isolation_level=None)
-    try:
-        probe.execute("BEGIN IMMEDIATE")
-        probe.execute("ROLLBACK")
-        return False
-    except sqlite3.OperationalError:
-        return True
-    finally:
-        probe.close()
 
 
 class Databases:
