@@ -94,6 +94,18 @@ class LockOptions:
     skip_locked: bool = False
     of: tuple[Any, ...] | None = None
 
+    def __post_init__(self) -> None:
+        for name in _BOOL_OPTIONS:
+            _check_bool(name, getattr(self, name))
+        if self.of is not None:
+            if not isinstance(self.of, tuple):
+                raise TypeError(
+                    f"LockOptions(of={self.of!r}) must be None or a tuple of tables, entities "
+                    "or columns"
+                )
+            for element in self.of:
+                _check_of_element(element)
+
     @property
     def names(self) -> tuple[str, ...]:
         """The options that are set, by name."""
@@ -322,15 +334,55 @@ def _clause(dialect: Dialect, for_update: dict[str, Any]) -> str:
     return rendered[len(plain) :].strip()
 
 
+_BOOL_OPTIONS: Final = ("read", "key_share", "nowait", "skip_locked")
+
+
+def _check_bool(name: str, value: object) -> None:
+    """A lock option is a bool: ``nowait="false"`` would otherwise render ``NOWAIT``."""
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{name}={value!r} must be a bool (True or False), not {type(value).__name__}"
+        )
+
+
+def _check_of_element(element: object) -> None:
+    """``of=`` names tables, aliases, ORM entities or columns; anything else (a number, a
+    string, ``None`` in a list...) is a ``TypeError`` saying so, not a FROM mismatch."""
+    from sqlalchemy import inspect
+    from sqlalchemy.sql.elements import ClauseElement
+
+    if isinstance(element, ClauseElement) or hasattr(element, "__clause_element__"):
+        return
+    if (
+        not isinstance(element, (str, bytes, int, float, bool))
+        and element is not None
+        and inspect(element, raiseerr=False) is not None  # a mapped class, an aliased entity
+    ):
+        return
+    raise TypeError(
+        f"of={element!r} ({type(element).__name__}) is not something to lock: of= accepts a "
+        "Table, an alias, an ORM entity (mapped class or aliased()), a column or mapped "
+        "attribute, or a list / tuple of them"
+    )
+
+
 def _check_options(
-    *, nowait: bool, skip_locked: bool, on_unsupported: str, of: Any
+    *,
+    nowait: object,
+    skip_locked: object,
+    read: object,
+    key_share: object,
+    on_unsupported: object,
+    of: Any,
 ) -> tuple[Any, ...] | None:
+    for name, value in zip(_BOOL_OPTIONS, (read, key_share, nowait, skip_locked), strict=True):
+        _check_bool(name, value)
     if nowait and skip_locked:
         raise ValueError(
             "nowait=True and skip_locked=True cannot be combined: NOWAIT fails when a row is "
             "locked, SKIP LOCKED skips it; choose one"
         )
-    if on_unsupported not in _ON_UNSUPPORTED:
+    if not isinstance(on_unsupported, str) or on_unsupported not in _ON_UNSUPPORTED:
         raise ValueError(
             f"on_unsupported={on_unsupported!r} is not one of "
             + ", ".join(repr(v) for v in _ON_UNSUPPORTED)
@@ -341,8 +393,11 @@ def _check_options(
         elements = tuple(of)
         if not elements:
             raise ValueError("of= must name at least one table, entity or column")
-        return elements
-    return (of,)
+    else:
+        elements = (of,)
+    for element in elements:
+        _check_of_element(element)
+    return elements
 
 
 def _plan(
@@ -423,7 +478,12 @@ def plan_row_locks(
     'FOR NO KEY UPDATE NOWAIT'
     """
     of_elements = _check_options(
-        nowait=nowait, skip_locked=skip_locked, on_unsupported=on_unsupported, of=of
+        nowait=nowait,
+        skip_locked=skip_locked,
+        read=read,
+        key_share=key_share,
+        on_unsupported=on_unsupported,
+        of=of,
     )
     options = LockOptions(
         read=read, key_share=key_share, nowait=nowait, skip_locked=skip_locked, of=of_elements
@@ -480,7 +540,12 @@ def with_row_locks(
     SELECT jobs.id, jobs.state FROM jobs WHERE jobs.state = %(state_1)s FOR UPDATE SKIP LOCKED
     """
     of_elements = _check_options(
-        nowait=nowait, skip_locked=skip_locked, on_unsupported=on_unsupported, of=of
+        nowait=nowait,
+        skip_locked=skip_locked,
+        read=read,
+        key_share=key_share,
+        on_unsupported=on_unsupported,
+        of=of,
     )
     if not isinstance(query, (Query, Select, CompoundSelect)):
         raise TypeError(
@@ -883,9 +948,11 @@ def _refuse_unrendered(
         return
     what = "a UNION / INTERSECT / EXCEPT" if compound else "a SELECT"
     where = " nested in another statement" if nested else ""
+    # The statement's shape is refused, whatever the options (naming `nowait` would blame
+    # an option the server supports).
     raise unsupported(
         plan.capabilities,
-        *(plan.requested.names or ("FOR UPDATE",)),
+        f"FOR UPDATE on {what}{where}",
         reason=(
             f"SQLAlchemy renders no lock for {what}{where} on {plan.capabilities.title}: it "
             "would run unlocked; lock each SELECT on its own, and run it on its own"
