@@ -16,6 +16,7 @@ from locksafe.kinds import (
     LockErrorKind,
     LocksafeError,
     LockUnavailable,
+    TransactionAborted,
     UnsupportedLockOption,
 )
 from locksafe.rowlocks import LockOptions, RowLockPlan, plan_row_locks, with_row_locks
@@ -39,6 +40,7 @@ __all__ = [
     "LocksafeError",
     "RetryDetails",
     "RowLockPlan",
+    "TransactionAborted",
     "UnsupportedLockOption",
     "__version__",
     "classify",

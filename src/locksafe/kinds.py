@@ -14,6 +14,7 @@ __all__ = [
     "LockErrorKind",
     "LockUnavailable",
     "LocksafeError",
+    "TransactionAborted",
     "UnsupportedLockOption",
 ]
 
@@ -122,6 +123,46 @@ class LockUnavailable(LocksafeError):
             f"{'s' if attempts != 1 else ''} in {_number(elapsed, '.2f')}s; "
             f"retry after {_number(retry_after, 'g')}s"
         )
+
+
+class TransactionAborted(LocksafeError):
+    """A COMMIT refused because the database had already aborted the transaction.
+
+    Raised by the COMMIT (``Session.commit()``, ``Connection.commit()``, leaving
+    ``session.begin()`` / ``engine.begin()``) of a transaction in which locksafe saw a lock
+    error that made the server abort it: on PostgreSQL any lock error that was not rolled back
+    to a savepoint (the server aborts the transaction on every error, and its COMMIT then
+    answers ROLLBACK without an error); on MySQL / MariaDB a deadlock (InnoDB rolls back the
+    whole transaction and goes on in a new one, so the COMMIT would commit only the work done
+    after it). Without it, the COMMIT would "succeed" having committed nothing, or half.
+
+    Nothing was committed, and the transaction must be rolled back (SQLAlchemy's context
+    managers do it) and run again from its start: a failed attempt, retryable like the lock
+    error, which is its ``__cause__`` (``@transactional`` retries it). :attr:`kind` is that
+    error's kind.
+    """
+
+    def __init__(
+        self, kind: LockErrorKind | None = None, dialect: str = "", detail: str = ""
+    ) -> None:
+        self.kind = kind
+        self.dialect = dialect
+        self.detail = detail
+        what = f"a {getattr(kind, 'value', kind)} error" if kind is not None else "a lock error"
+        where = f" by {dialect}" if dialect else ""
+        message = (
+            f"COMMIT refused: the transaction was aborted{where} after {what} that was caught "
+            "and not rolled back, so this COMMIT would silently commit nothing (or only what "
+            "ran after the error); roll back and run the whole transaction again"
+        )
+        if detail:
+            message += f" ({detail})"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickles with its own arguments (the message is derived from them), and whatever
+        # attributes were set on it since.
+        return (type(self), (self.kind, self.dialect, self.detail), dict(self.__dict__))
 
 
 class LockDegradedWarning(UserWarning):

@@ -51,8 +51,9 @@ from locksafe.capabilities import (
     unsupported,
     version_of,
 )
-from locksafe.dialects import support_for
-from locksafe.kinds import LockDegradedWarning
+from locksafe.classify import classify
+from locksafe.dialects import driver_code, support_for
+from locksafe.kinds import LockDegradedWarning, LockErrorKind, TransactionAborted
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import (
@@ -232,7 +233,12 @@ def _lock(query: Q, options: LockOptions, value: _Request | RowLockPlan, request
     arg.locksafe_token = request.token
     arg.locksafe_value = value
     locked._for_update_arg = arg
-    return locked.execution_options(**{OPTION: value})  # type: ignore[no-any-return]
+    # populate_existing: an ORM statement run through a Session refreshes the objects it loads
+    # from the rows it has just locked, instead of handing back what the identity map already
+    # holds (values read before the lock: a lost update). Core ignores the option.
+    return locked.execution_options(  # type: ignore[no-any-return]
+        **{OPTION: value, "populate_existing": True}
+    )
 
 
 _requests: dict[tuple[LockOptions, str], _Request] = {}
@@ -871,9 +877,62 @@ def _before_cursor_execute(
         if plan.mechanism == "row":
             _verify_rendered(found, plan, dialect)
         locks.append((plan, scan.tables if found.top else found.tables, found.top))
-    if locks and _streams(context):
+    if not locks:
+        return statement, parameters
+    _refuse_autocommit(conn, locks)
+    streams = _streams(context)
+    if streams:
         _refuse_streaming_that_loses_errors(dialect, locks)
+    if not streams and not executemany:
+        _savepoint_around_nowait(conn, context, locks)
     return _take_database_locks(conn, cursor, context, statement, parameters, locks)
+
+
+def _autocommit(conn: Connection) -> str | None:
+    """Why ``conn`` runs without a transaction, or ``None`` when it has one: SQLAlchemy's
+    ``AUTOCOMMIT`` isolation (execution option, engine-wide ``isolation_level``), or a DB-API
+    connection switched to autocommit behind SQLAlchemy's back (``dbapi_conn.autocommit =
+    True``: psycopg2, psycopg, pg8000, asyncpg's and psycopg's async adapters, MariaDB
+    Connector, mysql-connector)."""
+    # Connection._is_autocommit_isolation() is private, but it is what SQLAlchemy itself asks
+    # (both 2.0 and 2.1 have it): it also sees an engine made with isolation_level="AUTOCOMMIT",
+    # which the public get_execution_options() does not show. Without it, the public option.
+    if not isinstance(conn, Connection):
+        return None
+    check = getattr(conn, "_is_autocommit_isolation", None)
+    if callable(check):
+        if check():
+            return "the connection is in AUTOCOMMIT isolation"
+    elif conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return "the connection is in AUTOCOMMIT isolation"
+    dbapi_connection = conn.connection.dbapi_connection
+    if getattr(dbapi_connection, "autocommit", None) is True:
+        return "the DB-API connection is in autocommit mode"
+    return None
+
+
+def _refuse_autocommit(
+    conn: Connection, locks: list[tuple[RowLockPlan, tuple[TableClause, ...], bool]]
+) -> None:
+    """A row lock lasts until the transaction ends; without a transaction it ends with the
+    statement, so the SELECT would lock nothing that outlives it. Refuse, before it is sent
+    (SQLite's hook refuses its "database" lock there in its own words)."""
+    for plan, _, _ in locks:
+        if plan.mechanism != "row":
+            continue
+        why = _autocommit(conn)
+        if why is None:
+            return
+        raise unsupported(
+            plan.capabilities,
+            "a row lock outside a transaction",
+            reason=(
+                f"{why}, so the lock would end with the statement and protect nothing "
+                "(another connection could lock or change the rows at once); run the locking "
+                "SELECT inside a transaction (a Session, engine.begin(), conn.begin(), an "
+                "isolation_level other than AUTOCOMMIT)"
+            ),
+        )
 
 
 def _streams(context: ExecutionContext) -> bool:
@@ -1078,3 +1137,192 @@ def _fill_statement(context: ExceptionContext) -> None:
 
 
 event.listen(Engine, "handle_error", _fill_statement)
+
+
+# -- servers that abort the whole transaction on an error ------------------------------------
+#
+# PostgreSQL aborts a transaction on any error until ROLLBACK (or ROLLBACK TO a savepoint set
+# before the error), and its COMMIT then answers ROLLBACK without an error; InnoDB rolls back
+# the whole transaction on a deadlock and goes on in a new one. A lock error the application
+# catches (to skip a row held elsewhere) would turn its COMMIT into a silent loss there, and
+# not on the other servers. So, where the dialect module says the server aborts on errors,
+# locksafe's own NOWAIT locking SELECTs run in a savepoint (a caught NOWAIT failure leaves the
+# transaction as it was, as elsewhere); and a COMMIT after any other lock error locksafe saw
+# abort the transaction raises TransactionAborted.
+
+#: The savepoint around a NOWAIT locking SELECT, set and ended at the DB-API level (SQLAlchemy's
+#: transaction does not see it).
+SAVEPOINT: Final = "locksafe_nowait"
+
+#: id(execution context) -> (weak reference to it, the DB-API connection): the NOWAIT SELECTs
+#: running in locksafe's savepoint, released after they ran, rolled back to if they fail.
+_savepoints: dict[int, tuple[weakref.ref[Any], Any]] = {}
+
+
+def _savepoint_around_nowait(
+    conn: Connection,
+    context: ExecutionContext,
+    locks: list[tuple[RowLockPlan, tuple[TableClause, ...], bool]],
+) -> None:
+    """Set locksafe's savepoint before a NOWAIT locking SELECT that runs in a transaction on
+    a server that aborts transactions on errors; statements without NOWAIT pay nothing."""
+    if not any(plan.mechanism == "row" and plan.effective.nowait for plan, _, _ in locks):
+        return
+    support = support_for(conn.dialect.name)
+    if support is None or not support.errors_abort_transaction or not conn.in_transaction():
+        return
+    dbapi_connection = conn.connection.dbapi_connection
+    try:
+        _run_sql(dbapi_connection, f"SAVEPOINT {SAVEPOINT}")
+    except Exception as error:
+        dbapi = conn.dialect.loaded_dbapi
+        if isinstance(error, dbapi.Error):  # as _call_hook: always a DBAPIError to callers
+            raise DBAPIError.instance(
+                f"SAVEPOINT {SAVEPOINT}", None, error, dbapi.Error, dialect=conn.dialect
+            ) from error
+        raise
+    _install_savepoint_hooks()
+    _savepoints[id(context)] = (weakref.ref(context), dbapi_connection)
+
+
+def _run_sql(dbapi_connection: Any, sql: str) -> None:
+    """Run ``sql`` on its own DB-API cursor: the statement's cursor holds its rows."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(sql)
+    finally:
+        cursor.close()
+
+
+def _take_savepoint(context: ExecutionContext | None) -> Any:
+    """The DB-API connection whose locksafe savepoint surrounds ``context``'s statement (and
+    forget it), or ``None``."""
+    if context is None or not _savepoints:
+        return None
+    entry = _savepoints.pop(id(context), None)
+    if entry is None or entry[0]() is not context:
+        return None
+    return entry[1]
+
+
+def _release_savepoint(
+    conn: Connection,
+    cursor: DBAPICursor,
+    statement: str,
+    parameters: Any,
+    context: ExecutionContext | None,
+    executemany: bool,
+) -> None:
+    """After the NOWAIT SELECT ran: RELEASE locksafe's savepoint (its locks stay, as the
+    transaction's). An error here goes through SQLAlchemy's handling like the statement's."""
+    if not _savepoints:  # every statement of the process comes here: keep it one test
+        return
+    dbapi_connection = _take_savepoint(context)
+    if dbapi_connection is not None:
+        _run_sql(dbapi_connection, f"RELEASE SAVEPOINT {SAVEPOINT}")
+
+
+_savepoint_hooks_installed = False
+
+
+def _install_savepoint_hooks() -> None:
+    global _savepoint_hooks_installed
+    if not _savepoint_hooks_installed:
+        event.listen(Engine, "after_cursor_execute", _release_savepoint)
+        _savepoint_hooks_installed = True
+
+
+@dataclass
+class _Aborted:
+    """A lock error that aborted a connection's transaction."""
+
+    error: BaseException
+    kind: LockErrorKind | None
+    #: Raised while a savepoint was open (PostgreSQL): a ROLLBACK TO SAVEPOINT undoes the abort.
+    in_savepoint: bool
+
+
+#: Connections whose transaction a lock error aborted, until they roll back.
+_aborted: weakref.WeakKeyDictionary[Connection, _Aborted] = weakref.WeakKeyDictionary()
+
+
+def _watch_errors(context: ExceptionContext) -> None:
+    """On every statement error (``handle_error``): roll a failed NOWAIT SELECT back to
+    locksafe's savepoint; otherwise remember a lock error that aborted the transaction."""
+    dbapi_connection = _take_savepoint(context.execution_context)
+    conn = context.connection
+    if conn is None or context.is_disconnect:
+        return
+    if dbapi_connection is not None:
+        try:
+            _run_sql(dbapi_connection, f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+            _run_sql(dbapi_connection, f"RELEASE SAVEPOINT {SAVEPOINT}")
+        except Exception:
+            log.debug("ROLLBACK TO SAVEPOINT %s failed", SAVEPOINT, exc_info=True)
+        else:
+            return  # the transaction is as it was before the statement
+    support = support_for(conn.dialect.name)
+    if support is None or (
+        not support.errors_abort_transaction and not support.transaction_rollback_codes
+    ):
+        return
+    error: BaseException = context.sqlalchemy_exception or context.original_exception
+    original = context.original_exception
+    found = driver_code(original) if original is not None else None
+    rolled_back = found is not None and found[1] in support.transaction_rollback_codes
+    kind = classify(error)
+    if not rolled_back and not (support.errors_abort_transaction and kind is not None):
+        return
+    if dbapi_connection is None and (not conn.in_transaction() or _autocommit(conn)):
+        return  # no transaction to abort (a COMMIT in autocommit mode does nothing)
+    if conn in _aborted:
+        return  # the first error is the one that aborted it
+    _install_abort_hooks()
+    _aborted[conn] = _Aborted(
+        error, kind, in_savepoint=not rolled_back and conn.in_nested_transaction()
+    )
+
+
+def _refuse_commit(conn: Connection) -> None:
+    """``commit`` event: a transaction a lock error aborted must not be "committed"."""
+    if not _aborted:
+        return
+    aborted = _aborted.get(conn)
+    if aborted is None:
+        return
+    title = support.title if (support := support_for(conn.dialect.name)) else conn.dialect.name
+    raise TransactionAborted(
+        aborted.kind, title, detail=f"{type(aborted.error).__name__}"
+    ) from aborted.error
+
+
+def _forget_abort(conn: Connection) -> None:
+    """``rollback`` event: the transaction is over."""
+    if _aborted:
+        _aborted.pop(conn, None)
+
+
+def _forget_savepoint_abort(conn: Connection, name: str, context: object) -> None:
+    """``rollback_savepoint`` event: an abort raised inside a savepoint is undone by rolling
+    back to it (or to one around it; none can be opened while the transaction is aborted)."""
+    if not _aborted:
+        return
+    aborted = _aborted.get(conn)
+    if aborted is not None and aborted.in_savepoint:
+        del _aborted[conn]
+
+
+_abort_hooks_installed = False
+
+
+def _install_abort_hooks() -> None:
+    """Installed when the first aborting lock error is seen: until then, COMMITs pay nothing."""
+    global _abort_hooks_installed
+    if not _abort_hooks_installed:
+        event.listen(Engine, "commit", _refuse_commit)
+        event.listen(Engine, "rollback", _forget_abort)
+        event.listen(Engine, "rollback_savepoint", _forget_savepoint_abort)
+        _abort_hooks_installed = True
+
+
+event.listen(Engine, "handle_error", _watch_errors)

@@ -37,6 +37,7 @@ __all__ = [
     "ErrorContext",
     "ErrorTable",
     "all_supports",
+    "driver_code",
     "driver_for_module",
     "support_for",
 ]
@@ -164,6 +165,20 @@ class DialectSupport:
     #: / ``yield_per``) end early *without raising* when a lock fails mid-stream: row-lock
     #: statements that could fail that way are refused before they run with such a driver.
     streaming_loses_errors: tuple[str, ...] = ()
+    #: Whether the server aborts the whole transaction when any statement in it fails, until
+    #: a ROLLBACK (or a ROLLBACK TO SAVEPOINT set before the error): PostgreSQL's "current
+    #: transaction is aborted", where a later COMMIT answers ROLLBACK without an error. Then
+    #: locksafe runs its own ``nowait`` locking SELECTs inside a transaction in a savepoint
+    #: (a caught NOWAIT failure leaves the transaction usable, as on servers that only undo
+    #: the failed statement), and refuses the COMMIT after any other lock error it saw there
+    #: (:class:`~locksafe.TransactionAborted`). ``False`` (the default): a failed statement
+    #: leaves the transaction as it was, nothing is added.
+    errors_abort_transaction: bool = False
+    #: Error codes after which the server has already rolled back the whole transaction
+    #: itself, savepoints included, and goes on in a new one (InnoDB's deadlock, 1213): a
+    #: COMMIT after one would commit only the work done after the error, so locksafe refuses
+    #: it (:class:`~locksafe.TransactionAborted`).
+    transaction_rollback_codes: frozenset[Code] = frozenset()
     #: Extra facts for the docs.
     notes: str = ""
 
@@ -231,6 +246,24 @@ def driver_for_module(module: str) -> tuple[DialectSupport, DriverErrors] | None
 
 
 # -- code readers shared by several dialect modules ------------------------------------------
+
+
+def driver_code(exc: BaseException) -> tuple[DialectSupport, Code] | None:
+    """The dialect and error code of one driver exception (not SQLAlchemy's wrapper: pass its
+    ``.orig``), found by the module of its class or of a base class; ``None`` when it is not
+    a known driver's exception or carries no code. Never raises."""
+    try:
+        for cls in type(exc).__mro__:
+            module = getattr(cls, "__module__", None)
+            if not isinstance(module, str):
+                continue
+            found = driver_for_module(module)
+            if found is not None:
+                code = found[1].read_code(exc)
+                return (found[0], code) if code is not None else None
+    except Exception:
+        return None
+    return None
 
 
 def read_attribute(*names: str) -> Callable[[BaseException], Code | None]:

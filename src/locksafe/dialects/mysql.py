@@ -190,6 +190,15 @@ SUPPORT = DialectSupport(
     # while rows are fetched ends the result early and raises nothing (seen with 1.1.14 against
     # MariaDB 10.11: 1499 of 2000 rows, no error).
     streaming_loses_errors=("mariadbconnector",),
+    # InnoDB answers a deadlock by rolling back the whole transaction (savepoints included);
+    # the connection goes on in a new one. A lock wait timeout (1205) undoes only the statement
+    # (unless the server runs with innodb_rollback_on_timeout=ON, which locksafe cannot see).
+    transaction_rollback_codes=frozenset({ER_LOCK_DEADLOCK}),
+    notes=(
+        "InnoDB rolls back the whole transaction on a deadlock (1213) and carries on in a new "
+        "one: a COMMIT after a deadlock locksafe saw on that connection raises "
+        "`TransactionAborted` instead of committing only the work done after it."
+    ),
     documented_versions=(
         ("MySQL 5.7", "mysql", (5, 7, 44)),
         ("MySQL ≥ 8.0.1", "mysql", (8, 0, 36)),

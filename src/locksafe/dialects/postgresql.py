@@ -176,5 +176,15 @@ SUPPORT = DialectSupport(
     errors=ERRORS,
     lock_timeout_sql=lock_timeout_sql,
     lock_table_sql=lock_table_sql,
+    # Any error aborts the whole transaction ("current transaction is aborted, commands
+    # ignored until end of transaction block", 25P02) until ROLLBACK or ROLLBACK TO SAVEPOINT;
+    # COMMIT then answers ROLLBACK, and no driver raises.
+    errors_abort_transaction=True,
     documented_versions=(("PostgreSQL ≥ 9.5", "postgresql", (15, 0)),),
+    notes=(
+        "Any error aborts a PostgreSQL transaction, and a later COMMIT silently rolls it back: "
+        "`nowait` locking SELECTs inside a transaction run in a savepoint (a caught NOWAIT "
+        "failure leaves the transaction usable), and a COMMIT after another lock error that "
+        "was not rolled back to a savepoint raises `TransactionAborted`."
+    ),
 )
