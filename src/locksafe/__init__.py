@@ -12,6 +12,7 @@ from locksafe.classify import (
     is_retryable_lock_error,
 )
 from locksafe.kinds import (
+    CallerTransactionError,
     LockDegradedWarning,
     LockErrorKind,
     LocksafeError,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NEW_SESSION",
+    "CallerTransactionError",
     "LockCapabilities",
     "LockDegradedWarning",
     "LockErrorKind",

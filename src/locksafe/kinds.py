@@ -10,6 +10,7 @@ import enum
 from collections.abc import Sequence
 
 __all__ = [
+    "CallerTransactionError",
     "LockDegradedWarning",
     "LockErrorKind",
     "LockUnavailable",
@@ -51,8 +52,23 @@ class LockErrorKind(str, enum.Enum):
         return self.value
 
 
+def _unpickle(cls: type[BaseException], args: tuple[object, ...]) -> BaseException:
+    """Rebuild a pickled :class:`LocksafeError` without calling its ``__init__`` (whose
+    keyword-only parameters are not in ``args``); its attributes come back from its state."""
+    return cls.__new__(cls, *args)
+
+
 class LocksafeError(Exception):
-    """Base class of the exceptions locksafe raises itself."""
+    """Base class of the exceptions locksafe raises itself.
+
+    Every one pickles with its message and its attributes (``pickle``, a
+    ``ProcessPoolExecutor`` worker, Celery, RQ): it is rebuilt from its ``args`` and
+    ``__dict__``, not by calling ``__init__`` again. As for any exception, ``__cause__``,
+    ``__context__`` and the traceback do not cross.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _unpickle, (type(self), self.args), dict(self.__dict__) or None
 
 
 class UnsupportedLockOption(LocksafeError):
@@ -123,6 +139,24 @@ class LockUnavailable(LocksafeError):
             f"{'s' if attempts != 1 else ''} in {_number(elapsed, '.2f')}s; "
             f"retry after {_number(retry_after, 'g')}s"
         )
+
+
+class CallerTransactionError(LocksafeError):
+    """:func:`locksafe.transactional` was given a session whose transaction it did not begin
+    and cannot take over: the caller's work in it (pending or flushed changes, a write, a
+    locked SELECT, an open savepoint) would be committed by the decorator without the caller
+    asking, or lost. Raised before the function runs; the caller's transaction is untouched.
+
+    Commit (or roll back) that work first, or begin the transaction explicitly
+    (``with session.begin():``) to make the call part of it.
+    """
+
+    def __init__(self, message: str, *, operation: str = "", reason: str = "") -> None:
+        #: The decorated function's qualified name.
+        self.operation = operation
+        #: What the caller's transaction holds (``"pending changes"``, ``"a savepoint"``...).
+        self.reason = reason
+        super().__init__(message)
 
 
 class TransactionAborted(LocksafeError):
