@@ -1439,10 +1439,14 @@ def test_a_scoped_session_is_accepted_as_the_session(cell: Cell) -> None:
 @pytest.mark.cells(*SCOPED_CELLS)
 def test_a_scoped_registry_as_sessionmaker_owns_only_what_it_creates(cell: Cell) -> None:
     """``sessionmaker=`` a scoped registry (Airflow's settings.Session): an inner call gets the
-    caller's thread-local session. In a transaction, that is nested use: the caller's work and
-    the inner work commit or roll back together. Out of a transaction, the decorator begins
-    and commits it, but does not close it (the caller's objects stay attached). A session the
-    decorator created is closed and removed from the registry."""
+    caller's thread-local session. In a transaction the caller began explicitly, that is
+    nested use: the caller's work and the inner work commit or roll back together. In an
+    autobegun transaction holding the caller's write, the call is refused
+    (CallerTransactionError) and changes nothing: the decorator would have to commit the
+    caller's work unasked (before issue 9 it ran as nested use and committed nothing, silently).
+    Out of a transaction, the decorator begins and commits it, but does not close it (the
+    caller's objects stay attached). A session the decorator created is closed and removed
+    from the registry."""
     seed(cell, {1: 0})
     engine = engine_for(cell)
     notes = update(accounts).where(accounts.c.id == 1)
@@ -1461,6 +1465,14 @@ def test_a_scoped_registry_as_sessionmaker_owns_only_what_it_creates(cell: Cell)
             await inner_async()  # no session in the registry: created, committed, removed
             facts["created_removed"] = not registry_async.registry.has()
             outer = registry_async()
+            await outer.execute(notes.values(note="outer before"))  # autobegun, a write
+            try:
+                await inner_async()
+            except locksafe.CallerTransactionError as exc:
+                facts["refused"] = exc
+            facts["refused_left_open"] = outer.in_transaction()
+            await outer.rollback()
+            await outer.begin()  # explicitly the caller's: joined
             await outer.execute(notes.values(note="outer before"))
             await inner_async()
             facts["outer_open"] = outer.in_transaction()
@@ -1487,6 +1499,14 @@ def test_a_scoped_registry_as_sessionmaker_owns_only_what_it_creates(cell: Cell)
         inner()
         facts["created_removed"] = not registry.registry.has()
         outer = registry()
+        outer.execute(notes.values(note="outer before"))  # autobegun, a write
+        try:
+            inner()
+        except locksafe.CallerTransactionError as exc:
+            facts["refused"] = exc
+        facts["refused_left_open"] = outer.in_transaction()
+        outer.rollback()
+        outer.begin()  # explicitly the caller's: joined
         outer.execute(notes.values(note="outer before"))
         inner()
         facts["outer_open"] = outer.in_transaction()
@@ -1500,11 +1520,15 @@ def test_a_scoped_registry_as_sessionmaker_owns_only_what_it_creates(cell: Cell)
         facts["same"] = registry() is outer
         registry.remove()
     assert facts["created_removed"], "the session the decorator created was left in the registry"
+    assert isinstance(facts.get("refused"), locksafe.CallerTransactionError), (
+        "an autobegun transaction holding the caller's write was joined silently"
+    )
+    assert facts["refused_left_open"], "the refusal ended the caller's transaction"
     assert facts["outer_open"], "the inner call ended the caller's transaction"
     assert facts["before_rollback"] == {1: 2}, "the inner work is not in the caller's transaction"
     assert facts["attached"], "the decorator closed a session it did not create"
     assert facts["same"]
-    assert balances(cell) == {1: 2}, "first call and last call committed; the nested one not"
+    assert balances(cell) == {1: 2}, "first call and last call committed; the others not"
 
 
 def balances_in(session: Session) -> dict[int, int]:

@@ -7,6 +7,7 @@ Everything public is importable from here; the modules say where it lives.
 from locksafe.capabilities import LockCapabilities, lock_capabilities
 from locksafe.classify import (
     classify,
+    classify_raised,
     is_deadlock_error,
     is_lock_not_available_error,
     is_retryable_lock_error,
@@ -46,6 +47,7 @@ __all__ = [
     "UnsupportedLockOption",
     "__version__",
     "classify",
+    "classify_raised",
     "is_deadlock_error",
     "is_lock_not_available_error",
     "is_retryable_lock_error",

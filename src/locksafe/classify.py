@@ -1,4 +1,12 @@
-"""Which lock failure an exception is, for any driver: :func:`classify`.
+"""Which lock failure an exception is, for any driver: :func:`classify`; whether running the
+transaction again may succeed: :func:`is_retryable_lock_error`, the one rule that
+:func:`~locksafe.transactional`, :data:`~locksafe.retry_if_lock_error` and the Starlette
+handlers use.
+
+The functions are importable from :mod:`locksafe` (``locksafe.classify_raised``...), which is
+where the documentation cites them: ``locksafe.classify`` is the *function* :func:`classify`,
+which hides this module's name (``import locksafe.classify as m`` gives the function too;
+``from locksafe.classify import RETRYABLE_KINDS`` works).
 
 The generic part only walks the exception graph (SQLAlchemy's ``.orig``, ``__cause__``,
 ``__context__``) and finds, for each exception, the driver that raised it by the module of its
@@ -19,7 +27,10 @@ from locksafe.dialects import (
 from locksafe.kinds import LockErrorKind, LockUnavailable
 
 __all__ = [
+    "LOCK_NOT_AVAILABLE_KINDS",
+    "RETRYABLE_KINDS",
     "classify",
+    "classify_raised",
     "is_deadlock_error",
     "is_lock_not_available_error",
     "is_retryable_lock_error",
@@ -42,6 +53,12 @@ _MAX_CACHED_TYPES: Final = 4096
 _LINKS: Final = ("orig", "__cause__", "__context__")
 #: The links by which an exception *reports* a failure: what it wraps, what it was raised from.
 _RAISED_LINKS: Final = ("orig", "__cause__")
+
+#: Set (to ``True``) by :func:`~locksafe.transactional` on an error after which work may be
+#: committed: a COMMIT whose outcome is unknown, an error raised after the function committed
+#: its transaction itself. Running the transaction again could redo committed work, so no
+#: rule calls it retryable (:func:`is_retryable_lock_error`).
+MAY_HAVE_COMMITTED: Final = "_locksafe_may_have_committed"
 
 _Match = tuple[DialectSupport, DriverErrors]
 _by_type: dict[type, _Match | None] = {}
@@ -210,8 +227,8 @@ def classify_raised(exc: object) -> LockErrorKind | None:
 
     An exception raised while *handling* a lock error, and reaching it only through
     ``__context__`` (``except OperationalError: raise Conflict()``), is the code's own answer
-    to that error, not the error: retry decisions (:func:`~locksafe.transactional`,
-    :data:`~locksafe.retry_if_lock_error`) use this.
+    to that error, not the error. :func:`is_retryable_lock_error`, the rule every retry
+    decision uses, reads errors this way.
 
     >>> import sqlite3
     >>> try:
@@ -243,7 +260,50 @@ def is_deadlock_error(exc: object) -> bool:
     return classify(exc) is LockErrorKind.DEADLOCK
 
 
+def may_have_committed(exc: object) -> bool:
+    """Whether ``exc``, or an error it was raised from (``__cause__``), is marked as one after
+    which work may be committed (:data:`MAY_HAVE_COMMITTED`). Never raises."""
+    node: object = exc
+    for _ in range(_MAX_NODES):
+        try:
+            if not isinstance(node, BaseException):
+                return False
+            if getattr(node, MAY_HAVE_COMMITTED, False) is True:
+                return True
+            node = getattr(node, "__cause__", None)
+        except Exception:  # a hostile exception: the walk ends there
+            return False
+    return False
+
+
 def is_retryable_lock_error(exc: object) -> bool:
-    """Whether running the whole transaction again may succeed: every lock-error kind except
-    ``statement_timeout``."""
-    return classify(exc) in RETRYABLE_KINDS
+    """Whether running the whole transaction again may succeed: ``exc`` *itself* reports a
+    lock error of any kind but ``statement_timeout`` (:func:`classify_raised`: through what it
+    wraps or was raised from, not through an error it was raised while handling), and no work
+    may have been committed before it (a lock error after the function's own ``commit()``).
+
+    The one rule of locksafe: :func:`~locksafe.transactional` retries what it calls retryable
+    (on top of that, no retry mechanism ever retries an interruption or a
+    :class:`~locksafe.LockUnavailable`, which already ran out of retries),
+    :data:`~locksafe.retry_if_lock_error` is the same rule for tenacity, and
+    :mod:`locksafe.starlette` answers what it calls retryable with ``503``. A
+    :class:`~locksafe.LockUnavailable` is retryable by *its* caller (a client told to come
+    back later): True. Never raises.
+
+    >>> import sqlite3
+    >>> busy = sqlite3.OperationalError("database is locked")
+    >>> is_retryable_lock_error(busy)
+    True
+    >>> try:
+    ...     try:
+    ...         raise busy
+    ...     except sqlite3.OperationalError:
+    ...         raise KeyError("busy: answered with our own error")
+    ... except KeyError as answer:
+    ...     is_retryable_lock_error(answer)
+    False
+    """
+    try:
+        return classify_raised(exc) in RETRYABLE_KINDS and not may_have_committed(exc)
+    except Exception:
+        return False

@@ -1,13 +1,13 @@
 """HTTP 503 + ``Retry-After`` for lock failures in Starlette and FastAPI apps.
 
 A lock failure is not a bug in the request: the client may simply try again. Installed
-handlers turn :class:`~locksafe.LockUnavailable`, and any database error that is itself a
-retryable lock error (:func:`~locksafe.classify.classify_raised`, as for
-:func:`~locksafe.transactional`) — a SQLAlchemy ``DBAPIError``, or a driver's own exception
-that escaped unwrapped (``engine.raw_connection()``, a driver used directly) — escaping an HTTP
-route into ``503 Service Unavailable`` with a ``Retry-After`` header and a fixed JSON body:
-no SQL, parameters or driver text reach the client; they go to the server log instead.
-Everything else, WebSocket routes included, goes where it would go without locksafe.
+handlers turn :class:`~locksafe.LockUnavailable`, and any database error that
+:func:`~locksafe.is_retryable_lock_error` calls retryable (the rule
+:func:`~locksafe.transactional` retries by) — a SQLAlchemy ``DBAPIError``, or a driver's own
+exception that escaped unwrapped (``engine.raw_connection()``, a driver used directly) —
+escaping an HTTP route into ``503 Service Unavailable`` with a ``Retry-After`` header and a
+fixed JSON body: no SQL, parameters or driver text reach the client; they go to the server log
+instead. Everything else, WebSocket routes included, goes where it would go without locksafe.
 
 >>> from starlette.applications import Starlette  # or fastapi.FastAPI
 >>> import sqlite3
@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from locksafe.classify import RETRYABLE_KINDS, classify_raised
+from locksafe.classify import classify_raised, is_retryable_lock_error
 from locksafe.dialects import all_supports
 from locksafe.kinds import LockUnavailable
 from locksafe.transactions import _seconds
@@ -125,8 +125,8 @@ class _LockErrorHandler:
                     exc_info=exc,
                 )
                 return lock_error_response(exc.retry_after, fallback=self.default)
-            kind = classify_raised(exc)
-            if kind in RETRYABLE_KINDS:
+            if is_retryable_lock_error(exc):
+                kind = classify_raised(exc)
                 log.warning(
                     "%s %s: answered 503 for a %s database error",
                     request.method,
@@ -184,9 +184,10 @@ def install_lock_error_handlers(app: Starlette, *, retry_after: float = 1.0) -> 
     driver already imported when this runs, plus ``sqlite3`` (call it after creating your
     engines; a driver that is not imported is not used, and is not imported here).
 
-    A lock error is what :func:`~locksafe.classify.classify_raised` calls a retryable one,
-    the same reading as :func:`~locksafe.transactional`'s: an error raised while handling a
-    lock error (an ``IntegrityError`` in an ``except OperationalError:`` block) is not.
+    A lock error is what :func:`~locksafe.is_retryable_lock_error` calls retryable, the rule
+    :func:`~locksafe.transactional` retries by: an error raised while handling a lock error
+    (an ``IntegrityError`` in an ``except OperationalError:`` block) is not, nor one after
+    which work may have been committed (sending the request again could do it twice).
     Anything else — another error of those classes, or any error on a WebSocket — goes to the
     handler the app has for it, looked up when it happens (registered before or after this
     call, for the class or a base class), or on to Starlette (the usual 500).

@@ -2,8 +2,9 @@
 
 The retry schedule is tenacity's (exponential backoff with full jitter, bounded by attempts
 and by total time); what locksafe adds is *what* is retried and *how*: only errors that
-themselves report a retryable lock error (:func:`~locksafe.classify.classify_raised`), always
-the whole transaction from its ``BEGIN``, never a transaction the decorator did not begin,
+:func:`~locksafe.is_retryable_lock_error` calls retryable (the error itself reports a lock
+error, and nothing may have been committed), always the whole transaction from its ``BEGIN``,
+never a transaction the decorator did not begin,
 never after a ``COMMIT`` whose outcome is unknown, and never an interruption
 (``KeyboardInterrupt``, a cancelled task) or a :class:`~locksafe.LockUnavailable` (an inner
 :func:`transactional` already gave up).
@@ -18,20 +19,37 @@ import inspect
 import logging
 import math
 import numbers
+import re
+import sys
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
 import tenacity
 from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import PendingRollbackError
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import (
+    Session,
+    SessionTransaction,
+    SessionTransactionOrigin,
+    scoped_session,
+)
+from sqlalchemy.orm import (
+    sessionmaker as sync_sessionmaker,
+)
 from sqlalchemy.orm.session import SessionTransactionState
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.util import ScopedRegistry
 
-from locksafe.classify import RETRYABLE_KINDS, classify_raised, is_retryable_lock_error
-from locksafe.kinds import LockErrorKind, LockUnavailable
+from locksafe.classify import (
+    MAY_HAVE_COMMITTED,
+    classify_raised,
+    is_retryable_lock_error,
+)
+from locksafe.kinds import CallerTransactionError, LockErrorKind, LockUnavailable
 
 __all__ = [
     "NEW_SESSION",
@@ -49,16 +67,15 @@ T = TypeVar("T")
 _MAX_CHAIN: Final = 64
 
 
-#: Set (to ``True``) on an error after which work may be committed: a COMMIT whose outcome is
-#: unknown, an error raised after the function ended its transaction itself. No
-#: :func:`transactional` retries it, the one that saw it happen or one around it.
-_MAY_HAVE_COMMITTED: Final = "_locksafe_may_have_committed"
-
-
 def _mark_may_have_committed(exc: BaseException) -> None:
+    """Mark ``exc`` as an error after which work may be committed (a COMMIT whose outcome is
+    unknown, an error raised after the function committed itself): no rule calls it
+    retryable (:func:`~locksafe.is_retryable_lock_error`), so no :func:`transactional`
+    retries it, the one that saw it happen or one around it, and no 503 invites a client to
+    send it again."""
     # an exception that refuses attributes: the call's own record (``final``) remains
     with contextlib.suppress(Exception):
-        setattr(exc, _MAY_HAVE_COMMITTED, True)
+        setattr(exc, MAY_HAVE_COMMITTED, True)
 
 
 def _settled(exc: BaseException) -> bool:
@@ -74,7 +91,7 @@ def _settled(exc: BaseException) -> bool:
         try:
             if isinstance(node, LockUnavailable):
                 return True
-            if getattr(node, _MAY_HAVE_COMMITTED, False) is True:
+            if getattr(node, MAY_HAVE_COMMITTED, False) is True:
                 return True
             node = getattr(node, "__cause__", None)
             if not isinstance(node, BaseException):
@@ -93,13 +110,14 @@ def _never_retried(exc: BaseException) -> bool:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    """The default retry rule: ``exc`` itself reports a retryable lock error (through what
-    it wraps or was raised from, not through an error it was raised while handling)."""
-    return not _never_retried(exc) and classify_raised(exc) in RETRYABLE_KINDS
+    """What a retry mechanism retries: what :func:`~locksafe.is_retryable_lock_error` calls
+    retryable, never what :func:`_never_retried` excludes."""
+    return not _never_retried(exc) and is_retryable_lock_error(exc)
 
 
-#: A tenacity ``retry`` predicate: retry when the exception itself reports a retryable lock
-#: error (:func:`~locksafe.classify.classify_raised`); never an interruption, never a
+#: A tenacity ``retry`` predicate: retry when :func:`~locksafe.is_retryable_lock_error` says
+#: so (the exception itself reports a retryable lock error, and nothing may have been
+#: committed), as :func:`transactional` does; never an interruption, never a
 #: :class:`~locksafe.LockUnavailable`, never an application error raised while handling a lock
 #: error (``except OperationalError: raise Conflict()``).
 #:
@@ -178,9 +196,8 @@ def _timeout(value: object) -> float:
 def _retry_rule(
     retry_on: Callable[[BaseException], bool] | Collection[LockErrorKind] | None,
 ) -> Callable[[BaseException], bool]:
-    if retry_on is None or retry_on is is_retryable_lock_error:
-        # is_retryable_lock_error was the documented default: same rule, same meaning.
-        return _is_retryable
+    if retry_on is None:
+        return is_retryable_lock_error  # the one rule (and the same function)
     if callable(retry_on):
         return retry_on
     if isinstance(retry_on, str | bytes) or not isinstance(retry_on, Collection):
@@ -350,6 +367,15 @@ class _Call:
         )
         return body_error
 
+    def checked(self, made: object, *, is_async: bool) -> None:
+        """``made`` (what ``sessionmaker=`` returned) must be a session of the function's
+        kind; a ``TypeError`` otherwise, never retried."""
+        try:
+            _check_session(made, made, self.policy.operation, is_async=is_async, made=True)
+        except TypeError as error:
+            self.final.add(id(error))
+            raise
+
     def refuse_awaitable(self, result: object) -> None:
         """A sync-decorated function returned an awaitable: its work would run after the
         decorator committed, outside the transaction."""
@@ -451,6 +477,226 @@ def _current(session: Any) -> Any:
     """The session itself, or for a scoped session the registry's session for this scope
     (the one every call through the proxy reaches)."""
     return session() if _registry(session) is not None else session
+
+
+# -- what the session may be -----------------------------------------------------------------
+
+
+def _async_session_types() -> tuple[type, type, type] | None:
+    """SQLAlchemy's AsyncSession, async_sessionmaker and async_scoped_session; ``None`` when
+    its asyncio extension was never imported (then nothing is one of them)."""
+    module = sys.modules.get("sqlalchemy.ext.asyncio")
+    if module is None:
+        return None
+    return module.AsyncSession, module.async_sessionmaker, module.async_scoped_session
+
+
+def _check_sessionmaker(
+    sessionmaker: object, operation: str, *, is_async: bool, kind: bool = True
+) -> None:
+    """At decoration time: ``sessionmaker`` must be callable (or ``None``) and, with ``kind``,
+    not of the other kind (``async_sessionmaker`` for a sync function, ``sessionmaker`` for an
+    ``async def`` one)."""
+    if sessionmaker is None:
+        return
+    if not callable(sessionmaker):
+        raise TypeError(
+            f"sessionmaker={sessionmaker!r} must be a sessionmaker / scoped_session "
+            "(async_sessionmaker / async_scoped_session for an `async def` function), any "
+            "callable returning a new session, or None"
+            + (" (an Engine is not one: sessionmaker(engine))" if _is_engine(sessionmaker) else "")
+        )
+    if not kind:
+        return
+    if is_async and isinstance(sessionmaker, sync_sessionmaker | scoped_session):
+        raise TypeError(
+            f"sessionmaker={sessionmaker!r}: @transactional {operation}() is an `async def` "
+            "function, so sessionmaker= must make AsyncSessions (async_sessionmaker or "
+            "async_scoped_session), not Sessions"
+        )
+    types = _async_session_types()
+    if not is_async and types is not None and isinstance(sessionmaker, types[1:]):
+        raise TypeError(
+            f"sessionmaker={sessionmaker!r}: @transactional {operation}() is a sync "
+            "function, so sessionmaker= must make Sessions (sessionmaker or "
+            "scoped_session), not AsyncSessions (decorate an `async def` function to use "
+            "an async_sessionmaker)"
+        )
+
+
+def _is_engine(obj: object) -> bool:
+    return isinstance(obj, Engine) or isinstance(getattr(obj, "sync_engine", None), Engine)
+
+
+def _check_session(
+    session: object, given: object, operation: str, *, is_async: bool, made: bool
+) -> None:
+    """At call time: ``session`` (for a scoped ``given``, the registry's session) must be a
+    ``Session`` for a sync function, an ``AsyncSession`` for an ``async def`` one."""
+    is_sync_session = isinstance(session, Session)
+    types = _async_session_types()
+    is_async_session = types is not None and isinstance(session, types[0])
+    if (is_async and is_async_session) or (not is_async and is_sync_session):
+        return
+    what = "sessionmaker= returned " if made else "got session="
+    kind = "an `async def`" if is_async else "a sync"
+    wanted = (
+        "an AsyncSession (or an async_scoped_session)"
+        if is_async
+        else "a Session (or a scoped_session)"
+    )
+    if is_sync_session or is_async_session:
+        hint = (
+            " (decorate an `async def` function for an AsyncSession; inside "
+            "`await session.run_sync(fn)`, fn gets the Session to pass)"
+            if not is_async
+            else " (a sync Session: decorate a sync function, or pass an AsyncSession)"
+        )
+    elif _is_engine(given):
+        hint = " (an Engine is not a session: pass Session(engine), or use sessionmaker=)"
+    else:
+        hint = ""
+    raise TypeError(
+        f"@transactional: {operation}() {what}{given!r}: session= must be {wanted} for "
+        f"{kind} function{hint}"
+    )
+
+
+# -- the caller's transaction -----------------------------------------------------------------
+#
+# A session already in a transaction when the decorated function is called:
+#
+# - begun explicitly (``session.begin()``, ``with session.begin():``, an outer @transactional):
+#   its owner commits it. The call joins it: runs once, no commit, no rollback, no retry.
+# - autobegun (a read before the call, as in ``Depends(get_db)``), with nothing in it that a
+#   COMMIT would make permanent or a ROLLBACK would lose: the decorator takes the session over.
+#   It ends that transaction with a COMMIT (nothing to commit; the session's
+#   ``expire_on_commit`` applies, as after any commit) and runs the function in transactions of
+#   its own, from their BEGIN, retried, committed: the locks the function takes are taken, and
+#   committed, in the decorator's transaction.
+# - autobegun with work in it (changes pending or flushed, a write, a locked SELECT, an open
+#   savepoint, a failed flush): nobody asked to commit it, and the decorator cannot retry the
+#   function without losing it. CallerTransactionError, before the function runs.
+
+#: Autobegun session transactions in which a statement other than a plain SELECT ran (a
+#: flush's INSERT/UPDATE/DELETE, a Core or text write, a locked SELECT, a SAVEPOINT...).
+_worked: weakref.WeakSet[SessionTransaction] = weakref.WeakSet()
+#: id(Connection) -> the autobegun session transaction it serves (weakly, with the Connection).
+_serving: dict[int, tuple[weakref.ref[Connection], weakref.ref[SessionTransaction]]] = {}
+_tracking = False
+
+_SELECT: Final = re.compile(r"\s*(\(\s*)*select\b", re.IGNORECASE)
+_NOT_ONLY_READING: Final = re.compile(
+    r"\bfor\s+(update|share|no\s+key\s+update|key\s+share)\b|\block\s+in\s+share\s+mode\b"
+    r"|\binto\b",
+    re.IGNORECASE,
+)
+
+
+def _reads_only(statement: object) -> bool:
+    """Whether ``statement`` is a plain SELECT: no write, no row lock. Anything else counts
+    as work (a SAVEPOINT, DDL, a function called on its own, text that is not a SELECT)."""
+    if isinstance(statement, str):
+        text = statement
+    elif isinstance(statement, TextClause):
+        text = statement.text
+    elif getattr(statement, "is_select", False) is True:
+        if getattr(statement, "_for_update_arg", None) is not None:
+            return False  # a locked SELECT (with_row_locks, with_for_update)
+        element = getattr(statement, "element", None)  # text().columns(): its text
+        if not isinstance(element, TextClause):
+            return True
+        text = element.text
+    else:
+        return False
+    return _SELECT.match(text) is not None and _NOT_ONLY_READING.search(text) is None
+
+
+def _serve(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    """Session ``after_begin``: remember which autobegun transaction ``connection`` serves."""
+    root = session.get_transaction()
+    if root is None or root.origin is not SessionTransactionOrigin.AUTOBEGIN:
+        return
+    key = id(connection)
+
+    def gone(_: object, key: int = key) -> None:
+        entry = _serving.get(key)
+        if entry is not None and entry[0]() is None:
+            del _serving[key]
+
+    _serving[key] = (weakref.ref(connection, gone), weakref.ref(root))
+
+
+def _note_statement(
+    conn: Connection, clauseelement: Any, multiparams: Any, params: Any, options: Any
+) -> None:
+    """Engine ``before_execute``: a statement that is not a plain SELECT, on a connection that
+    serves an autobegun session transaction, marks that transaction as holding work."""
+    entry = _serving.get(id(conn))
+    if entry is None or entry[0]() is not conn:
+        return  # the common case: an explicit or decorator-owned transaction, or no session
+    root = entry[1]()
+    if root is None or root in _worked or _reads_only(clauseelement):
+        return
+    _worked.add(root)
+
+
+def _track_caller_work() -> None:
+    """Installed when the first function is decorated: work done in autobegun transactions
+    before that is not seen (it is committed, never lost, by a call that takes them over)."""
+    global _tracking
+    if _tracking:
+        return
+    event.listen(Session, "after_begin", _serve)
+    event.listen(Engine, "before_execute", _note_statement)
+    _tracking = True
+
+
+def _callers_work(session: Session, root: SessionTransaction) -> str | None:
+    """What an autobegun transaction holds that its COMMIT would make permanent or its
+    ROLLBACK would lose; ``None``: nothing (reads only, as far as locksafe can see)."""
+    if not root.is_active:
+        return "a failed flush that rolled it back (call session.rollback())"
+    if session.get_nested_transaction() is not None:
+        return "an open savepoint (begin_nested())"
+    if session.new or session.dirty or session.deleted:
+        return "changes not flushed yet (added, modified or deleted objects)"
+    if root in _worked:
+        return "work sent to the database (a flush, a write, a locked SELECT or a savepoint)"
+    return None
+
+
+def _join_callers(session: Any, operation: str) -> bool | None:
+    """How to treat the caller's ``session`` (a Session or an AsyncSession): ``True``, join
+    its transaction (begun explicitly, or by an outer :func:`transactional`); ``False``, it
+    is in none, the decorator owns it; ``None``, an autobegun transaction that only read:
+    end it (COMMIT) and own the session. Raises :class:`~locksafe.CallerTransactionError`
+    for an autobegun transaction holding work."""
+    sync = getattr(session, "sync_session", session)
+    if not isinstance(sync, Session) or not sync.in_transaction():
+        return False
+    root = sync.get_transaction()
+    if root is None:
+        return False
+    if root.origin is not SessionTransactionOrigin.AUTOBEGIN:
+        return True
+    work = _callers_work(sync, root)
+    if work is None:
+        log.debug(
+            "%s: the session's autobegun transaction only read: committed, the call owns the "
+            "session",
+            operation,
+        )
+        return None
+    raise CallerTransactionError(
+        f"@transactional: {operation}() was called with a session in a transaction it did not "
+        f"begin, which holds {work}. The decorator would have to commit that work without "
+        "being asked, or lose it on a retry. Commit (or roll back) your own work before the "
+        "call, or begin the transaction yourself (`with session.begin():` before any work) "
+        "to run this call as part of it (no retry then: your transaction's owner decides)",
+        operation=operation,
+        reason=work,
+    )
 
 
 # -- the state of the decorator's transaction -------------------------------------------------
@@ -555,13 +801,29 @@ def transactional(
       commits when the function returns, rolls back when it raises, and runs the *whole*
       function again on a retryable lock error (deadlock, lock timeout, serialization
       failure, busy SQLite database...);
-    - the session is already in a transaction the decorator did not begin (nested use): the
-      function runs once, nothing is committed or rolled back, errors go up to the owner;
+    - the session is in a transaction that *autobegan* (a read before the call, as in
+      FastAPI's ``Depends(get_db)``) and has only read so far: the decorator ends it (a
+      COMMIT of nothing; the session's ``expire_on_commit`` applies as after any commit) and
+      owns the session as above, so the locks the function takes are taken, and committed, in
+      the decorator's transaction;
+    - the session is in an autobegun transaction holding the caller's work (a write, changes
+      pending or flushed, a locked SELECT, an open savepoint):
+      :class:`~locksafe.CallerTransactionError` before the function runs, the caller's
+      transaction untouched — committing that work unasked, or losing it on a retry, would
+      both be silent;
+    - the session is in a transaction begun explicitly (``with session.begin():``, or an
+      outer :func:`transactional`): the call joins it (nested use) — the function runs once,
+      nothing is committed or rolled back, errors go up to the owner, who commits;
     - with ``sessionmaker=`` and no session passed: a fresh session per attempt is injected as
       ``session`` and closed afterwards. A scoped registry (``scoped_session``) as
-      ``sessionmaker`` returns the caller's session when there is one: in a transaction, that
-      is nested use; otherwise the decorator owns the transaction, and closes (and removes
-      from the registry) only a session this call created.
+      ``sessionmaker`` returns the caller's session when there is one, judged as above;
+      otherwise the decorator owns the transaction, and closes (and removes from the
+      registry) only a session this call created.
+
+    ``session`` must be a ``Session`` for a sync function and an ``AsyncSession`` for an
+    ``async def`` one (``sessionmaker=`` must make them): anything else (an Engine, a string,
+    a session of the other kind) is a ``TypeError`` naming the option, at decoration time for
+    a ``sessionmaker`` of the other kind, at call time otherwise.
 
     A ``scoped_session`` / ``async_scoped_session`` passed as ``session`` stands for the
     registry's current session.
@@ -575,8 +837,9 @@ def transactional(
     *returns* after catching the error of a failed flush (which rolled the transaction back)
     gets ``PendingRollbackError`` raised from that error: retried if it was a lock error.
 
-    Retried: only an error that itself reports a retryable lock error (``retry_on``'s default;
-    an application error raised while handling one is the application's answer and is not).
+    Retried: what :func:`~locksafe.is_retryable_lock_error` calls retryable (``retry_on``'s
+    default): an error that itself reports a retryable lock error (an application error raised
+    while handling one is the application's answer and is not).
     Never retried, whatever ``retry_on`` says: anything that is not an ``Exception``
     (``KeyboardInterrupt``, a cancelled task), a :class:`~locksafe.LockUnavailable` from an
     inner :func:`transactional` (it goes up unchanged), and a ``COMMIT`` that failed for any
@@ -610,8 +873,7 @@ def transactional(
         retry_after=retry_after,
         operation="",
     )
-    if sessionmaker is not None and not callable(sessionmaker):
-        raise TypeError(f"sessionmaker={sessionmaker!r} must be callable or None")
+    _check_sessionmaker(sessionmaker, "", is_async=False, kind=False)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         name = getattr(func, "__qualname__", repr(func))
@@ -636,6 +898,8 @@ def transactional(
         position = _session_position(func, parameter)
         policy = copy.copy(base)
         policy.operation = name
+        _check_sessionmaker(sessionmaker, name, is_async=inspect.iscoroutinefunction(func))
+        _track_caller_work()
         if inspect.iscoroutinefunction(func):
             return _async_wrapper(func, policy, position, sessionmaker)
         return _sync_wrapper(func, policy, position, sessionmaker)
@@ -662,10 +926,12 @@ def _sync_wrapper(
             raise _no_session(policy)
         call = _Call(policy)
         session = _current(given)
+        if given is not None:
+            _check_session(session, given, policy.operation, is_async=False, made=False)
 
         def nested(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
-            """The session is in a transaction the decorator did not begin: run once; the
-            owner commits, rolls back and retries."""
+            """The session is in a transaction its caller began (explicitly, or an outer
+            @transactional): run once; the owner commits, rolls back and retries."""
             try:
                 result = func(*call_args, **call_kwargs)
                 call.refuse_awaitable(result)
@@ -682,9 +948,13 @@ def _sync_wrapper(
             registry = _registry(sessionmaker)
             created = registry is not None and not registry.has()
             made = sessionmaker()
+            call.checked(made, is_async=False)
             call_args, call_kwargs = _with_session(position, args, kwargs, made)
-            if made.in_transaction():  # a scoped session its caller is using: not ours
+            join = _join_callers(made, policy.operation)  # a scoped session in use?
+            if join:
                 return nested(call_args, call_kwargs)
+            if join is None:
+                made.commit()  # its caller's autobegun transaction only read
             if registry is None:
                 with made:
                     return run_in(made, call_args, call_kwargs)
@@ -718,8 +988,12 @@ def _sync_wrapper(
                 return result
             raise error  # the function's error, not the rollback's (logged)
 
-        if session is not None and session.in_transaction():
-            return nested(args, kwargs)
+        if session is not None:
+            join = _join_callers(session, policy.operation)
+            if join:
+                return nested(args, kwargs)
+            if join is None:
+                session.commit()  # the caller's autobegun transaction only read
         try:
             return tenacity.Retrying(**call.retrying_kwargs())(attempt_once)
         except Exception as exc:
@@ -744,10 +1018,12 @@ def _async_wrapper(
             raise _no_session(policy)
         call = _Call(policy)
         session = _current(given)
+        if given is not None:
+            _check_session(session, given, policy.operation, is_async=True, made=False)
 
         async def nested(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
-            """The session is in a transaction the decorator did not begin: run once; the
-            owner commits, rolls back and retries."""
+            """The session is in a transaction its caller began (explicitly, or an outer
+            @transactional): run once; the owner commits, rolls back and retries."""
             try:
                 return await func(*call_args, **call_kwargs)
             except BaseException as exc:
@@ -762,9 +1038,13 @@ def _async_wrapper(
             registry = _registry(sessionmaker)
             created = registry is not None and not registry.has()
             made = sessionmaker()
+            call.checked(made, is_async=True)
             call_args, call_kwargs = _with_session(position, args, kwargs, made)
-            if made.in_transaction():  # a scoped session its caller is using: not ours
+            join = _join_callers(made, policy.operation)  # a scoped session in use?
+            if join:
                 return await nested(call_args, call_kwargs)
+            if join is None:
+                await made.commit()  # its caller's autobegun transaction only read
             if registry is None:
                 async with made:
                     return await run_in(made, call_args, call_kwargs)
@@ -802,8 +1082,12 @@ def _async_wrapper(
                 return result
             raise error  # the function's error, not the rollback's (logged)
 
-        if session is not None and session.in_transaction():
-            return await nested(args, kwargs)
+        if session is not None:
+            join = _join_callers(session, policy.operation)
+            if join:
+                return await nested(args, kwargs)
+            if join is None:
+                await session.commit()  # the caller's autobegun transaction only read
         try:
             return await tenacity.AsyncRetrying(**call.retrying_kwargs())(attempt_once)
         except Exception as exc:
