@@ -888,7 +888,7 @@ def _before_cursor_execute(
     return _take_database_locks(conn, cursor, context, statement, parameters, locks)
 
 
-def _autocommit(conn: Connection) -> str | None:
+def _autocommit(conn: object) -> str | None:
     """Why ``conn`` runs without a transaction, or ``None`` when it has one: SQLAlchemy's
     ``AUTOCOMMIT`` isolation (execution option, engine-wide ``isolation_level``), or a DB-API
     connection switched to autocommit behind SQLAlchemy's back (``dbapi_conn.autocommit =
@@ -898,7 +898,7 @@ def _autocommit(conn: Connection) -> str | None:
     # (both 2.0 and 2.1 have it): it also sees an engine made with isolation_level="AUTOCOMMIT",
     # which the public get_execution_options() does not show. Without it, the public option.
     if not isinstance(conn, Connection):
-        return None
+        return None  # a stand-in (unit tests drive the hooks with a fake connection)
     check = getattr(conn, "_is_autocommit_isolation", None)
     if callable(check):
         if check():
@@ -1181,7 +1181,7 @@ def _savepoint_around_nowait(
                 f"SAVEPOINT {SAVEPOINT}", None, error, dbapi.Error, dialect=conn.dialect
             ) from error
         raise
-    _install_savepoint_hooks()
+    _install_savepoint_hooks(conn.engine)
     _savepoints[id(context)] = (weakref.ref(context), dbapi_connection)
 
 
@@ -1222,14 +1222,15 @@ def _release_savepoint(
         _run_sql(dbapi_connection, f"RELEASE SAVEPOINT {SAVEPOINT}")
 
 
-_savepoint_hooks_installed = False
+#: Engines with the RELEASE listener: only an engine that ran a NOWAIT savepoint pays for it
+#: (an ``after_cursor_execute`` listener costs every statement of its engine about 1 µs).
+_engines_releasing: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-def _install_savepoint_hooks() -> None:
-    global _savepoint_hooks_installed
-    if not _savepoint_hooks_installed:
-        event.listen(Engine, "after_cursor_execute", _release_savepoint)
-        _savepoint_hooks_installed = True
+def _install_savepoint_hooks(engine: Engine) -> None:
+    if engine not in _engines_releasing:
+        event.listen(engine, "after_cursor_execute", _release_savepoint)
+        _engines_releasing.add(engine)
 
 
 @dataclass
