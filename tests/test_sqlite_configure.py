@@ -654,46 +654,18 @@ def test_skip_locked_on_a_busy_database_leaves_the_write_lock_owed(
 # -- the BEGIN and the raw DB-API connection ------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["conn.begin()", "Session"])
-def test_deferred_begin_covers_raw_dbapi_work_right_after_begin(cell: Cell, how: str) -> None:
-    """begin="deferred" (the default) sends BEGIN when SQLAlchemy's transaction begins, so work
-    done on the raw DB-API connection before any SQLAlchemy statement is in the transaction,
-    and rolled back with it."""
+@pytest.mark.parametrize("begin", ["deferred", "immediate", "exclusive"])
+def test_raw_dbapi_work_after_the_first_statement_is_in_the_transaction(
+    cell: Cell, begin: str
+) -> None:
+    """Every mode owes its BEGIN to the transaction's first SQLAlchemy statement (so that a
+    session's set-up PRAGMAs run before it and keep their effect). Raw DB-API work after that
+    statement is in the transaction; before it, there is no transaction yet and sqlite3 (which
+    configure() keeps from opening one itself) commits it at once — the documented limit.
+    (Before the first_write strategy, "deferred" sent its BEGIN at begin(); it now follows the
+    same rule as the other modes.)"""
     setup(cell)
-    engine = locksafe.sqlite.configure(cell.engine(), busy_timeout=5)
-
-    def raw_insert(dbapi: Any, *ids: int) -> bool:
-        cursor = dbapi.cursor()
-        cursor.executemany("INSERT INTO cfg_items (id) VALUES (?)", [(i,) for i in ids])
-        cursor.close()
-        return write_lock_held(db_path(cell))
-
-    def on_connection(conn: Connection) -> bool:
-        conn.begin()
-        held = raw_insert(conn.connection, 1)
-        conn.rollback()
-        return held
-
-    def on_session(session: Session) -> bool:
-        held = raw_insert(session.connection().connection, 2, 3)
-        session.rollback()
-        return held
-
-    if how == "Session":
-        held = cell.run_session(on_session, engine=engine)
-    else:
-        held = cell.run(on_connection, engine=engine)
-    assert held is True  # still uncommitted: the transaction holds the write lock
-    assert count_items(cell) == 0
-
-
-def test_immediate_begin_covers_raw_dbapi_work_after_the_first_statement(cell: Cell) -> None:
-    """begin="immediate": the BEGIN is owed to the transaction's first SQLAlchemy statement.
-    Raw DB-API work after that statement is in the transaction; before it, there is no
-    transaction yet and sqlite3 (which configure() keeps from opening one itself) commits it at
-    once — the documented limit."""
-    setup(cell)
-    engine = locksafe.sqlite.configure(cell.engine(), busy_timeout=5, begin="immediate")
+    engine = locksafe.sqlite.configure(cell.engine(), busy_timeout=5, begin=begin)  # type: ignore[arg-type]
 
     def raw_insert(conn: Connection, item: int) -> None:
         cursor = conn.connection.cursor()

@@ -18,7 +18,9 @@ from locksafe.kinds import (
     LockErrorKind,
     LocksafeError,
     LockUnavailable,
+    SelfDeadlock,
     TransactionAborted,
+    TransactionLost,
     UnsupportedLockOption,
 )
 from locksafe.rowlocks import LockOptions, RowLockPlan, plan_row_locks, with_row_locks
@@ -43,7 +45,9 @@ __all__ = [
     "LocksafeError",
     "RetryDetails",
     "RowLockPlan",
+    "SelfDeadlock",
     "TransactionAborted",
+    "TransactionLost",
     "UnsupportedLockOption",
     "__version__",
     "classify",

@@ -15,7 +15,9 @@ __all__ = [
     "LockErrorKind",
     "LockUnavailable",
     "LocksafeError",
+    "SelfDeadlock",
     "TransactionAborted",
+    "TransactionLost",
     "UnsupportedLockOption",
 ]
 
@@ -202,3 +204,29 @@ class TransactionAborted(LocksafeError):
 class LockDegradedWarning(UserWarning):
     """A row lock was replaced by a stronger one the database supports
     (``on_unsupported="warn"``)."""
+
+
+class SelfDeadlock(LocksafeError):
+    """A connection would wait for a lock that another connection holds for the same call: two
+    sessions used one inside the other (a request's session that wrote, then a service
+    function's own session that writes too). The holder cannot end its transaction before the
+    call returns, so the wait could only end with the busy timeout: raised at once instead
+    (SQLite, under :func:`locksafe.sqlite.configure`). Not retried: the same code would wait on
+    itself again.
+
+    >>> isinstance(SelfDeadlock("..."), LocksafeError)
+    True
+    """
+
+
+class TransactionLost(LocksafeError):
+    """A COMMIT refused because the transaction it would commit is no longer there: it was
+    rolled back behind the connection's back (SQLite under :func:`locksafe.sqlite.configure`:
+    another SQLAlchemy connection over the same ``sqlite3`` connection — ``StaticPool`` — or
+    SQLite's own rollback after an error), and the statements after that ran one by one,
+    each committed at once. Committing would report success for half a transaction. Roll back
+    and run it again; what ran after the loss is already committed.
+
+    >>> isinstance(TransactionLost("..."), LocksafeError)
+    True
+    """

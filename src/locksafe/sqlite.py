@@ -22,6 +22,7 @@ the next statement (see :class:`locksafe.dialects.sqlite.OwedBegin`).
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -29,13 +30,22 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from locksafe.dialects.sqlite import (
-    forget_owed_begin,
+    OUTSIDE,
+    PATH,
+    ended_behind_our_back,
+    holds_write_lock,
+    main_file,
     on_sqlite3,
+    only_reads,
     owe_begin,
     pay_owed_begin,
     refuse_a_transaction_in_progress,
+    refuse_to_wait_on_ourselves,
+    release_gate,
+    released,
     sqlalchemy_autocommit,
 )
+from locksafe.kinds import TransactionLost
 
 if TYPE_CHECKING:  # at run time, async engines are told by their sync_engine: no greenlet needed
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -43,9 +53,10 @@ if TYPE_CHECKING:  # at run time, async engines are told by their sync_engine: n
 __all__ = ["configure"]
 
 JournalMode = Literal["wal", "delete", "truncate", "persist", "memory", "off"]
-Begin = Literal["deferred", "immediate", "exclusive"]
+Begin = Literal["first_write", "deferred", "immediate", "exclusive"]
 
 _BEGIN_SQL = {
+    "first_write": "BEGIN IMMEDIATE",
     "deferred": "BEGIN",
     "immediate": "BEGIN IMMEDIATE",
     "exclusive": "BEGIN EXCLUSIVE",
@@ -59,40 +70,81 @@ _SET_UP = "locksafe.sqlite.set_up"
 E = TypeVar("E", bound="Engine | AsyncEngine")
 
 
+def _check_options(
+    busy_timeout: object, journal_mode: object, begin: object, foreign_keys: object
+) -> float:
+    if begin not in _BEGIN_SQL:
+        raise ValueError(
+            f"begin={begin!r} is not one of {', '.join(map(repr, _BEGIN_SQL))}"
+            if isinstance(begin, str)
+            else f"begin must be a str, one of {', '.join(map(repr, _BEGIN_SQL))}; got "
+            f"{type(begin).__name__}"
+        )
+    if journal_mode is not None and journal_mode not in _JOURNAL_MODES:
+        raise ValueError(
+            f"journal_mode={journal_mode!r} is not one of {', '.join(map(repr, _JOURNAL_MODES))}"
+            " or None"
+        )
+    if foreign_keys is not None and not isinstance(foreign_keys, bool):
+        raise TypeError(
+            f"foreign_keys must be True, False or None, got {type(foreign_keys).__name__}"
+        )
+    if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, (int, float)):
+        raise TypeError(
+            f"busy_timeout must be a number of seconds (int or float), got "
+            f"{type(busy_timeout).__name__} {busy_timeout!r}"
+        )
+    seconds = float(busy_timeout)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"busy_timeout={busy_timeout!r} must be a finite number of seconds ≥ 0")
+    if seconds * 1000 > 2**31 - 1:
+        raise ValueError(f"busy_timeout={busy_timeout!r} is more than SQLite takes (24.8 days)")
+    return seconds
+
+
 def configure(
     engine: E,
     *,
     busy_timeout: float = 30.0,
     journal_mode: JournalMode | None = "wal",
-    begin: Begin = "deferred",
+    begin: Begin = "first_write",
     foreign_keys: bool | None = None,
 ) -> E:
-    """Make a SQLite engine (sync or async) behave predictably under several writers.
+    """Make a SQLite engine (sync or async) behave predictably under several writers, several
+    sessions and several processes.
 
     - ``busy_timeout`` (seconds): how long a statement waits for another connection's lock
       before failing with SQLITE_BUSY (``database_busy``);
     - ``journal_mode``: ``"wal"`` (default; readers and the writer do not block each other),
       another SQLite journal mode, or ``None`` to leave it alone;
-    - ``begin``: ``"deferred"`` (SQLite's default) or ``"immediate"``, which takes the write
-      lock at ``BEGIN`` so read-then-write transactions wait instead of failing at once;
+    - ``begin``: when a transaction takes the database's write lock (see ``docs/sqlite.md``):
+
+      - ``"first_write"`` (default): statements that only read run before the transaction's
+        ``BEGIN``, each seeing the latest commit (PostgreSQL's READ COMMITTED); the
+        ``BEGIN IMMEDIATE`` goes out right before the first statement that writes, a
+        ``SAVEPOINT`` or a locking SELECT (:func:`locksafe.with_row_locks`), so writers queue
+        for the lock instead of failing on a stale snapshot, and readers never wait;
+      - ``"immediate"`` / ``"exclusive"``: the write lock before the transaction's first
+        statement, reads included (every transaction is a writer);
+      - ``"deferred"``: SQLite's own ``BEGIN``: snapshot reads, and a read-then-write
+        transaction fails at once (``database_busy``) when another writer got in between;
     - ``foreign_keys``: also set ``PRAGMA foreign_keys`` when not ``None``.
 
-    SQLAlchemy then emits ``BEGIN`` itself, so the transaction covers its reads and
-    ``Session.begin_nested()`` is a real ``SAVEPOINT`` inside it. Under ``"immediate"`` /
-    ``"exclusive"`` the ``BEGIN`` goes out right before the transaction's first statement
-    (a plain one when that is a ``nowait`` / ``skip_locked`` locking SELECT, whose write
-    lock is then tried without waiting, or a ``SAVEPOINT``, after which the write lock is
-    taken before the next statement): work done on the raw DB-API connection before that
-    first statement is not inside the transaction. Connections in ``AUTOCOMMIT`` isolation
-    get no ``BEGIN``. Python ≥ 3.12 connections made
-    with ``autocommit=True`` or ``False`` are put back into ``sqlite3``'s legacy transaction
-    control (an open transaction rolled back), pysqlite and aiosqlite alike. Connections the
-    engine pooled before ``configure()`` are set up at their next checkout (nothing is
-    disposed: an in-memory database survives). Returns the engine. Configuring an engine
-    twice raises ``ValueError``.
+    SQLAlchemy then emits ``BEGIN`` itself, so ``Session.begin_nested()`` is a real
+    ``SAVEPOINT`` inside the transaction, and a COMMIT never silently commits half a
+    transaction (:class:`~locksafe.TransactionLost` when it was rolled back behind the
+    connection's back). A connection's set-up statements (``PRAGMA foreign_keys``,
+    ``journal_mode``, ``busy_timeout``, ``VACUUM``, ``ATTACH``) run before the ``BEGIN`` so they
+    keep their effect. Two connections of one thread where the second would wait for the
+    first's write lock raise :class:`~locksafe.SelfDeadlock` at once instead of waiting the
+    busy timeout. Connections in ``AUTOCOMMIT`` isolation get no ``BEGIN``. Python ≥ 3.12
+    connections made with ``autocommit=True`` or ``False`` are put back into ``sqlite3``'s
+    legacy transaction control. Connections the engine pooled before ``configure()`` are set up
+    at their next checkout. Returns the engine. Configuring an engine twice raises
+    ``ValueError``.
 
     >>> from sqlalchemy import create_engine
-    >>> engine = configure(create_engine("sqlite://"), busy_timeout=2, begin="immediate")
+    >>> engine = configure(create_engine("sqlite://"), busy_timeout=2)
     >>> with engine.connect() as conn:
     ...     conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
     2000
@@ -103,21 +155,15 @@ def configure(
             "locksafe.sqlite.configure() takes a SQLite Engine or AsyncEngine, got "
             f"{getattr(getattr(sync_engine, 'dialect', None), 'name', type(engine).__name__)!r}"
         )
-    if begin not in _BEGIN_SQL:
-        raise ValueError(f"begin={begin!r} is not one of {', '.join(map(repr, _BEGIN_SQL))}")
-    if journal_mode is not None and journal_mode not in _JOURNAL_MODES:
-        raise ValueError(
-            f"journal_mode={journal_mode!r} is not one of {', '.join(map(repr, _JOURNAL_MODES))}"
-        )
-    if busy_timeout < 0:
-        raise ValueError(f"busy_timeout={busy_timeout!r} must be ≥ 0 seconds")
+    seconds = _check_options(busy_timeout, journal_mode, begin, foreign_keys)
     if getattr(sync_engine, _CONFIGURED, False):
         raise ValueError("this engine was already configured by locksafe.sqlite.configure()")
 
-    pragmas = [f"PRAGMA busy_timeout = {round(busy_timeout * 1000):d}"]
+    pragmas = [f"PRAGMA busy_timeout = {round(seconds * 1000):d}"]
     if foreign_keys is not None:
         pragmas.append(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
     begin_sql = _BEGIN_SQL[begin]
+    lazy = begin == "first_write"
 
     def set_up(dbapi_connection: Any, info: dict[Any, Any]) -> None:
         _driver_transactions_off(dbapi_connection)
@@ -136,6 +182,7 @@ def configure(
                     cursor.execute(f"PRAGMA main.journal_mode = {journal_mode}")
         finally:
             cursor.close()
+        info[PATH] = main_file(dbapi_connection)
         info[_SET_UP] = True
 
     def on_connect(dbapi_connection: Any, connection_record: Any) -> None:
@@ -145,16 +192,13 @@ def configure(
         if _SET_UP not in connection_record.info:  # pooled before configure() was called
             set_up(dbapi_connection, connection_record.info)
 
-    def begin_now(conn: Connection) -> None:
-        if not sqlalchemy_autocommit(conn):  # AUTOCOMMIT: no transaction, so no BEGIN
-            refuse_a_transaction_in_progress(conn)
-            conn.exec_driver_sql(begin_sql)
-
-    def begin_later(conn: Connection) -> None:
-        if not sqlalchemy_autocommit(conn):
-            refuse_a_transaction_in_progress(conn)
-            # Owed by this Connection alone (several may share one DB-API connection).
-            owe_begin(conn, begin_sql)
+    def on_begin(conn: Connection) -> None:
+        if sqlalchemy_autocommit(conn):  # AUTOCOMMIT: no transaction, so no BEGIN
+            return
+        refuse_a_transaction_in_progress(conn)
+        # Owed by this Connection alone (several may share one DB-API connection), and sent
+        # right before the first statement that needs it.
+        owe_begin(conn, begin_sql, lazy=lazy)
 
     def before_cursor_execute(
         conn: Connection,
@@ -165,18 +209,58 @@ def configure(
         executemany: bool,
     ) -> None:
         pay_owed_begin(conn, cursor, context, statement)
+        if begin == "deferred" and not only_reads(context, statement):
+            # A deferred transaction takes the write lock at its first write: not while
+            # another connection of this thread holds it.
+            refuse_to_wait_on_ourselves(conn)
+
+    def after_cursor_execute(
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        if not only_reads(context, statement) and not OUTSIDE.match(statement):
+            holds_write_lock(conn)
+
+    def on_commit(conn: Connection) -> None:
+        if ended_behind_our_back(conn):
+            released(conn)
+            raise TransactionLost(
+                "COMMIT refused: this connection's SQLite transaction was rolled back behind "
+                "its back before the COMMIT (another SQLAlchemy Connection over the same "
+                "sqlite3 connection — StaticPool, or sqlite:// in one thread — ended it, or "
+                "SQLite rolled it back after an error), so what it did before that is lost and "
+                "what it did after was committed statement by statement. Nothing more is "
+                "committed; roll back and start again"
+            )
+        released(conn)
 
     event.listen(sync_engine, "connect", on_connect)
     event.listen(sync_engine, "checkout", on_checkout)
+    event.listen(sync_engine, "begin", on_begin)
+    event.listen(sync_engine, "commit", on_commit)
+    event.listen(sync_engine, "rollback", released)
+    event.listen(sync_engine, "before_cursor_execute", before_cursor_execute)
+    # Whatever ended a connection's transaction behind SQLAlchemy's Connection (a garbage-
+    # collected Connection, an invalidation), its place in the writers' queue goes with it.
+    event.listen(
+        sync_engine, "checkin", lambda dbapi_connection, record: release_gate(dbapi_connection)
+    )
+    event.listen(
+        sync_engine,
+        "reset",
+        lambda dbapi_connection, record, reset_state: release_gate(dbapi_connection),
+    )
+    event.listen(
+        sync_engine,
+        "invalidate",
+        lambda dbapi_connection, record, exception: release_gate(dbapi_connection),
+    )
     if begin == "deferred":
-        # Nothing to gain by waiting: the BEGIN takes no lock, and sending it now keeps work
-        # done on the raw DB-API connection inside the transaction.
-        event.listen(sync_engine, "begin", begin_now)
-    else:
-        event.listen(sync_engine, "begin", begin_later)
-        event.listen(sync_engine, "commit", forget_owed_begin)
-        event.listen(sync_engine, "rollback", forget_owed_begin)
-        event.listen(sync_engine, "before_cursor_execute", before_cursor_execute)
+        event.listen(sync_engine, "after_cursor_execute", after_cursor_execute)
     setattr(sync_engine, _CONFIGURED, True)
     return engine
 

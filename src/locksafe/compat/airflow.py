@@ -17,17 +17,32 @@ What changes, on purpose:
 off: :func:`use_row_level_locking` reads it from Airflow's configuration when Airflow is
 importable, else from ``AIRFLOW__SCHEDULER__USE_ROW_LEVEL_LOCKING``, unless
 :func:`set_row_level_locking` set it.
+
+A whole Airflow deployment is switched over with :func:`install`, from
+``airflow_local_settings.py`` (see ``examples/airflow_local_settings.py``)::
+
+    import locksafe.compat.airflow as locksafe_airflow
+
+    create_metadata_engine, create_async_metadata_engine = locksafe_airflow.install()
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import inspect
+import logging
 import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any, TypeVar
 
 from locksafe.classify import is_lock_not_available_error as _is_lock_not_available_error
 from locksafe.rowlocks import with_row_locks as _with_row_locks
 
 __all__ = [
+    "install",
     "is_lock_not_available_error",
     "set_row_level_locking",
     "use_row_level_locking",
@@ -101,3 +116,277 @@ def is_lock_not_available_error(error: object) -> bool:
     """Airflow's ``is_lock_not_available_error``: the lock could not be had (NOWAIT failed,
     lock wait timed out, SQLite busy or locked). Never raises."""
     return _is_lock_not_available_error(error)
+
+
+# -- the whole deployment: install() from airflow_local_settings.py ------------------------------
+
+log = logging.getLogger(__name__)
+
+#: Airflow's module that defines the helpers every other Airflow module imports.
+HELPERS_MODULE = "airflow.utils.sqlalchemy"
+_HELPER_NAMES = ("with_row_locks", "is_lock_not_available_error")
+#: Marks locksafe's engine factories (their Airflow original in this attribute).
+_ORIGINAL = "__locksafe_original__"
+_install_lock = threading.RLock()
+_logged = False
+
+
+def _ours() -> dict[str, Any]:
+    return {
+        "with_row_locks": with_row_locks,
+        "is_lock_not_available_error": is_lock_not_available_error,
+    }
+
+
+def replace_helpers(modules: Sequence[ModuleType] | None = None) -> int:
+    """Bind locksafe's helpers wherever an Airflow module bound Airflow's: in
+    ``airflow.utils.sqlalchemy`` itself and in every module that ran
+    ``from airflow.utils.sqlalchemy import with_row_locks`` (the name bound in its own globals).
+    Modules imported afterwards get locksafe's from ``airflow.utils.sqlalchemy``. Returns how
+    many names were rebound."""
+    helpers = sys.modules.get(HELPERS_MODULE)
+    if helpers is None:
+        return 0
+    ours = _ours()
+    originals = {}
+    for name in _HELPER_NAMES:
+        current = getattr(helpers, name, None)
+        if current is not None and current is not ours[name]:
+            originals[name] = current
+        setattr(helpers, name, ours[name])
+    known = getattr(helpers, "__locksafe_originals__", {})
+    known.update(originals)
+    helpers.__locksafe_originals__ = known  # type: ignore[attr-defined]
+    replaced = 0
+    targets = modules if modules is not None else list(sys.modules.values())
+    for module in targets:
+        name = getattr(module, "__name__", "")
+        if not isinstance(name, str) or not (name == "airflow" or name.startswith("airflow.")):
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for helper, original in known.items():
+            if namespace.get(helper) is original:
+                namespace[helper] = ours[helper]
+                replaced += 1
+    return replaced
+
+
+#: The Airflow module whose ``action_logging`` dependency writes the audit log.
+AUDIT_LOG_MODULE = "airflow.api_fastapi.logging.decorators"
+
+
+def audit_log_off_the_event_loop(module: ModuleType) -> bool:
+    """Make Airflow's ``action_logging()`` dependency write and commit its audit-log row in a
+    worker thread instead of on the event loop.
+
+    Airflow's ``log_action`` is an ``async def`` that calls ``session.commit()`` — blocking
+    database work on the event loop. On SQLite that COMMIT's INSERT waits for the database
+    write lock, and the lock may be held by a request of the same process whose transaction
+    ends in its dependency teardown — which needs the event loop the audit log is blocking.
+    Neither can go on until the busy timeout ends the wait with "database is locked" (an HTTP
+    500 on every action-logged route: POST /backfills, cancel, PATCH). Run in a worker thread,
+    the audit log waits for the write lock like any other writer while the loop serves the
+    holder. The request body is read on the loop first (Starlette caches it), so the same
+    ``log_action`` runs unchanged. Returns whether it patched (False: already done, or not the
+    expected shape)."""
+    original = getattr(module, "action_logging", None)
+    if original is None or getattr(original, _ORIGINAL, None) is not None:
+        return False
+
+    import asyncio
+    import functools
+
+    import anyio.to_thread
+
+    @functools.wraps(original)
+    def action_logging(*args: Any, **kwargs: Any) -> Any:
+        log_action = original(*args, **kwargs)
+        if not inspect.iscoroutinefunction(log_action):
+            return log_action
+
+        @functools.wraps(log_action)
+        async def log_action_in_a_thread(**values: Any) -> Any:
+            request = values.get("request")
+            headers = getattr(request, "headers", None)
+            if request is not None and "application/json" in (headers or {}).get(
+                "content-type", ""
+            ):
+                await request.body()  # cached on the request: log_action reads it again
+            return await anyio.to_thread.run_sync(
+                functools.partial(asyncio.run, log_action(**values))
+            )
+
+        return log_action_in_a_thread
+
+    setattr(action_logging, _ORIGINAL, original)
+    module.action_logging = action_logging  # type: ignore[attr-defined]
+    return True
+
+
+#: What install() changes in each Airflow module, as soon as that module has been executed.
+_ON_IMPORT: dict[str, Callable[[ModuleType], Any]] = {
+    HELPERS_MODULE: lambda module: replace_helpers(),
+    AUDIT_LOG_MODULE: audit_log_off_the_event_loop,
+}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patch an Airflow module of ``_ON_IMPORT`` right after it has been executed, when it was
+    not imported yet at :func:`install` time (importing it early could run Airflow's import
+    cycle in another order, and the routes bind ``action_logging()`` when they are defined)."""
+
+    def __init__(self) -> None:
+        self.pending = set(_ON_IMPORT)
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in self.pending:
+            return None
+        self.pending.discard(fullname)
+        if not self.pending:
+            _remove_finder()
+        spec = _find_spec_without(self, fullname)
+        loader = getattr(spec, "loader", None)
+        exec_module = getattr(loader, "exec_module", None)
+        if spec is None or loader is None or exec_module is None:
+            return spec
+        patch = _ON_IMPORT[fullname]
+
+        def exec_then_patch(module: ModuleType) -> None:
+            exec_module(module)
+            patch(module)
+
+        loader.exec_module = exec_then_patch
+        return spec
+
+
+def _find_spec_without(finder: _PatchOnImport, fullname: str) -> Any:
+    """The spec the other finders give for ``fullname``."""
+    for other in sys.meta_path:
+        if other is finder or isinstance(other, _PatchOnImport):
+            continue
+        find = getattr(other, "find_spec", None)
+        if find is None:
+            continue
+        parent = fullname.rpartition(".")[0]
+        search = getattr(sys.modules.get(parent), "__path__", None) if parent else None
+        spec = find(fullname, search)
+        if spec is not None:
+            return spec
+    return None
+
+
+def _remove_finder() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PatchOnImport)]
+
+
+def _airflow_settings() -> Any:
+    try:
+        import airflow.settings as settings  # type: ignore[import-not-found]
+    except Exception as error:  # pragma: no cover - only without Airflow
+        raise RuntimeError(
+            "locksafe.compat.airflow.install() runs inside Airflow (airflow_local_settings.py)"
+        ) from error
+    return settings
+
+
+def _config() -> tuple[bool, float, str]:
+    """``[locksafe]`` in Airflow's configuration: ``enabled`` (True), ``sqlite_busy_timeout``
+    (seconds, 30), ``sqlite_begin`` ("first_write")."""
+    try:
+        from airflow.configuration import conf
+    except Exception:  # pragma: no cover - only without Airflow
+        return True, 30.0, "first_write"
+    enabled = conf.getboolean("locksafe", "enabled", fallback=True)
+    busy_timeout = conf.getfloat("locksafe", "sqlite_busy_timeout", fallback=30.0)
+    begin = conf.get("locksafe", "sqlite_begin", fallback="first_write")
+    return bool(enabled), float(busy_timeout), str(begin)
+
+
+def install() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Switch an Airflow deployment over to locksafe, from ``airflow_local_settings.py``
+    (which every Airflow component imports at start-up, before it creates its engines)::
+
+        import locksafe.compat.airflow as locksafe_airflow
+
+        create_metadata_engine, create_async_metadata_engine = locksafe_airflow.install()
+
+    - Airflow's SQLite engines, sync and async, go through :func:`locksafe.sqlite.configure`
+      (``begin="first_write"``, a 30 s busy timeout); PostgreSQL and MySQL engines are left
+      exactly as Airflow makes them.
+    - Every Airflow module uses locksafe's :func:`with_row_locks` and
+      :func:`is_lock_not_available_error`, names bound by ``from ... import`` included, now and
+      in modules imported later (forked children inherit it; spawned ones import the local
+      settings again).
+    - Airflow's configuration switches it: ``[locksafe] enabled = False``
+      (``AIRFLOW__LOCKSAFE__ENABLED=False``) leaves Airflow as it is;
+      ``[locksafe] sqlite_busy_timeout`` and ``sqlite_begin`` set configure()'s options.
+
+    Idempotent; logs once per process what it did. Returns the two engine factories that
+    ``airflow_local_settings.py`` must bind as ``create_metadata_engine`` and
+    ``create_async_metadata_engine`` (Airflow's documented override points).
+    """
+    global _logged
+    settings = _airflow_settings()
+    original_sync = getattr(
+        settings.create_metadata_engine, _ORIGINAL, settings.create_metadata_engine
+    )
+    original_async = getattr(
+        settings.create_async_metadata_engine, _ORIGINAL, settings.create_async_metadata_engine
+    )
+    enabled, busy_timeout, begin = _config()
+    if not enabled:
+        with _install_lock:
+            if not _logged:
+                log.info("locksafe: disabled by [locksafe] enabled = False; Airflow left as it is")
+                _logged = True
+        return original_sync, original_async
+
+    from locksafe.sqlite import configure
+
+    def _configured(engine: Any) -> Any:
+        sync_engine = getattr(engine, "sync_engine", engine)
+        if sync_engine.dialect.name == "sqlite":
+            configure(engine, busy_timeout=busy_timeout, begin=begin)  # type: ignore[arg-type]
+        return engine
+
+    def create_metadata_engine(sql_alchemy_conn: str, **kwargs: Any) -> Any:
+        return _configured(original_sync(sql_alchemy_conn, **kwargs))
+
+    def create_async_metadata_engine(sql_alchemy_conn_async: str, **kwargs: Any) -> Any:
+        return _configured(original_async(sql_alchemy_conn_async, **kwargs))
+
+    setattr(create_metadata_engine, _ORIGINAL, original_sync)
+    setattr(create_async_metadata_engine, _ORIGINAL, original_async)
+    for factory, original in (
+        (create_metadata_engine, original_sync),
+        (create_async_metadata_engine, original_async),
+    ):
+        factory.__doc__ = original.__doc__
+    with _install_lock:
+        replaced = 0
+        waiting = False
+        for name, patch in _ON_IMPORT.items():
+            module = sys.modules.get(name)
+            if module is not None:
+                outcome = patch(module)
+                replaced += outcome if isinstance(outcome, int) else 0
+            else:
+                waiting = True
+        if waiting and not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+            finder = _PatchOnImport()
+            finder.pending = {name for name in _ON_IMPORT if name not in sys.modules}
+            sys.meta_path.insert(0, finder)
+        if not _logged:
+            log.info(
+                "locksafe: Airflow's SQLite engines use locksafe.sqlite.configure(begin=%r, "
+                "busy_timeout=%gs); with_row_locks / is_lock_not_available_error are "
+                "locksafe's (%d names rebound now, the rest at import); the audit log is "
+                "written off the event loop; PostgreSQL and MySQL engines unchanged",
+                begin,
+                busy_timeout,
+                replaced,
+            )
+            _logged = True
+    return create_metadata_engine, create_async_metadata_engine

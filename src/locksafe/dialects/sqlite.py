@@ -27,8 +27,16 @@ Result codes: https://www.sqlite.org/rescode.html (primary code = extended code 
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import contextvars
+import os
+import random
 import re
 import sqlite3
+import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +52,7 @@ from locksafe.dialects import (
     DriverErrors,
     ErrorTable,
 )
-from locksafe.kinds import LockErrorKind, UnsupportedLockOption
+from locksafe.kinds import LockErrorKind, SelfDeadlock, UnsupportedLockOption
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect
@@ -233,12 +241,18 @@ def refuse_a_transaction_in_progress(connection: Connection) -> None:
 @dataclass
 class OwedBegin:
     """What :func:`locksafe.sqlite.configure` still owes one SQLAlchemy ``Connection``'s
-    transaction under ``begin="immediate"`` / ``"exclusive"``: the ``BEGIN`` itself, sent right
-    before the transaction's first statement (when that statement is known), or — once a plain
-    ``BEGIN`` went out — the write lock that ``BEGIN IMMEDIATE`` would have taken."""
+    transaction: the ``BEGIN`` itself, sent right before the transaction's first statement that
+    needs it (when that statement is known), or — once a plain ``BEGIN`` went out — the write
+    lock that ``BEGIN IMMEDIATE`` would have taken.
 
-    #: ``"BEGIN IMMEDIATE"`` or ``"BEGIN EXCLUSIVE"``.
+    Under ``begin="first_write"`` (:attr:`lazy`) statements that only read run before the
+    ``BEGIN``, each on its own (seeing the latest commit), and the ``BEGIN IMMEDIATE`` goes out
+    right before the first statement that writes, a ``SAVEPOINT`` or a locking SELECT."""
+
+    #: ``"BEGIN"``, ``"BEGIN IMMEDIATE"`` or ``"BEGIN EXCLUSIVE"``.
     sql: str
+    #: Reads do not pay (``begin="first_write"``).
+    lazy: bool = False
     #: A plain ``BEGIN`` was sent (the first statement was a ``SAVEPOINT``, or a
     #: ``skip_locked`` SELECT found the database busy); nothing has been read since, and the
     #: write lock is taken before the next statement that reads or writes.
@@ -247,6 +261,10 @@ class OwedBegin:
     #: (it already did what this statement owed).
     answered: Any = None
 
+    @property
+    def takes_write_lock(self) -> bool:
+        return self.sql != "BEGIN"
+
 
 #: Per SQLAlchemy ``Connection`` (weakly: an entry goes with its connection). Not in
 #: ``Connection.info``, which belongs to the DB-API connection and is shared by every
@@ -254,20 +272,344 @@ class OwedBegin:
 #: debt is paid or forgotten by its own connection only.
 _owed: weakref.WeakKeyDictionary[Connection, OwedBegin] = weakref.WeakKeyDictionary()
 
+#: The SQLAlchemy ``Connection`` s that sent the ``BEGIN`` of their current transaction
+#: themselves (``configure()``): their COMMIT must find ``sqlite3`` still in that transaction.
+_begun: weakref.WeakKeyDictionary[Connection, Any] = weakref.WeakKeyDictionary()
+
 #: Statements that read nothing and take no lock: a SAVEPOINT opening a transaction leaves the
 #: write lock owed to the next statement.
 _SAVEPOINT = re.compile(r"\s*(SAVEPOINT|RELEASE|ROLLBACK\s+TO)\b", re.IGNORECASE)
 
+#: Statements that SQLite refuses or ignores inside a transaction, and that an application runs
+#: as a connection's or session's set-up: they run before the transaction's ``BEGIN`` (as with
+#: stock ``sqlite3``), so that they keep their effect. ``PRAGMA foreign_keys`` is a no-op inside
+#: a transaction; ``journal_mode`` / ``locking_mode`` cannot change there; ``VACUUM``,
+#: ``ATTACH`` and ``DETACH`` fail there.
+OUTSIDE = re.compile(
+    r"\s*(?:PRAGMA\s+(?:\w+\s*\.\s*)?(?:foreign_keys|journal_mode|locking_mode|busy_timeout)\b"
+    r"|VACUUM\b|ATTACH\b|DETACH\b)",
+    re.IGNORECASE,
+)
 
-def owe_begin(connection: Connection, sql: str) -> None:
-    """Record that ``connection``'s new transaction still needs ``sql`` (``BEGIN IMMEDIATE``
-    or ``BEGIN EXCLUSIVE``); see :func:`pay_owed_begin`."""
-    _owed[connection] = OwedBegin(sql)
+#: Under ``begin="first_write"``: statements that only read, told by their first keyword when
+#: SQLAlchemy did not compile them (a ``PRAGMA`` without ``=`` reads; a ``WITH`` that names no
+#: INSERT / UPDATE / DELETE / REPLACE reads). Anything else is taken as a write: taking the
+#: write lock too early is slower, never unsafe.
+_READS = re.compile(r"\s*(?:SELECT|VALUES|EXPLAIN)\b", re.IGNORECASE)
+_PRAGMA = re.compile(r"\s*PRAGMA\b", re.IGNORECASE)
+_WITH = re.compile(r"\s*WITH\b", re.IGNORECASE)
+_DML = re.compile(r"\b(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.IGNORECASE)
 
 
-def forget_owed_begin(connection: Connection) -> None:
-    """``connection``'s transaction ended: it owes nothing any more."""
+def only_reads(context: ExecutionContext | None, statement: str) -> bool:
+    """Whether ``statement`` only reads (runs before a ``first_write`` transaction's
+    ``BEGIN``)."""
+    compiled = getattr(context, "compiled", None)
+    if compiled is not None:
+        if any(getattr(context, flag, False) for flag in ("isinsert", "isupdate", "isdelete")):
+            return False
+        element = getattr(compiled, "statement", None)
+        if getattr(element, "is_select", False):
+            return True
+        if getattr(element, "is_dml", False) or getattr(element, "is_ddl", False):
+            return False
+    if _READS.match(statement):
+        return True
+    if _PRAGMA.match(statement):
+        return "=" not in statement and "(" not in statement.split(";")[0]
+    if _WITH.match(statement):
+        return _DML.search(statement) is None
+    return False
+
+
+# -- one thread waiting on itself ------------------------------------------------------------
+
+#: ``connection_record.info`` key: the main database file of this DB-API connection ("" for an
+#: in-memory or temporary database, private to the connection).
+PATH = "locksafe.sqlite.path"
+
+#: The SQLAlchemy ``Connection`` s whose transaction holds (or is taking) a database's write
+#: lock: that database's file, the call that took it (:data:`_call`) and, for an asyncio
+#: connection, its task.
+_holders: weakref.WeakKeyDictionary[Connection, tuple[str, object, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_holders_lock = threading.Lock()
+
+#: The write locks taken in the current logical call: marker objects set in the current
+#: ``contextvars`` context, one per lock still held. Each asyncio task, and each job a
+#: framework hands to a worker thread (anyio / Starlette copy the context), runs in a copy of
+#: the context it was started from, so a marker seen here means "taken in this call, or in one
+#: this call is part of and waits for" — not merely in this thread: a thread pool's thread
+#: moves on to other requests while a transaction it began is finished elsewhere.
+_call: contextvars.ContextVar[tuple[object, ...]] = contextvars.ContextVar("locksafe_sqlite_call")
+def main_file(dbapi_connection: Any) -> str:
+    """The main database's file name ("" in memory), read without taking any lock."""
+    cursor = dbapi_connection.cursor()
+    try:
+        for row in _database_list(cursor):
+            if row[0] == "main":
+                return row[1]
+    finally:
+        cursor.close()
+    return ""
+
+
+def _task() -> Any:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no event loop runs in this thread
+        return None
+
+
+def _new_marker() -> object:
+    """A marker for a write lock taken now, added to this call's (markers of locks no longer
+    held are dropped, so a long-lived context does not grow)."""
+    marker = object()
+    held = _call.get(())
+    if held:
+        live = {entry[1] for entry in _holders.values()}
+        held = tuple(m for m in held if m in live)
+    _call.set((*held, marker))
+    return marker
+
+
+def _path_of(connection: Connection) -> str:
+    try:
+        return str(connection.connection.info.get(PATH, ""))
+    except Exception:  # an invalidated or closed connection: nothing to guard
+        return ""
+
+
+def holds_write_lock(connection: Connection) -> None:
+    """``connection``'s transaction now holds its database's write lock."""
+    path = _path_of(connection)
+    if path:
+        with _holders_lock:
+            if connection not in _holders:
+                _holders[connection] = (path, _new_marker(), _task())
+
+
+def released(connection: Connection) -> None:
+    """``connection``'s transaction ended (COMMIT or ROLLBACK): it holds no lock, owes nothing."""
+    with contextlib.suppress(Exception):  # closed or invalidated: the pool's events release it
+        release_gate(connection.connection.dbapi_connection)
     _owed.pop(connection, None)
+    _begun.pop(connection, None)
+    if connection in _holders:
+        with _holders_lock:
+            _holders.pop(connection, None)
+
+
+def refuse_to_wait_on_ourselves(connection: Connection) -> None:
+    """Before ``connection`` waits for its database's write lock: raise
+    :class:`~locksafe.SelfDeadlock` at once when another ``Connection`` holds that lock and
+    was given it in this same call (:data:`_call`: the same function, or one this call is
+    waiting for — a request's dependency session and the service function's own session, a
+    store method calling another one that opens its own session). The holder cannot end its
+    transaction before this call returns, so the wait could only end with the busy timeout. For
+    an asyncio connection (whose wait lets the event loop run) only a holder of the same task
+    counts."""
+    if not _holders:
+        return
+    markers = _call.get(())
+    if not markers:
+        return
+    path = _path_of(connection)
+    if not path:
+        return
+    task = _task() if connection.dialect.is_async else None
+    dbapi_connection = connection.connection.dbapi_connection
+    with _holders_lock:
+        others = [
+            other
+            for other, (held, by, in_task) in _holders.items()
+            if other is not connection
+            and held == path
+            and any(by is marker for marker in markers)
+            and (task is None or in_task is task)
+        ]
+    for other in others:
+        try:
+            shared = other.connection.dbapi_connection is dbapi_connection
+        except Exception:
+            continue
+        if shared or other.closed:
+            continue
+        raise SelfDeadlock(
+            f"this call would wait for SQLite's write lock on {path!r}, which another "
+            "connection holds for the same call (or one it waits for): that transaction "
+            "wrote and has not ended, and it cannot end while this call waits — two Sessions "
+            "or Connections used one inside the other. Commit or roll back the first one "
+            "before the second one writes, or do both in one session"
+        )
+
+
+# -- waiting for the write lock, fairly --------------------------------------------------------
+#
+# SQLite's own busy handler sleeps in growing steps (1, 2, 5, ... 100 ms) while the lock is
+# taken: a writer that has waited long polls every 100 ms, one that just arrived every few
+# milliseconds, so newcomers keep winning and a long waiter starves until its busy timeout
+# ends in "database is locked" (measured on a real Airflow: a 30 s wait while no transaction
+# held the lock for more than 4.4 s). locksafe waits instead:
+#
+# - in one process, writers to one database file queue in arrival order (:class:`_Gate`): the
+#   first holds the gate until its transaction ends and hands it to the next;
+# - the queue's head polls SQLite's lock with a zero busy timeout in short, flat, jittered
+#   steps (0.5 ms growing to 5 ms), so each process's head has the same chance when the lock
+#   is released — against processes that use locksafe and processes that do not.
+#
+# Both are bounded by the connection's busy timeout, read when the wait starts (so a
+# ``PRAGMA busy_timeout`` the application sets keeps its effect). Only where the wait cannot
+# meet a stale snapshot: a ``BEGIN IMMEDIATE`` / ``EXCLUSIVE``, or the write lock owed after a
+# plain ``BEGIN`` that read nothing. asyncio connections (aiosqlite, which waits in its own
+# thread) keep SQLite's handler: a gate would block the event loop.
+
+_FIRST_STEP = 0.0005
+_LAST_STEP = 0.005
+
+
+class _Gate:
+    """A first-come, first-served queue of one process's writers to one database file."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._holder: object | None = None
+        self._waiting: collections.deque[tuple[threading.Event, object]] = collections.deque()
+
+    def acquire(self, who: object, timeout: float) -> bool:
+        with self._mutex:
+            if self._holder is who:
+                return True
+            if self._holder is None and not self._waiting:
+                self._holder = who
+                return True
+            ready = threading.Event()
+            entry = (ready, who)
+            self._waiting.append(entry)
+        if ready.wait(max(0.0, timeout)):
+            return True
+        with self._mutex:
+            if ready.is_set():
+                return True
+            self._waiting.remove(entry)
+            return False
+
+    def release(self, who: object) -> None:
+        with self._mutex:
+            if self._holder is not who:
+                return
+            if self._waiting:
+                ready, self._holder = self._waiting.popleft()
+                ready.set()
+            else:
+                self._holder = None
+
+
+_gates: dict[str, _Gate] = {}
+_gates_lock = threading.Lock()
+#: DB-API connection -> the gate it holds (released when its transaction ends, and by the pool
+#: when the connection is checked in, reset, invalidated or closed, whatever happened).
+_gate_held: dict[int, tuple[_Gate, object]] = {}
+
+
+def _gate(path: str) -> _Gate:
+    with _gates_lock:
+        gate = _gates.get(path)
+        if gate is None:
+            gate = _gates[path] = _Gate()
+        return gate
+
+
+def release_gate(dbapi_connection: Any) -> None:
+    """The transaction of ``dbapi_connection`` ended: the next writer of its process may go."""
+    held = _gate_held.pop(id(dbapi_connection), None)
+    if held is not None:
+        held[0].release(held[1])
+
+
+def _forget_after_fork() -> None:
+    """A forked child has none of its parent's threads: their queue places and locks are not
+    its own."""
+    global _gates_lock, _holders_lock
+    _gates.clear()
+    _gate_held.clear()
+    _gates_lock = threading.Lock()
+    _holders_lock = threading.Lock()
+    _holders.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def wait_for_write_lock(
+    connection: Connection, cursor: DBAPICursor, attempt: Callable[[], None]
+) -> None:
+    """Run ``attempt`` — a statement that takes the database's write lock and has read nothing
+    before it in this transaction — until it gets the lock, fairly (see above), within the
+    connection's busy timeout; the last failure is raised as it is (``database_busy``)."""
+    if connection.dialect.is_async:
+        attempt()
+        return
+    timeout_ms = _busy_timeout(cursor)
+    if timeout_ms <= 0:
+        attempt()
+        return
+    deadline = time.monotonic() + timeout_ms / 1000
+    dbapi_connection = connection.connection.dbapi_connection
+    path = _path_of(connection)
+    queued = path and id(dbapi_connection) not in _gate_held
+    if queued:
+        gate = _gate(path)
+        if gate.acquire(dbapi_connection, deadline - time.monotonic()):
+            _gate_held[id(dbapi_connection)] = (gate, dbapi_connection)
+    cursor.execute("PRAGMA busy_timeout = 0")
+    try:
+        step = _FIRST_STEP
+        while True:
+            try:
+                attempt()
+                return
+            except Exception as error:
+                left = deadline - time.monotonic()
+                driver_error = error.orig if isinstance(error, DBAPIError) else error
+                if (
+                    driver_error is None
+                    or _primary_code(driver_error) != SQLITE_BUSY
+                    or _extended_code(driver_error) == SQLITE_BUSY_SNAPSHOT
+                    or left <= 0
+                ):
+                    release_gate(dbapi_connection)
+                    raise
+            time.sleep(min(left, step * random.uniform(0.5, 1.5)))
+            step = min(step * 2, _LAST_STEP)
+    finally:
+        cursor.execute(f"PRAGMA busy_timeout = {timeout_ms:d}")
+
+
+
+def owe_begin(connection: Connection, sql: str, *, lazy: bool = False) -> None:
+    """Record that ``connection``'s new transaction still needs ``sql`` (``BEGIN``,
+    ``BEGIN IMMEDIATE`` or ``BEGIN EXCLUSIVE``; ``lazy``: not before the first statement that
+    does more than read); see :func:`pay_owed_begin`."""
+    _owed[connection] = OwedBegin(sql, lazy=lazy)
+
+
+def begin_sent(connection: Connection) -> None:
+    """``connection`` sent the ``BEGIN`` of its transaction itself."""
+    _begun[connection] = connection.connection.dbapi_connection
+
+
+def ended_behind_our_back(connection: Connection) -> bool:
+    """At ``connection``'s COMMIT: it sent its transaction's ``BEGIN``, and ``sqlite3`` is no
+    longer in a transaction — it was rolled back behind this connection's back (another
+    SQLAlchemy ``Connection`` over the same ``sqlite3`` connection, ``StaticPool``'s reset, or
+    SQLite's own automatic rollback after an error), and the statements after it ran on their
+    own, each committed at once. The COMMIT would commit nothing of what came before."""
+    if connection not in _begun:
+        return False
+    return not _in_transaction(connection.connection.dbapi_connection, unknown=True)
 
 
 def pay_owed_begin(
@@ -279,15 +621,20 @@ def pay_owed_begin(
     """Right before a statement of ``connection``'s transaction, send what the transaction
     still owes (see :class:`OwedBegin`):
 
-    - nothing sent yet: the ``BEGIN IMMEDIATE`` / ``EXCLUSIVE``, waiting the busy timeout —
-      except before a ``SAVEPOINT``, which gets a plain ``BEGIN`` and leaves the write lock
-      owed to the next statement (a ``nowait`` / ``skip_locked`` SELECT there must not wait);
+    - a statement of a connection's set-up (``PRAGMA foreign_keys`` ...; see ``OUTSIDE``):
+      nothing yet, the statement runs before the ``BEGIN``, keeping its effect;
+    - ``begin="first_write"``: nothing before a statement that only reads;
+    - nothing sent yet: the ``BEGIN`` (``IMMEDIATE`` / ``EXCLUSIVE``: waiting the busy
+      timeout) — except before a ``SAVEPOINT``, which gets a plain ``BEGIN`` and leaves the
+      write lock owed to the next statement (a ``nowait`` / ``skip_locked`` SELECT there must
+      not wait);
     - a plain ``BEGIN`` sent: the write lock of every database of the connection, waiting the
       busy timeout, before anything is read (``SAVEPOINT`` / ``RELEASE`` / ``ROLLBACK TO``
       read nothing, and leave it owed).
 
     A locking SELECT is handled by the row-lock hook (:func:`take_write_lock`), which runs
-    first, and pays with a zero busy timeout under ``nowait`` / ``skip_locked``.
+    first, and pays with a zero busy timeout under ``nowait`` / ``skip_locked``. Before any
+    wait for the write lock, :func:`refuse_to_wait_on_ourselves`.
     """
     owed = _owed.get(connection)
     if owed is None:
@@ -296,17 +643,40 @@ def pay_owed_begin(
         answered, owed.answered = owed.answered, None
         if answered is context:
             return
+    if not owed.begun and OUTSIDE.match(statement):
+        return
     if _SAVEPOINT.match(statement):
         if not owed.begun:
             refuse_a_transaction_in_progress(connection)
             _execute_wrapped(connection, cursor, "BEGIN")
+            begin_sent(connection)
+            if not owed.takes_write_lock:
+                _owed.pop(connection, None)
+                return
             owed.begun = True
         return
+    if owed.lazy and not owed.begun and only_reads(context, statement):
+        return
     if owed.begun:
-        _take_or_raise(connection, cursor, _every_database(cursor))
+        refuse_to_wait_on_ourselves(connection)
+        locks = _every_database(cursor)
+        wait_for_write_lock(
+            connection, cursor, lambda: _take_or_raise(connection, cursor, locks)
+        )
+        holds_write_lock(connection)
     else:
         refuse_a_transaction_in_progress(connection)
-        _execute_wrapped(connection, cursor, owed.sql)
+        if owed.takes_write_lock:
+            refuse_to_wait_on_ourselves(connection)
+            sql = owed.sql
+            wait_for_write_lock(
+                connection, cursor, lambda: _execute_wrapped(connection, cursor, sql)
+            )
+        else:
+            _execute_wrapped(connection, cursor, owed.sql)
+        begin_sent(connection)
+        if owed.takes_write_lock:
+            holds_write_lock(connection)
     _owed.pop(connection, None)
 
 
@@ -501,6 +871,14 @@ def _take(cursor: DBAPICursor, locks: list[_Lock], attempt: _Attempt) -> None:
             attempt.taken += 1
 
 
+def _fresh(attempt: _Attempt) -> _Attempt:
+    """``attempt`` emptied, for another pass over the same lock statements."""
+    attempt.taken = 0
+    attempt.read_only.clear()
+    attempt.failed = None
+    return attempt
+
+
 def _held_by_another(cursor: DBAPICursor, lock: _Lock | None) -> bool | None:
     """Without an extended result code (Python 3.10), tell SQLITE_BUSY (another connection
     holds the write lock ``lock`` asked for: ``True``) from SQLITE_BUSY_SNAPSHOT (that lock is
@@ -602,7 +980,8 @@ def take_write_lock(
     owed = _owed.get(connection)
     if owed is not None and not owed.begun:
         refuse_a_transaction_in_progress(connection)
-        locks = [_Lock(owed.sql, begins=True)]  # takes every database's lock
+        # Takes every database's lock (a deferred BEGIN owed becomes an immediate one).
+        locks = [_Lock(owed.sql if owed.takes_write_lock else "BEGIN IMMEDIATE", begins=True)]
     elif owed is not None:
         locks = _every_database(cursor)  # what the BEGIN IMMEDIATE owed would have taken
     elif _in_transaction(dbapi_connection):
@@ -618,6 +997,8 @@ def take_write_lock(
         )
     else:
         locks = [_Lock("BEGIN IMMEDIATE", begins=True)]  # the driver's own (legacy) transaction
+    if not fail_fast:
+        refuse_to_wait_on_ourselves(connection)
     saved = _busy_timeout(cursor) if fail_fast else None
     try:
         if saved is not None:
@@ -625,29 +1006,49 @@ def take_write_lock(
         for _attempt in range(_SKIP_LOCKED_ATTEMPTS):
             attempt = _Attempt()
             try:
-                _take(cursor, locks, attempt)
+                if not fail_fast and (owed is not None or locks[0].begins):
+                    # Nothing read yet in this transaction: wait fairly.
+                    wait_for_write_lock(
+                        connection,
+                        cursor,
+                        lambda this=attempt: _take(cursor, locks, _fresh(this)),  # type: ignore[misc]
+                    )
+                else:
+                    _take(cursor, locks, attempt)
             except Exception as exc:
-                if not (requested.skip_locked and _primary_code(exc) == SQLITE_BUSY):
+                if not (
+                    requested.skip_locked and _primary_code(exc) in (SQLITE_BUSY, SQLITE_LOCKED)
+                ):
                     raise
-                extended = _extended_code(exc)
-                if extended == SQLITE_BUSY_SNAPSHOT:
-                    raise
-                if extended is not None or _held_by_another(cursor, attempt.failed):
-                    if owed is not None:  # the write lock stays owed to the next statement
-                        if not owed.begun:
-                            _execute_wrapped(connection, cursor, "BEGIN")
-                            owed.begun = True
-                        owed.answered = context
-                    return _no_rows(context, statement)
-                # Python 3.10, and the lock looks free: either the holder just left (take it
-                # now) or this transaction's snapshot is stale (it keeps failing: raise).
-                if _attempt == _SKIP_LOCKED_ATTEMPTS - 1:
-                    raise
-                continue
+                # Busy, locked (shared cache) or a stale WAL snapshot: whoever holds the lock,
+                # or wrote since this transaction's snapshot, has the rows — skip them all. The
+                # SELECT reads nothing, and a write lock configure() owes stays owed.
+                if (
+                    _extended_code(exc) is None
+                    and _primary_code(exc) == SQLITE_BUSY
+                    and _attempt < _SKIP_LOCKED_ATTEMPTS - 1
+                    and not _held_by_another(cursor, attempt.failed)
+                ):
+                    # Python 3.10, and the lock looks free: the holder just left (take it
+                    # now), or this transaction's snapshot is stale (it keeps failing).
+                    continue
+                if owed is not None:
+                    if not owed.begun and not owed.lazy:
+                        _execute_wrapped(connection, cursor, "BEGIN")
+                        begin_sent(connection)
+                        owed.begun = owed.takes_write_lock
+                    owed.answered = context
+                    if not owed.takes_write_lock and owed.begun is False and not owed.lazy:
+                        _owed.pop(connection, None)  # a deferred BEGIN: nothing left owed
+                return _no_rows(context, statement)
             if attempt.read_only and not attempt.taken:
                 raise _read_only(plan, attempt.read_only)
             if owed is not None:
                 _owed.pop(connection, None)
+                if locks and locks[0].begins:
+                    begin_sent(connection)
+            if attempt.taken:
+                holds_write_lock(connection)
             return None
     finally:
         if saved is not None:

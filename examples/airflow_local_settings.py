@@ -1,0 +1,3 @@
+import locksafe.compat.airflow as locksafe_airflow
+
+create_metadata_engine, create_async_metadata_engine = locksafe_airflow.install()
