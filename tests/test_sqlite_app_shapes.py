@@ -511,7 +511,9 @@ def test_event_listener_order_does_not_matter(cell: Cell) -> None:
 
 @pytest.mark.cells("sqlite+pysqlite")
 @pytest.mark.parametrize("configured", [None, "first_write"], ids=["stock", "locksafe-default"])
-def test_a_multi_process_app_keeps_working(cell: Cell, tmp_path: Any, configured: str | None) -> None:
+def test_a_multi_process_app_keeps_working(
+    cell: Cell, tmp_path: Any, configured: str | None
+) -> None:
     """Four worker processes, a per-session PRAGMA busy_timeout, a multi-step call whose first
     step commits in a nested session while the outer session has read and will write, no
     retries: stock has no error and no partial write; with locksafe's default configure() the
