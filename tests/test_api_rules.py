@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import re
 import sqlite3
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,16 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.testclient import TestClient
 
 import locksafe
 from locksafe import LockErrorKind, LockUnavailable, is_retryable_lock_error, transactional
 from locksafe.starlette import install_lock_error_handlers
+
+with warnings.catch_warnings():
+    # The test extra gives Python 3.10 httpx (httpx2 needs 3.11), which Starlette's TestClient
+    # deprecates: a warning in every compatibility run, about the environment, not locksafe.
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from starlette.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -19,7 +20,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import locksafe
@@ -28,6 +28,12 @@ from locksafe import LockErrorKind, LockUnavailable
 from locksafe.classify import RETRYABLE_KINDS
 from locksafe.starlette import BODY, install_lock_error_handlers, lock_error_response
 from locksafe.testing import hold_row_lock
+
+with warnings.catch_warnings():
+    # The test extra gives Python 3.10 httpx (httpx2 needs 3.11), which Starlette's TestClient
+    # deprecates: a warning in every compatibility run, about the environment, not locksafe.
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from starlette.testclient import TestClient
 
 metadata = MetaData()
 rows = Table("http_rows", metadata, Column("id", Integer, primary_key=True, autoincrement=False))
