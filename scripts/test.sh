@@ -221,9 +221,10 @@ if [[ ${LOCKSAFE_PY313:-1} != 0 ]]; then
         "$PY" -c 'import sqlalchemy, sqlite3, sys; print("    Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "SQLite", sqlite3.sqlite_version)'
         # Only SQLite cells and cell-less SQLite tests: no PostgreSQL or MariaDB server starts.
         run_pytest "$PY" tests/test_sqlite_configure.py tests/test_sqlite_locking.py \
+            tests/test_sqlite_app_shapes.py \
             tests/test_rowlocks_real.py tests/test_rowlocks_concurrency.py \
             tests/test_rowlocks_nested.py tests/test_transactions.py \
-            -k 'sqlite+pysqlite or sqlite+aiosqlite or test_sqlite_configure or test_sqlite_locking or test_sqlite_busy_is_recognised'
+            -k 'sqlite+pysqlite or sqlite+aiosqlite or test_sqlite_configure or test_sqlite_locking or test_sqlite_app_shapes or test_sqlite_busy_is_recognised'
     fi
 fi
 end_phase
