@@ -7,17 +7,13 @@ commits everything — the outer transaction has nothing left to roll back. :fun
 applies SQLAlchemy's documented recipe: the driver's own transaction handling off, SQLAlchemy
 emits ``BEGIN`` itself; plus a busy timeout and WAL journaling.
 
-``begin="immediate"`` makes every transaction take the write lock when it begins. A
-``"deferred"`` transaction that reads first and writes later has to *upgrade* its lock, and that
-upgrade fails at once with SQLITE_BUSY (SQLITE_BUSY_SNAPSHOT in WAL mode) when another writer
-got in between, however long the busy timeout: with ``"immediate"`` the second writer waits at
-``BEGIN`` instead.
-
-Under ``"deferred"`` the ``BEGIN`` is sent when SQLAlchemy's transaction begins. Under
-``"immediate"`` / ``"exclusive"`` it is sent right before the transaction's first statement, so
-that a ``nowait`` / ``skip_locked`` locking SELECT opening the transaction takes the write lock
-without waiting; a ``SAVEPOINT`` opening it gets a plain ``BEGIN`` and leaves the write lock to
-the next statement (see :class:`locksafe.dialects.sqlite.OwedBegin`).
+When a transaction takes the database's write lock is the ``begin=`` strategy; the default,
+``"first_write"``, runs the reads before a transaction's first write on their own (each sees
+the latest commit) and sends ``BEGIN IMMEDIATE`` right before the first write, ``SAVEPOINT``
+or locking SELECT: writers queue for the lock (fairly, see
+:func:`locksafe.dialects.sqlite.wait_for_write_lock`) instead of failing on a stale snapshot,
+readers never wait, and two sessions of one call do not deadlock when the first only read.
+``docs/sqlite.md`` compares it with ``"deferred"``, ``"immediate"`` and ``"exclusive"``.
 """
 
 from __future__ import annotations
