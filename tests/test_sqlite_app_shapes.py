@@ -551,3 +551,50 @@ def test_a_multi_process_app_keeps_working(
         "negative_stock": 0,
     }
     assert checked["sold"] > 0
+
+
+# -- locksafe.sqlite.immediate(): a check-then-insert with no row to lock ----------------------
+
+
+def test_immediate_block_serialises_a_check_then_insert(cell: Cell) -> None:
+    """Four writers each check that no "singleton" event exists, then insert one (Airflow's
+    count of active backfills, then the insert). Under the default the check reads the latest
+    commit without a lock and several can pass it; inside locksafe.sqlite.immediate() the check
+    waits for the write lock, and exactly one row is inserted. The block ends with the call:
+    a read outside it takes no lock."""
+    path = setup(cell)
+    engine = engine_for(cell, "first_write")
+    barrier = threading.Barrier(4)
+
+    def writer(_: int) -> bool:
+        def work(session: Session) -> bool:
+            barrier.wait(timeout=10)
+            with locksafe.sqlite.immediate():
+                exists = session.execute(
+                    select(func.count()).select_from(events).where(events.c.name == "singleton")
+                ).scalar_one()
+                held = sqlite_write_locked(path)
+                time.sleep(0.05)  # the window the race needs
+                if not exists:
+                    session.execute(insert(events).values(name="singleton"))
+                session.commit()
+            return held
+
+        result: bool = cell.run_session(work, engine=engine)
+        return result
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(writer, range(4)))
+    assert count(cell, events) == 1
+    assert all(results), "the check did not hold the write lock"
+
+    def after_the_block(session: Session) -> bool:
+        with locksafe.sqlite.immediate():
+            session.execute(select(func.count()).select_from(events)).scalar_one()
+            session.commit()
+        session.execute(select(func.count()).select_from(events)).scalar_one()
+        locked = sqlite_write_locked(path)
+        session.rollback()
+        return locked
+
+    assert cell.run_session(after_the_block, engine=engine) is False

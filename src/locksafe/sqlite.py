@@ -18,8 +18,10 @@ readers never wait, and two sessions of one call do not deadlock when the first 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sqlite3
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from sqlalchemy import event
@@ -30,6 +32,7 @@ from locksafe.dialects.sqlite import (
     PATH,
     ended_behind_our_back,
     holds_write_lock,
+    immediate_block,
     main_file,
     on_sqlite3,
     only_reads,
@@ -46,7 +49,7 @@ from locksafe.kinds import TransactionLost
 if TYPE_CHECKING:  # at run time, async engines are told by their sync_engine: no greenlet needed
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["configure"]
+__all__ = ["configure", "immediate"]
 
 JournalMode = Literal["wal", "delete", "truncate", "persist", "memory", "off"]
 Begin = Literal["first_write", "deferred", "immediate", "exclusive"]
@@ -259,6 +262,34 @@ def configure(
         event.listen(sync_engine, "after_cursor_execute", after_cursor_execute)
     setattr(sync_engine, _CONFIGURED, True)
     return engine
+
+
+@contextlib.contextmanager
+def immediate() -> Iterator[None]:
+    """Inside this block, a SQLite transaction of a configured engine takes the database's write
+    lock before its next statement, reads included — ``begin="immediate"`` for one block of
+    one call (its ``contextvars`` context: the current thread's job or asyncio task).
+
+    For a check-then-insert with no row to lock (a count of active things, a uniqueness check
+    by query): under the default ``begin="first_write"`` the check reads the latest commit
+    without a lock, and two transactions can both pass it. Inside ``immediate()`` the check
+    waits for the write lock and the transactions run one after the other.
+
+    >>> import locksafe.sqlite
+    >>> from sqlalchemy import create_engine, text
+    >>> engine = locksafe.sqlite.configure(create_engine("sqlite://"))
+    >>> with locksafe.sqlite.immediate(), engine.begin() as conn:
+    ...     conn.execute(text("SELECT 1")).scalar_one()  # after BEGIN IMMEDIATE
+    1
+
+    A transaction that already holds the write lock is not affected, nor is one whose reads
+    already ran: the lock comes before its next statement.
+    """
+    token = immediate_block.set(True)
+    try:
+        yield
+    finally:
+        immediate_block.reset(token)
 
 
 def _legacy_transaction_control(connection: Any) -> None:

@@ -225,10 +225,52 @@ def audit_log_off_the_event_loop(module: ModuleType) -> bool:
     return True
 
 
+#: The Airflow module whose ``_create_backfill`` counts a DAG's active backfills, then adds one.
+BACKFILL_MODULE = "airflow.models.backfill"
+
+
+def backfill_creation_one_at_a_time(module: ModuleType) -> bool:
+    """Run Airflow's ``_create_backfill`` inside :func:`locksafe.sqlite.immediate`.
+
+    It counts the DAG's active backfills, then inserts one and commits, with no lock between
+    the two (the count has no row to lock): two concurrent POSTs for one DAG can both count 0
+    and both create a backfill — on every database, since PostgreSQL runs READ COMMITTED. On
+    SQLite the ``immediate()`` block makes its transactions take the write lock before their
+    first statement, so the count and the insert of one creation run before the next creation's
+    count. No effect on other databases. Returns whether it patched."""
+    original = getattr(module, "_create_backfill", None)
+    if original is None or getattr(original, _ORIGINAL, None) is not None:
+        return False
+
+    import functools
+
+    from locksafe.sqlite import immediate
+
+    @functools.wraps(original)
+    def _create_backfill(*args: Any, **kwargs: Any) -> Any:
+        with immediate():
+            return original(*args, **kwargs)
+
+    setattr(_create_backfill, _ORIGINAL, original)
+    module._create_backfill = _create_backfill  # type: ignore[attr-defined]
+    for other in list(sys.modules.values()):  # modules that bound it before the patch
+        namespace = getattr(other, "__dict__", None)
+        name = getattr(other, "__name__", "")
+        if (
+            isinstance(namespace, dict)
+            and isinstance(name, str)
+            and name.startswith("airflow.")
+            and namespace.get("_create_backfill") is original
+        ):
+            namespace["_create_backfill"] = _create_backfill
+    return True
+
+
 #: What install() changes in each Airflow module, as soon as that module has been executed.
 _ON_IMPORT: dict[str, Callable[[ModuleType], Any]] = {
     HELPERS_MODULE: lambda module: replace_helpers(),
     AUDIT_LOG_MODULE: audit_log_off_the_event_loop,
+    BACKFILL_MODULE: backfill_creation_one_at_a_time,
 }
 
 
@@ -383,7 +425,8 @@ def install() -> tuple[Callable[..., Any], Callable[..., Any]]:
                 "locksafe: Airflow's SQLite engines use locksafe.sqlite.configure(begin=%r, "
                 "busy_timeout=%gs); with_row_locks / is_lock_not_available_error are "
                 "locksafe's (%d names rebound now, the rest at import); the audit log is "
-                "written off the event loop; PostgreSQL and MySQL engines unchanged",
+                "written off the event loop; backfills are created one at a time; PostgreSQL "
+                "and MySQL engines unchanged",
                 begin,
                 busy_timeout,
                 replaced,

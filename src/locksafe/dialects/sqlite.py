@@ -301,6 +301,13 @@ _WITH = re.compile(r"\s*WITH\b", re.IGNORECASE)
 _DML = re.compile(r"\b(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.IGNORECASE)
 
 
+#: Set by :func:`locksafe.sqlite.immediate`: in this call, a transaction takes the write lock
+#: before its next statement, reads included.
+immediate_block: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "locksafe_sqlite_immediate", default=False
+)
+
+
 def only_reads(context: ExecutionContext | None, statement: str) -> bool:
     """Whether ``statement`` only reads (runs before a ``first_write`` transaction's
     ``BEGIN``)."""
@@ -655,7 +662,10 @@ def pay_owed_begin(
                 return
             owed.begun = True
         return
-    if owed.lazy and not owed.begun and only_reads(context, statement):
+    if not owed.begun and immediate_block.get():
+        if not owed.takes_write_lock:  # a deferred BEGIN owed: take the lock with it
+            owed.sql = "BEGIN IMMEDIATE"
+    elif owed.lazy and not owed.begun and only_reads(context, statement):
         return
     if owed.begun:
         refuse_to_wait_on_ourselves(connection)
