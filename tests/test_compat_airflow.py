@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import inspect
-from collections.abc import Iterator
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
+from fastapi.dependencies.utils import get_typed_signature
+from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table, event, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Query, Session, mapped_column, relationship
+from starlette.requests import Request
 
 import locksafe
 from conftest import Cell
+from fixtures.fake_airflow.install_probe import call_dependency
 from locksafe.compat import airflow
 from locksafe.testing import hold_row_lock
 
@@ -139,3 +150,412 @@ def test_is_lock_not_available_error_on_real_errors(cell: Cell) -> None:
     for odd in (None, ValueError(), OperationalError("s", {}, Exception()), object()):
         assert not airflow.is_lock_not_available_error(odd)
     assert airflow.is_lock_not_available_error is not locksafe.is_lock_not_available_error
+
+
+# -- the SQL Airflow's own helper renders at Airflow's call sites, on PostgreSQL ----------------
+
+
+def airflow_with_row_locks(
+    query: Any,
+    session: Any,
+    *,
+    nowait: bool = False,
+    skip_locked: bool = False,
+    key_share: bool = True,
+    **kwargs: Any,
+) -> Any:
+    # Airflow 3.3.2's helper on PostgreSQL:
+    return query.with_for_update(
+        nowait=nowait, skip_locked=skip_locked, key_share=key_share, **kwargs
+    )
+
+
+class AirflowBase(DeclarativeBase):
+    metadata = MetaData()
+
+
+class AfDagRun(AirflowBase):
+    __tablename__ = "compat_af_dag_run"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dag_id: Mapped[str] = mapped_column(String(50))
+    state: Mapped[str] = mapped_column(String(20))
+
+
+class AfTaskInstance(AirflowBase):
+    __tablename__ = "compat_af_task_instance"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dag_run_id: Mapped[int] = mapped_column(ForeignKey(AfDagRun.id))
+    state: Mapped[str] = mapped_column(String(20))
+    priority_weight: Mapped[int] = mapped_column(Integer)
+    dag_run: Mapped[AfDagRun] = relationship()
+
+
+TI, DR = AfTaskInstance, AfDagRun
+ti_table = AfTaskInstance.__table__
+
+#: The statements of Airflow's call sites: (shape, model of ``of=``, build(session)).
+SHAPES: list[tuple[str, type, Callable[[Session], Any]]] = [
+    (
+        "ORM entity, join, where, order_by, limit (the scheduler's task instances)",
+        TI,
+        lambda s: (
+            select(TI)
+            .join(TI.dag_run)
+            .where(DR.state == "running", TI.state == "scheduled")
+            .order_by(TI.priority_weight.desc())
+            .limit(32)
+        ),
+    ),
+    (
+        "ORM entity, where, limit (dag runs to examine)",
+        DR,
+        lambda s: select(DR).where(DR.state == "queued").order_by(DR.id).limit(10),
+    ),
+    (
+        "ORM columns, where, limit (triggers to assign)",
+        TI,
+        lambda s: select(TI.id).where(TI.state == "deferred").order_by(TI.id).limit(5),
+    ),
+    (
+        "Core table select, where, limit",
+        TI,
+        lambda s: (
+            select(ti_table.c.id, ti_table.c.state).where(ti_table.c.state == "queued").limit(3)
+        ),
+    ),
+    (
+        "legacy session.query(), join, filter, limit",
+        TI,
+        lambda s: s.query(TI).join(TI.dag_run).filter(DR.state == "running").limit(32),
+    ),
+    (
+        "legacy session.query(), filter",
+        DR,
+        lambda s: s.query(DR).filter(DR.dag_id == "d1", DR.state == "running"),
+    ),
+]
+
+#: The option sets of Airflow 3.3.2's call sites (``"of"``: the shape's model).
+OPTION_SETS: list[dict[str, Any]] = [
+    {"skip_locked": True},
+    {"of": "model", "skip_locked": True},
+    {"of": "model", "skip_locked": True, "key_share": False},
+    {"nowait": True},
+    {"of": "model", "nowait": True},
+    {"of": "model", "skip_locked": True, "key_share": True},
+    {},
+]
+
+
+def sql_at_call_sites(
+    session: Session, model: type, build: Callable[[Session], Any]
+) -> list[tuple[dict[str, Any], str, str, list[str], list[str]]]:
+    """For each option set, on one statement of an Airflow call site: the SQL Airflow's helper
+    and locksafe's compile to, and the statements each sent to the server when executed."""
+    bind = session.get_bind()
+    sent: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    def compiled(query: Any) -> str:
+        statement = query.statement if isinstance(query, Query) else query
+        return str(statement.compile(bind))
+
+    def executed(query: Any) -> list[str]:
+        sent.clear()
+        if isinstance(query, Query):
+            query.all()
+        else:
+            session.execute(query).all()
+        return list(sent)
+
+    seen = []
+    event.listen(bind, "after_cursor_execute", record)
+    try:
+        for option_set in OPTION_SETS:
+            options = {k: model if v == "model" else v for k, v in option_set.items()}
+            theirs = airflow_with_row_locks(build(session), session=session, **options)
+            ours = airflow.with_row_locks(build(session), session=session, **options)
+            seen.append(
+                (option_set, compiled(theirs), compiled(ours), executed(theirs), executed(ours))
+            )
+        session.rollback()
+    finally:
+        event.remove(bind, "after_cursor_execute", record)
+    return seen
+
+
+@pytest.mark.cells("postgresql")
+@pytest.mark.parametrize(
+    ("shape", "model", "build"), SHAPES, ids=[f"shape{i}" for i in range(len(SHAPES))]
+)
+def test_postgresql_renders_what_airflows_helper_renders_at_its_call_sites(
+    cell: Cell, shape: str, model: type, build: Callable[[Session], Any]
+) -> None:
+    cell.create_all(AirflowBase.metadata)
+    seen = cell.run_session(sql_at_call_sites, model, build)
+    assert len(seen) == len(OPTION_SETS)
+    for options, theirs, ours, sent_theirs, sent_ours in seen:
+        assert ours == theirs, options
+        assert " FOR " in theirs, options  # both really lock: not two empty clauses
+        assert len(sent_theirs) == 1, options
+        assert sent_ours == sent_theirs, options
+    clauses = {str(options): theirs.rpartition(" FOR ")[2] for options, theirs, *_ in seen}
+    table = model.__tablename__  # type: ignore[attr-defined]
+    assert clauses == {
+        "{'skip_locked': True}": "NO KEY UPDATE SKIP LOCKED",
+        "{'of': 'model', 'skip_locked': True}": f"NO KEY UPDATE OF {table} SKIP LOCKED",
+        "{'of': 'model', 'skip_locked': True, 'key_share': False}": (
+            f"UPDATE OF {table} SKIP LOCKED"
+        ),
+        "{'nowait': True}": "NO KEY UPDATE NOWAIT",
+        "{'of': 'model', 'nowait': True}": f"NO KEY UPDATE OF {table} NOWAIT",
+        "{'of': 'model', 'skip_locked': True, 'key_share': True}": (
+            f"NO KEY UPDATE OF {table} SKIP LOCKED"
+        ),
+        "{}": "NO KEY UPDATE",
+    }
+
+
+# -- install(), end to end, against a fake Airflow in a subprocess -----------------------------
+
+FAKE_AIRFLOW = Path(__file__).parent / "fixtures" / "fake_airflow"
+EXAMPLES = Path(__file__).parents[1] / "examples"
+EARLY = "airflow.models.early"  # binds the helpers by name, so imports airflow.utils.sqlalchemy
+DECORATORS = "airflow.api_fastapi.logging.decorators"
+BACKFILL = "airflow.models.backfill"
+
+
+def fake_airflow_env() -> dict[str, str]:
+    """The environment of a subprocess that imports the fake Airflow and the example settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(FAKE_AIRFLOW), str(EXAMPLES), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    return env
+
+
+def run_install(tmp_path: Path, *before: str, enabled: str | None = None) -> dict[str, Any]:
+    """``install_probe.py`` in a subprocess (sys.modules and sys.meta_path are its own): the
+    local settings of ``examples/`` imported the way Airflow does, install() called again, the
+    modules ``before`` imported before the first call."""
+    env = fake_airflow_env()
+    if enabled is not None:
+        env["AIRFLOW__LOCKSAFE__ENABLED"] = enabled
+    # Patience: how long the audit log's commit waits for the event loop to answer. Patched,
+    # the loop answers at once; unpatched (disabled), the loop is blocked whatever the wait.
+    patience = "10" if enabled is None else "0.1"
+    done = subprocess.run(
+        [sys.executable, str(FAKE_AIRFLOW / "install_probe.py"), str(tmp_path), patience, *before],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+LOCKSAFE = {"with_row_locks": "locksafe", "is_lock_not_available_error": "locksafe"}
+AIRFLOW = {
+    "with_row_locks": "airflow.utils.sqlalchemy.with_row_locks",
+    "is_lock_not_available_error": "airflow.utils.sqlalchemy.is_lock_not_available_error",
+}
+ALREADY = "this engine was already configured by locksafe.sqlite.configure()"
+
+
+@pytest.mark.parametrize(
+    ("before", "rebound"),
+    [
+        pytest.param((), 0, id="nothing-imported-yet"),
+        pytest.param((EARLY,), 2, id="helpers-imported"),
+        pytest.param((EARLY, DECORATORS, BACKFILL), 2, id="all-imported"),
+    ],
+)
+def test_install_end_to_end(tmp_path: Path, before: tuple[str, ...], rebound: int) -> None:
+    seen = run_install(tmp_path, *before)
+    assert seen["helpers_module_at_install"] is bool(before)
+    assert seen["audit_module_at_install"] is (DECORATORS in before)
+    # Airflow's factories replaced by locksafe's, wrapping Airflow's (the second call too, not
+    # the first call's wrappers), documented as Airflow's.
+    assert seen["first_is_airflows"] == seen["second_is_airflows"] == [False, False]
+    assert seen["wraps_airflows"] == seen["docs_as_airflow"] == [True] * 4
+    # The meta-path hook: only while a module to patch is not imported yet, once, then gone.
+    waiting = 0 if set(before) >= {EARLY, DECORATORS, BACKFILL} else 1
+    assert seen["finders_after_first_install"] == seen["finders_after_second_install"] == waiting
+    assert seen["finders_at_the_end"] == 0
+    # Helpers: in airflow.utils.sqlalchemy, bound by name before install, imported after.
+    assert seen["helpers"] == {
+        "airflow.utils.sqlalchemy": LOCKSAFE,
+        "airflow.models.early": LOCKSAFE,
+        "airflow.models.late": LOCKSAFE,
+    }
+    # Engines: each factory's SQLite engine configured once; PostgreSQL untouched.
+    for engines in (seen["engines_first"], seen["engines_second"]):
+        for name in ("sqlite", "sqlite_async"):
+            assert engines[name] == {
+                "type": "AsyncEngine" if name.endswith("async") else "Engine",
+                "configured_attribute": True,
+                "busy_timeout": 30000,
+                "configure_again": ALREADY,
+                "configure_calls": 1,
+            }, name
+        for name in ("postgresql", "postgresql_async"):
+            assert engines[name] == {
+                "type": "AsyncEngine" if name.endswith("async") else "Engine",
+                "configured_attribute": False,
+                "listeners_as_airflow": True,
+                "configure_calls": 0,
+            }, name
+    # The audit log: wrapped once, still an async dependency, run off the event loop, which
+    # stays free while it commits, with the JSON body read on the loop and readable again.
+    assert seen["audit_log"] == {
+        "wrapped_once": True,
+        "is_coroutine_function": True,
+        "call": {
+            "result": None,
+            "event": "post_backfill",
+            "ran_on_loop_thread": False,
+            "ran_on_loop": False,
+            "loop_answered_during_commit": True,
+            "body": {"dag_id": "d1", "from_date": "2026-01-01"},
+            "receive_calls": 2,
+            "received_on_loop_thread": True,
+        },
+    }
+    assert seen["backfill"] == {"wrapped_once": True, "ran_in_immediate_block": True}
+    # Logged once for the two calls.
+    assert len(seen["log"]) == 1
+    level, message = seen["log"][0]
+    assert level == "INFO"
+    assert message.startswith("locksafe: Airflow's SQLite engines use locksafe.sqlite.configure(")
+    assert f"({rebound} names rebound now, the rest at import)" in message
+
+
+def test_install_disabled_leaves_airflow_as_it_is(tmp_path: Path) -> None:
+    seen = run_install(tmp_path, EARLY, enabled="False")
+    assert seen["first_is_airflows"] == seen["second_is_airflows"] == [True, True]
+    assert seen["finders_after_first_install"] == seen["finders_at_the_end"] == 0
+    assert seen["helpers"] == {
+        "airflow.utils.sqlalchemy": AIRFLOW,
+        "airflow.models.early": AIRFLOW,
+        "airflow.models.late": AIRFLOW,
+    }
+    for engines in (seen["engines_first"], seen["engines_second"]):
+        for name in ("sqlite", "sqlite_async"):
+            assert engines[name]["configured_attribute"] is False, name
+            assert engines[name]["busy_timeout"] == 5000, name  # pysqlite's own 5 s
+            assert engines[name]["configure_again"] == "accepted", name
+            assert engines[name]["configure_calls"] == 0, name
+    # Airflow's own audit log, unpatched: it runs on the loop and blocks it while it commits
+    # (which is what the tests above rule out once install() ran).
+    assert seen["audit_log"]["wrapped_once"] is False
+    call = seen["audit_log"]["call"]
+    assert call["ran_on_loop_thread"] is call["ran_on_loop"] is True
+    assert call["loop_answered_during_commit"] is False
+    assert seen["backfill"] == {"wrapped_once": False, "ran_in_immediate_block": False}
+    assert seen["log"] == [
+        ["INFO", "locksafe: disabled by [locksafe] enabled = False; Airflow left as it is"]
+    ]
+
+
+FIND_SPEC_THEN_IMPORT = """
+import importlib.util, json, sys
+import locksafe.compat.airflow as locksafe_airflow
+locksafe_airflow.install()
+for name in ("airflow.utils.sqlalchemy", "airflow.api_fastapi.logging.decorators",
+             "airflow.models.backfill"):
+    assert importlib.util.find_spec(name) is not None  # asks whether it exists; no import
+    assert name not in sys.modules
+from airflow.models import backfill, late
+from airflow.api_fastapi.logging import decorators
+print(json.dumps({
+    "helpers": late.with_row_locks is locksafe_airflow.with_row_locks,
+    "audit_log": hasattr(decorators.action_logging, "__locksafe_original__"),
+    "backfill": hasattr(backfill._create_backfill, "__locksafe_original__"),
+    "finders": sum(type(f).__name__ == "_PatchOnImport" for f in sys.meta_path),
+}))
+"""
+
+
+def test_a_find_spec_that_does_not_import_leaves_the_patch_pending() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FIND_SPEC_THEN_IMPORT],
+        env=fake_airflow_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "helpers": True,
+        "audit_log": True,
+        "backfill": True,
+        "finders": 0,
+    }
+
+
+# -- the audit-log patch, in this process on the fake decorators module (not named airflow.*) --
+
+
+def fake_decorators() -> ModuleType:
+    """A fresh copy of the fake ``airflow.api_fastapi.logging.decorators``, not in sys.modules."""
+    path = FAKE_AIRFLOW / "airflow" / "api_fastapi" / "logging" / "decorators.py"
+    spec = importlib.util.spec_from_file_location("locksafe_test_fake_decorators", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_audit_log_dependency_keeps_what_fastapi_reads() -> None:
+    module = fake_decorators()
+    original = module.action_logging
+    assert airflow.audit_log_off_the_event_loop(module) is True
+    assert airflow.audit_log_off_the_event_loop(module) is False  # once
+    assert getattr(module.action_logging, "__locksafe_original__", None) is original
+    dependency = module.action_logging(event="post_backfill")
+    reference = original(event="post_backfill")
+    assert inspect.iscoroutinefunction(dependency)
+    assert dependency is not reference
+    assert inspect.signature(dependency) == inspect.signature(reference)
+    assert dependency.__name__ == reference.__name__ == "log_action"
+    # What FastAPI reads: the signature with its string annotations resolved in the module
+    # that defined log_action (Airflow's modules use `from __future__ import annotations`).
+    typed = get_typed_signature(dependency).parameters
+    assert typed == get_typed_signature(reference).parameters
+    assert typed["request"].annotation is Request
+    assert typed["session"].annotation is Session
+
+
+@pytest.mark.parametrize("json_body", [True, False], ids=["json-body", "no-body"])
+def test_audit_log_runs_off_the_event_loop(json_body: bool) -> None:
+    module = fake_decorators()
+    airflow.audit_log_off_the_event_loop(module)
+    dependency = module.action_logging(event="post_backfill")
+    call = asyncio.run(call_dependency(dependency, module.CALLS, json_body=json_body, patience=10))
+    assert call == {
+        "result": None,
+        "event": "post_backfill",
+        "ran_on_loop_thread": False,
+        "ran_on_loop": False,
+        "loop_answered_during_commit": True,
+        "body": {"dag_id": "d1", "from_date": "2026-01-01"} if json_body else None,
+        "receive_calls": 2 if json_body else 0,
+        "received_on_loop_thread": True,
+    }
+
+
+def test_unpatched_audit_log_blocks_the_event_loop() -> None:
+    """The control: the same probe sees Airflow's own dependency block the loop."""
+    module = fake_decorators()
+    dependency = module.action_logging(event="post_backfill")
+    call = asyncio.run(call_dependency(dependency, module.CALLS, json_body=True, patience=0.05))
+    assert call["ran_on_loop_thread"] is call["ran_on_loop"] is True
+    assert call["loop_answered_during_commit"] is False

@@ -285,9 +285,6 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname not in self.pending:
             return None
-        self.pending.discard(fullname)
-        if not self.pending:
-            _remove_finder()
         spec = _find_spec_without(self, fullname)
         loader = getattr(spec, "loader", None)
         exec_module = getattr(loader, "exec_module", None)
@@ -297,6 +294,11 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_then_patch(module: ModuleType) -> None:
             exec_module(module)
+            # Pending until the module has really been executed: a find_spec() that does not
+            # import (importlib.util.find_spec) or an import that failed must not use it up.
+            self.pending.discard(fullname)
+            if not self.pending:
+                _remove_finder()
             patch(module)
 
         loader.exec_module = exec_then_patch
@@ -413,7 +415,8 @@ def install() -> tuple[Callable[..., Any], Callable[..., Any]]:
             module = sys.modules.get(name)
             if module is not None:
                 outcome = patch(module)
-                replaced += outcome if isinstance(outcome, int) else 0
+                # replace_helpers() counts names; the other patches say whether they patched
+                replaced += outcome if type(outcome) is int else 0
             else:
                 waiting = True
         if waiting and not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
