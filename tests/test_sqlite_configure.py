@@ -179,10 +179,53 @@ def test_configure_rejects_bad_input(cell: Cell, tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="busy_timeout="):
         locksafe.sqlite.configure(fresh, busy_timeout=-1)
     with pytest.raises(ValueError, match="SQLite"):
-        # Another dialect (a mock engine: no server driver needed, so this also runs in the
-        # SQLite-only test leg).
+        # Another dialect (an engine that never connects; PyMySQL is installed in the
+        # SQLite-only test leg too).
+        locksafe.sqlite.configure(create_engine("mysql+pymysql://u@127.0.0.1:1/x"))
+    with pytest.raises(TypeError, match="Engine"):
+        # Not an engine at all.
         locksafe.sqlite.configure(create_mock_engine("postgresql://u@127.0.0.1/x", print))
     fresh.dispose()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "names"),
+    [
+        ({"busy_timeout": "5"}, TypeError, "busy_timeout"),
+        ({"busy_timeout": True}, TypeError, "busy_timeout"),
+        ({"busy_timeout": float("nan")}, ValueError, "busy_timeout"),
+        ({"busy_timeout": float("inf")}, ValueError, "busy_timeout"),
+        ({"busy_timeout": 10**9}, ValueError, "busy_timeout"),
+        ({"begin": ["immediate"]}, TypeError, "begin"),
+        ({"begin": None}, TypeError, "begin"),
+        ({"journal_mode": 1}, TypeError, "journal_mode"),
+        ({"foreign_keys": "on"}, TypeError, "foreign_keys"),
+    ],
+    ids=str,
+)
+def test_configure_checks_each_option(
+    tmp_path: Any, options: dict[str, Any], error: type[Exception], names: str
+) -> None:
+    """Each option is checked at call time, with a message naming it (issue 9)."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(error, match=names):
+        locksafe.sqlite.configure(engine, **options)
+    assert not event.contains(engine, "begin", lambda conn: None)
+    engine.dispose()
+
+
+def test_configure_takes_what_sqlite_takes(tmp_path: Any) -> None:
+    """journal_mode in any case, as SQLite takes it; a positive busy timeout below a
+    millisecond still waits (1 ms), it does not become "never wait"."""
+    engine = locksafe.sqlite.configure(
+        create_engine(f"sqlite:///{tmp_path / 'x.db'}"), journal_mode="WAL", busy_timeout=0.0004
+    )
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 1
+    engine.dispose()
+    with pytest.raises(TypeError, match="Engine"):
+        locksafe.sqlite.configure("sqlite:///app.db")  # type: ignore[type-var]
 
 
 def test_configure_sets_pragmas(cell: Cell) -> None:
@@ -654,16 +697,14 @@ def test_skip_locked_on_a_busy_database_leaves_the_write_lock_owed(
 # -- the BEGIN and the raw DB-API connection ------------------------------------------------------
 
 
-@pytest.mark.parametrize("begin", ["deferred", "immediate", "exclusive"])
-def test_raw_dbapi_work_after_the_first_statement_is_in_the_transaction(
-    cell: Cell, begin: str
-) -> None:
-    """Every mode owes its BEGIN to the transaction's first SQLAlchemy statement (so that a
-    session's set-up PRAGMAs run before it and keep their effect). Raw DB-API work after that
-    statement is in the transaction; before it, there is no transaction yet and sqlite3 (which
-    configure() keeps from opening one itself) commits it at once — the documented limit.
-    (Before the first_write strategy, "deferred" sent its BEGIN at begin(); it now follows the
-    same rule as the other modes.)"""
+@pytest.mark.parametrize("begin", ["first_write", "deferred", "immediate", "exclusive"])
+def test_raw_dbapi_writes_are_in_the_transaction(cell: Cell, begin: str) -> None:
+    """Raw DB-API INSERTs before and after the transaction's first SQLAlchemy statement are in
+    the transaction, and its rollback undoes both — as with stock sqlite3: configure() keeps
+    sqlite3's own BEGIN before raw DML (its legacy isolation_level, IMMEDIATE or as the mode
+    says), and locksafe takes a transaction begun that way as the Connection's own instead of
+    sending a second BEGIN. (Until a reviewer's report, raw work before the first statement was
+    committed at once under configure(): a step back from stock.)"""
     setup(cell)
     engine = locksafe.sqlite.configure(cell.engine(), busy_timeout=5, begin=begin)  # type: ignore[arg-type]
 
@@ -674,14 +715,15 @@ def test_raw_dbapi_work_after_the_first_statement_is_in_the_transaction(
 
     def work(conn: Connection) -> None:
         conn.begin()
-        raw_insert(conn, 1)  # before the first statement: committed at once
+        raw_insert(conn, 1)  # before the first statement: sqlite3 begins the transaction
         conn.execute(select(counter.c.value)).all()
-        raw_insert(conn, 2)  # inside the transaction
+        conn.execute(insert(items).values(id=3))
+        raw_insert(conn, 2)
         conn.rollback()
 
     cell.run(work, engine=engine)
     with cell.sync_engine().connect() as conn:
-        assert conn.execute(select(items.c.id)).scalars().all() == [1]
+        assert conn.execute(select(items.c.id)).scalars().all() == []
 
 
 # -- several SQLAlchemy connections over one sqlite3 connection ------------------------------------

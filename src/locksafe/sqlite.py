@@ -28,20 +28,22 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from locksafe.dialects.sqlite import (
-    OUTSIDE,
     PATH,
-    ended_behind_our_back,
+    adopt_a_transaction_in_progress,
+    after_error,
     holds_write_lock,
     immediate_block,
+    lost,
     main_file,
     on_sqlite3,
     only_reads,
+    outside,
     owe_begin,
     pay_owed_begin,
-    refuse_a_transaction_in_progress,
     refuse_to_wait_on_ourselves,
     release_gate,
     released,
+    rolled_back_under,
     sqlalchemy_autocommit,
 )
 from locksafe.kinds import TransactionLost
@@ -71,19 +73,21 @@ E = TypeVar("E", bound="Engine | AsyncEngine")
 
 def _check_options(
     busy_timeout: object, journal_mode: object, begin: object, foreign_keys: object
-) -> float:
+) -> tuple[float, str | None]:
+    """The options, checked: (busy timeout in seconds, journal mode in lower case or None)."""
+    choices = ", ".join(map(repr, _BEGIN_SQL))
+    if not isinstance(begin, str):
+        raise TypeError(f"begin must be a str, one of {choices}; got {type(begin).__name__}")
     if begin not in _BEGIN_SQL:
-        raise ValueError(
-            f"begin={begin!r} is not one of {', '.join(map(repr, _BEGIN_SQL))}"
-            if isinstance(begin, str)
-            else f"begin must be a str, one of {', '.join(map(repr, _BEGIN_SQL))}; got "
-            f"{type(begin).__name__}"
+        raise ValueError(f"begin={begin!r} is not one of {choices}")
+    modes = ", ".join(map(repr, _JOURNAL_MODES))
+    if journal_mode is not None and not isinstance(journal_mode, str):
+        raise TypeError(
+            f"journal_mode must be a str, one of {modes}, or None; got "
+            f"{type(journal_mode).__name__}"
         )
-    if journal_mode is not None and journal_mode not in _JOURNAL_MODES:
-        raise ValueError(
-            f"journal_mode={journal_mode!r} is not one of {', '.join(map(repr, _JOURNAL_MODES))}"
-            " or None"
-        )
+    if journal_mode is not None and journal_mode.lower() not in _JOURNAL_MODES:
+        raise ValueError(f"journal_mode={journal_mode!r} is not one of {modes} or None")
     if foreign_keys is not None and not isinstance(foreign_keys, bool):
         raise TypeError(
             f"foreign_keys must be True, False or None, got {type(foreign_keys).__name__}"
@@ -98,7 +102,7 @@ def _check_options(
         raise ValueError(f"busy_timeout={busy_timeout!r} must be a finite number of seconds ≥ 0")
     if seconds * 1000 > 2**31 - 1:
         raise ValueError(f"busy_timeout={busy_timeout!r} is more than SQLite takes (24.8 days)")
-    return seconds
+    return seconds, journal_mode.lower() if journal_mode is not None else None
 
 
 def configure(
@@ -149,23 +153,32 @@ def configure(
     2000
     """
     sync_engine = getattr(engine, "sync_engine", engine)
-    if not isinstance(sync_engine, Engine) or sync_engine.dialect.name != "sqlite":
+    if not isinstance(sync_engine, Engine):
+        raise TypeError(
+            "locksafe.sqlite.configure() takes a SQLite Engine or AsyncEngine (create_engine("
+            f"'sqlite:///app.db')), got {type(engine).__name__}"
+        )
+    if sync_engine.dialect.name != "sqlite":
         raise ValueError(
             "locksafe.sqlite.configure() takes a SQLite Engine or AsyncEngine, got "
             f"{getattr(getattr(sync_engine, 'dialect', None), 'name', type(engine).__name__)!r}"
         )
-    seconds = _check_options(busy_timeout, journal_mode, begin, foreign_keys)
+    seconds, journal_mode = _check_options(busy_timeout, journal_mode, begin, foreign_keys)  # type: ignore[assignment]
     if getattr(sync_engine, _CONFIGURED, False):
         raise ValueError("this engine was already configured by locksafe.sqlite.configure()")
 
-    pragmas = [f"PRAGMA busy_timeout = {round(seconds * 1000):d}"]
+    # A positive timeout below one millisecond is one millisecond, not "never wait".
+    milliseconds = round(seconds * 1000) if seconds * 1000 >= 1 or seconds == 0 else 1
+    pragmas = [f"PRAGMA busy_timeout = {milliseconds:d}"]
     if foreign_keys is not None:
         pragmas.append(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
     begin_sql = _BEGIN_SQL[begin]
     lazy = begin == "first_write"
 
+    implicit = _IMPLICIT_BEGIN[begin]
+
     def set_up(dbapi_connection: Any, info: dict[Any, Any]) -> None:
-        _driver_transactions_off(dbapi_connection)
+        on_sqlite3(dbapi_connection, lambda conn: _legacy_transaction_control(conn, implicit))
         cursor = dbapi_connection.cursor()
         try:
             for pragma in pragmas:
@@ -194,7 +207,8 @@ def configure(
     def on_begin(conn: Connection) -> None:
         if sqlalchemy_autocommit(conn):  # AUTOCOMMIT: no transaction, so no BEGIN
             return
-        refuse_a_transaction_in_progress(conn)
+        if adopt_a_transaction_in_progress(conn):
+            return  # begun by the application itself (a raw BEGIN, sqlite3's own before DML)
         # Owed by this Connection alone (several may share one DB-API connection), and sent
         # right before the first statement that needs it.
         owe_begin(conn, begin_sql, lazy=lazy)
@@ -221,21 +235,32 @@ def configure(
         context: Any,
         executemany: bool,
     ) -> None:
-        if not only_reads(context, statement) and not OUTSIDE.match(statement):
+        if not only_reads(context, statement) and not outside(statement):
             holds_write_lock(conn)
 
     def on_commit(conn: Connection) -> None:
-        if ended_behind_our_back(conn):
-            released(conn)
-            raise TransactionLost(
-                "COMMIT refused: this connection's SQLite transaction was rolled back behind "
-                "its back before the COMMIT (another SQLAlchemy Connection over the same "
-                "sqlite3 connection — StaticPool, or sqlite:// in one thread — ended it, or "
-                "SQLite rolled it back after an error), so what it did before that is lost and "
-                "what it did after was committed statement by statement. Nothing more is "
-                "committed; roll back and start again"
-            )
+        how = lost(conn)
         released(conn)
+        if how is not None:
+            raise TransactionLost(
+                f"COMMIT refused: this connection's SQLite transaction was rolled back behind "
+                f"its back ({how}); what it did before that is gone, and committing what came "
+                "after would report success for part of the transaction. Nothing was committed: "
+                "roll back and run the whole transaction again"
+            )
+
+    def on_reset(dbapi_connection: Any, record: Any, reset_state: Any) -> None:
+        release_gate(dbapi_connection)
+        rolled_back_under(
+            dbapi_connection,
+            "the pool rolled back the sqlite3 connection it shares with another SQLAlchemy "
+            "Connection when that one was returned — StaticPool, or SingletonThreadPool for "
+            "sqlite://",
+        )
+
+    def on_error(context: Any) -> None:
+        if context.connection is not None:
+            after_error(context.connection)
 
     event.listen(sync_engine, "connect", on_connect)
     event.listen(sync_engine, "checkout", on_checkout)
@@ -248,11 +273,8 @@ def configure(
     event.listen(
         sync_engine, "checkin", lambda dbapi_connection, record: release_gate(dbapi_connection)
     )
-    event.listen(
-        sync_engine,
-        "reset",
-        lambda dbapi_connection, record, reset_state: release_gate(dbapi_connection),
-    )
+    event.listen(sync_engine, "reset", on_reset)
+    event.listen(sync_engine, "handle_error", on_error)
     event.listen(
         sync_engine,
         "invalidate",
@@ -292,21 +314,28 @@ def immediate() -> Iterator[None]:
         immediate_block.reset(token)
 
 
-def _legacy_transaction_control(connection: Any) -> None:
-    """On the ``sqlite3`` connection itself: ``sqlite3`` neither opens nor commits
-    transactions on its own (``isolation_level = None``). Python ≥ 3.12's ``autocommit=True``
-    would make ``commit()`` / ``rollback()`` do nothing and ``autocommit=False`` keeps a
-    transaction open at all times: both go back to ``LEGACY_TRANSACTION_CONTROL`` first, and a
-    transaction ``autocommit=False`` opened is rolled back."""
+#: ``sqlite3``'s own (legacy) ``isolation_level`` per strategy: the ``BEGIN`` it sends by itself
+#: before INSERT / UPDATE / DELETE / REPLACE run on the raw DB-API connection outside a
+#: transaction (SQLAlchemy's statements get locksafe's ``BEGIN`` first, so it never sends one
+#: for them): raw DB-API writes stay inside the transaction, as with stock ``sqlite3``.
+_IMPLICIT_BEGIN = {
+    "first_write": "IMMEDIATE",
+    "deferred": "DEFERRED",
+    "immediate": "IMMEDIATE",
+    "exclusive": "EXCLUSIVE",
+}
+
+
+def _legacy_transaction_control(connection: Any, implicit: str) -> None:
+    """On the ``sqlite3`` connection itself: ``sqlite3``'s legacy transaction control with
+    ``isolation_level = implicit`` (it begins a transaction only before raw DML, and commits
+    only when told). Python ≥ 3.12's ``autocommit=True`` would make ``commit()`` /
+    ``rollback()`` do nothing and ``autocommit=False`` keeps a transaction open at all times:
+    both go back to ``LEGACY_TRANSACTION_CONTROL`` first, and a transaction ``autocommit=False``
+    opened is rolled back."""
     legacy = getattr(sqlite3, "LEGACY_TRANSACTION_CONTROL", None)
     if legacy is not None and getattr(connection, "autocommit", legacy) != legacy:
         connection.autocommit = legacy  # leaves an open transaction open
         if connection.in_transaction:
             connection.rollback()
-    connection.isolation_level = None
-
-
-def _driver_transactions_off(dbapi_connection: Any) -> None:
-    """Stop ``sqlite3`` from opening and committing transactions on its own (pysqlite, and the
-    ``sqlite3`` connection inside SQLAlchemy's aiosqlite adapter)."""
-    on_sqlite3(dbapi_connection, _legacy_transaction_control)
+    connection.isolation_level = implicit

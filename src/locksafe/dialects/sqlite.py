@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Table
+from sqlalchemy import CompoundSelect, Select, Table
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 
 from locksafe.capabilities import LockCapabilities, unsupported, version_of
@@ -51,6 +51,7 @@ from locksafe.dialects import (
     DialectSupport,
     DriverErrors,
     ErrorTable,
+    LockWaitSetting,
 )
 from locksafe.kinds import LockErrorKind, SelfDeadlock, UnsupportedLockOption
 
@@ -218,21 +219,30 @@ def _in_transaction(dbapi_connection: Any, unknown: bool = True) -> bool:
     return unknown
 
 
-def refuse_a_transaction_in_progress(connection: Connection) -> None:
-    """Before ``connection`` sends the ``BEGIN`` of its transaction: raise when its ``sqlite3``
-    connection is already in a transaction, which is then not this ``Connection``'s. SQLite has
-    one transaction per connection, and SQLAlchemy's COMMIT / ROLLBACK of either ``Connection``
-    would end the other's (a ``BEGIN`` sent anyway fails, and SQLAlchemy's clean-up after that
-    failure rolls the other transaction back)."""
-    if _in_transaction(connection.connection.dbapi_connection, unknown=False):
+def adopt_a_transaction_in_progress(connection: Connection) -> bool:
+    """Before ``connection`` sends the ``BEGIN`` of its transaction: whether its ``sqlite3``
+    connection is already in a transaction that ``connection`` takes as its own — begun by
+    the application itself (SQLAlchemy's pysqlite recipe, an ``exec_driver_sql("BEGIN
+    IMMEDIATE")``), or by ``sqlite3`` before raw DB-API DML — so that no second ``BEGIN`` is
+    sent. Raises when that transaction is another SQLAlchemy ``Connection``'s over the same
+    ``sqlite3`` connection (``StaticPool``, ``SingletonThreadPool``): SQLite has one transaction
+    per connection, and either one's COMMIT / ROLLBACK would end the other's."""
+    dbapi_connection = connection.connection.dbapi_connection
+    if not _in_transaction(dbapi_connection, unknown=False):
+        return False
+    owners = list(_begun.items())
+    if any(other is not connection and held is dbapi_connection for other, held in owners):
         raise InvalidRequestError(
             "this SQLAlchemy Connection's sqlite3 connection is already in a transaction it did "
             "not begin: another Connection sharing the same sqlite3 connection "
             "(SingletonThreadPool for sqlite:// within one thread, StaticPool) is in a "
-            "transaction, or BEGIN was sent on the raw DB-API connection. SQLite has one "
-            "transaction per connection: end the other transaction first, or give each "
-            "Connection its own sqlite3 connection (a file database and the default pool)"
+            "transaction. SQLite has one transaction per connection: end the other transaction "
+            "first, or give each Connection its own sqlite3 connection (a file database and the "
+            "default pool)"
         )
+    begin_sent(connection)
+    _owed.pop(connection, None)
+    return True
 
 
 # -- the BEGIN that configure(begin="immediate" | "exclusive") owes ------------------------------
@@ -280,25 +290,39 @@ _begun: weakref.WeakKeyDictionary[Connection, Any] = weakref.WeakKeyDictionary()
 #: write lock owed to the next statement.
 _SAVEPOINT = re.compile(r"\s*(SAVEPOINT|RELEASE|ROLLBACK\s+TO)\b", re.IGNORECASE)
 
-#: Statements that SQLite refuses or ignores inside a transaction, and that an application runs
-#: as a connection's or session's set-up: they run before the transaction's ``BEGIN`` (as with
-#: stock ``sqlite3``), so that they keep their effect. ``PRAGMA foreign_keys`` is a no-op inside
-#: a transaction; ``journal_mode`` / ``locking_mode`` cannot change there; ``VACUUM``,
-#: ``ATTACH`` and ``DETACH`` fail there.
-OUTSIDE = re.compile(
-    r"\s*(?:PRAGMA\s+(?:\w+\s*\.\s*)?(?:foreign_keys|journal_mode|locking_mode|busy_timeout)\b"
-    r"|VACUUM\b|ATTACH\b|DETACH\b)",
-    re.IGNORECASE,
-)
+#: Leading SQL comments (``-- ...`` lines, ``/* ... */`` blocks) and blanks, skipped before a
+#: statement's first keyword is read.
+_LEADING = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.DOTALL)
 
-#: Under ``begin="first_write"``: statements that only read, told by their first keyword when
-#: SQLAlchemy did not compile them (a ``PRAGMA`` without ``=`` reads; a ``WITH`` that names no
+
+def _keyword_start(statement: str) -> str:
+    """``statement`` from its first keyword (comments and blanks skipped)."""
+    found = _LEADING.match(statement)
+    return statement[found.end() :] if found else statement
+
+
+#: Statements that never open a transaction, as with stock ``sqlite3``: every ``PRAGMA`` (an
+#: application's per-connection or per-session set-up — ``foreign_keys`` is a no-op inside a
+#: transaction, ``synchronous`` / ``temp_store`` / ``journal_mode`` cannot change there — and
+#: read-only ones such as ``table_info`` that schema reflection runs), ``VACUUM``, ``ATTACH`` and
+#: ``DETACH`` (which fail inside one). Before the transaction has begun they run on their own;
+#: after, inside it, as SQLite decides.
+_OUTSIDE = re.compile(r"(?:PRAGMA|VACUUM|ATTACH|DETACH)\b", re.IGNORECASE)
+
+#: Statements that only read, told by their first keyword (a ``WITH`` that names no
 #: INSERT / UPDATE / DELETE / REPLACE reads). Anything else is taken as a write: taking the
 #: write lock too early is slower, never unsafe.
-_READS = re.compile(r"\s*(?:SELECT|VALUES|EXPLAIN)\b", re.IGNORECASE)
-_PRAGMA = re.compile(r"\s*PRAGMA\b", re.IGNORECASE)
-_WITH = re.compile(r"\s*WITH\b", re.IGNORECASE)
+_READS = re.compile(r"(?:SELECT|VALUES|EXPLAIN)\b", re.IGNORECASE)
+_WITH = re.compile(r"WITH\b", re.IGNORECASE)
 _DML = re.compile(r"\b(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.IGNORECASE)
+#: A ``BEGIN`` the application sends itself (SQLAlchemy's pysqlite recipe, a manual
+#: ``BEGIN IMMEDIATE``): it takes the place of the one locksafe owes.
+_BEGIN = re.compile(r"BEGIN\b(?:\s+(DEFERRED|IMMEDIATE|EXCLUSIVE)\b)?", re.IGNORECASE)
+
+
+def outside(statement: str) -> bool:
+    """Whether ``statement`` runs before a transaction's ``BEGIN`` (see ``_OUTSIDE``)."""
+    return _OUTSIDE.match(_keyword_start(statement)) is not None
 
 
 #: Set by :func:`locksafe.sqlite.immediate`: in this call, a transaction takes the write lock
@@ -310,22 +334,24 @@ immediate_block: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 def only_reads(context: ExecutionContext | None, statement: str) -> bool:
     """Whether ``statement`` only reads (runs before a ``first_write`` transaction's
-    ``BEGIN``)."""
+    ``BEGIN``). A compiled ``Select`` is told by SQLAlchemy; anything textual — ``text()``,
+    ``text().columns()`` (whose ``UPDATE ... RETURNING`` SQLAlchemy calls a SELECT),
+    ``exec_driver_sql`` — by its first keyword."""
+    if any(getattr(context, flag, False) for flag in ("isinsert", "isupdate", "isdelete")):
+        return False
     compiled = getattr(context, "compiled", None)
-    if compiled is not None:
-        if any(getattr(context, flag, False) for flag in ("isinsert", "isupdate", "isdelete")):
-            return False
-        element = getattr(compiled, "statement", None)
-        if getattr(element, "is_select", False):
-            return True
-        if getattr(element, "is_dml", False) or getattr(element, "is_ddl", False):
-            return False
-    if _READS.match(statement):
+    element = getattr(compiled, "statement", None)
+    if isinstance(element, (Select, CompoundSelect)):
         return True
-    if _PRAGMA.match(statement):
-        return "=" not in statement and "(" not in statement.split(";")[0]
-    if _WITH.match(statement):
-        return _DML.search(statement) is None
+    if getattr(element, "is_dml", False) or getattr(element, "is_ddl", False):
+        return False
+    start = _keyword_start(statement)
+    if _READS.match(start):
+        return True
+    if _OUTSIDE.match(start):  # a PRAGMA that sets nothing reads; VACUUM, ATTACH... do not
+        return start[:6].upper() == "PRAGMA" and "=" not in start
+    if _WITH.match(start):
+        return _DML.search(start) is None
     return False
 
 
@@ -403,6 +429,7 @@ def released(connection: Connection) -> None:
         release_gate(connection.connection.dbapi_connection)
     _owed.pop(connection, None)
     _begun.pop(connection, None)
+    _lost.pop(connection, None)
     if connection in _holders:
         with _holders_lock:
             _holders.pop(connection, None)
@@ -608,15 +635,33 @@ def begin_sent(connection: Connection) -> None:
     _begun[connection] = connection.connection.dbapi_connection
 
 
-def ended_behind_our_back(connection: Connection) -> bool:
-    """At ``connection``'s COMMIT: it sent its transaction's ``BEGIN``, and ``sqlite3`` is no
-    longer in a transaction — it was rolled back behind this connection's back (another
-    SQLAlchemy ``Connection`` over the same ``sqlite3`` connection, ``StaticPool``'s reset, or
-    SQLite's own automatic rollback after an error), and the statements after it ran on their
-    own, each committed at once. The COMMIT would commit nothing of what came before."""
-    if connection not in _begun:
-        return False
-    return not _in_transaction(connection.connection.dbapi_connection, unknown=True)
+#: Connections whose transaction was rolled back behind their back, and how.
+_lost: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
+
+
+def rolled_back_under(dbapi_connection: Any, how: str) -> None:
+    """``dbapi_connection`` was rolled back (the pool's reset on return, SQLite's own rollback
+    after an error): every other SQLAlchemy ``Connection`` whose transaction ran on it lost its
+    work."""
+    for other, held in list(_begun.items()):
+        if held is dbapi_connection:
+            _lost[other] = how
+
+
+def lost(connection: Connection) -> str | None:
+    """At ``connection``'s COMMIT: how its transaction was rolled back behind its back, or
+    ``None``. Statements it ran after that are in a new transaction, which this COMMIT would
+    commit as if it were the whole of it."""
+    return _lost.pop(connection, None)
+
+
+def after_error(connection: Connection) -> None:
+    """After a statement error: SQLite rolls a transaction back by itself after some errors
+    (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM, an interrupt...)."""
+    if connection in _begun and connection not in _lost:
+        with contextlib.suppress(Exception):
+            if not _in_transaction(connection.connection.dbapi_connection, unknown=True):
+                _lost[connection] = "SQLite rolled it back after an error"
 
 
 def pay_owed_begin(
@@ -628,7 +673,7 @@ def pay_owed_begin(
     """Right before a statement of ``connection``'s transaction, send what the transaction
     still owes (see :class:`OwedBegin`):
 
-    - a statement of a connection's set-up (``PRAGMA foreign_keys`` ...; see ``OUTSIDE``):
+    - a statement of a connection's set-up (``PRAGMA foreign_keys`` ...; see ``_OUTSIDE``):
       nothing yet, the statement runs before the ``BEGIN``, keeping its effect;
     - ``begin="first_write"``: nothing before a statement that only reads;
     - nothing sent yet: the ``BEGIN`` (``IMMEDIATE`` / ``EXCLUSIVE``: waiting the busy
@@ -650,11 +695,21 @@ def pay_owed_begin(
         answered, owed.answered = owed.answered, None
         if answered is context:
             return
-    if not owed.begun and OUTSIDE.match(statement):
+    if not owed.begun and outside(statement):
         return
+    if not owed.begun:
+        begin = _BEGIN.match(_keyword_start(statement))
+        if begin is not None:  # the application begins the transaction itself
+            _owed.pop(connection, None)
+            begin_sent(connection)
+            if (begin.group(1) or "").upper() in ("IMMEDIATE", "EXCLUSIVE"):
+                refuse_to_wait_on_ourselves(connection)
+                holds_write_lock(connection)
+            return
+        if adopt_a_transaction_in_progress(connection):
+            return
     if _SAVEPOINT.match(statement):
         if not owed.begun:
-            refuse_a_transaction_in_progress(connection)
             _execute_wrapped(connection, cursor, "BEGIN")
             begin_sent(connection)
             if not owed.takes_write_lock:
@@ -675,7 +730,6 @@ def pay_owed_begin(
         )
         holds_write_lock(connection)
     else:
-        refuse_a_transaction_in_progress(connection)
         if owed.takes_write_lock:
             refuse_to_wait_on_ourselves(connection)
             sql = owed.sql
@@ -988,8 +1042,9 @@ def take_write_lock(
     connection = context.root_connection
     dbapi_connection = connection.connection.dbapi_connection
     owed = _owed.get(connection)
+    if owed is not None and not owed.begun and adopt_a_transaction_in_progress(connection):
+        owed = None  # begun by the application or by sqlite3 itself: lock inside it
     if owed is not None and not owed.begun:
-        refuse_a_transaction_in_progress(connection)
         # Takes every database's lock (a deferred BEGIN owed becomes an immediate one).
         locks = [_Lock(owed.sql if owed.takes_write_lock else "BEGIN IMMEDIATE", begins=True)]
     elif owed is not None:
@@ -1075,6 +1130,15 @@ def lock_table_sql(quoted_table: str) -> list[str]:
     return [f"DELETE FROM {quoted_table} WHERE 0"]
 
 
+#: locksafe.lock_timeout: the connection's busy timeout (ms), saved, set and set back.
+LOCK_WAIT = LockWaitSetting(
+    read_sql="PRAGMA busy_timeout",
+    seconds=lambda value: int(value) / 1000,
+    value=lambda seconds, dialect: min(round(seconds * 1000), 2**31 - 1),
+    write=lambda value: (f"PRAGMA busy_timeout = {int(value):d}", {}),
+)
+
+
 SUPPORT = DialectSupport(
     names=("sqlite",),
     title="SQLite",
@@ -1082,10 +1146,113 @@ SUPPORT = DialectSupport(
     errors=ERRORS,
     before_locking_select=take_write_lock,
     lock_timeout_sql=lock_timeout_sql,
+    lock_wait=LOCK_WAIT,
     lock_table_sql=lock_table_sql,
     documented_versions=(("SQLite 3", "sqlite", None),),
     notes=(
         "SQLAlchemy renders nothing for FOR UPDATE on SQLite; locksafe takes the database "
         "write lock instead (see the row-locks page)."
     ),
+)
+
+
+# -- named locks (locksafe.named_lock): a lock file next to the database ------------------------
+
+# Imported here, at the end: the generic layer's types, for this module's NAMED_LOCKS.
+import hashlib  # noqa: E402
+from collections.abc import Hashable  # noqa: E402
+from typing import cast  # noqa: E402
+
+from locksafe.named_locks import NamedLockError, NamedLockSupport  # noqa: E402
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows: no flock
+    _fcntl = None  # type: ignore[assignment]
+
+#: In-memory and temporary databases (private to a process): name -> [shared holders, held
+#: exclusively].
+_memory_locks: dict[str, list[int]] = {}
+_memory_locks_lock = threading.Lock()
+
+
+def lock_file(database_file: str, name: str) -> str:
+    """The lock file of ``name`` for the database at ``database_file``:
+    ``<database file>-locksafe-<32 hex digits of BLAKE2b-128(name, UTF-8)>.lock``, next to it.
+
+    >>> lock_file("/srv/app.db", "nightly-report")
+    '/srv/app.db-locksafe-10adb6b116f4622b7bfa1f0346dff8bb.lock'
+    """
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return f"{database_file}-locksafe-{digest}.lock"
+
+
+def _lock_file_key(connection: Connection, name: str) -> Hashable:
+    path = main_file(connection.connection.dbapi_connection)
+    return ("", name) if not path else (lock_file(path, name), name)
+
+
+def _check_lock_file(connection: Connection, shared: bool, scope: str) -> None:
+    if _fcntl is None:  # pragma: no cover - Windows
+        raise UnsupportedLockOption(
+            ("named_lock",),
+            dialect="sqlite",
+            server_version=tuple(sqlite3.sqlite_version_info),
+            reason="locksafe's SQLite named locks need flock() (POSIX); not on Windows",
+        )
+
+
+def _attempt_lock_file(key: Hashable, shared: bool) -> object | None:
+    path, name = cast("tuple[str, str]", key)
+    if not path:
+        with _memory_locks_lock:
+            state = _memory_locks.setdefault(name, [0, 0])
+            if state[1] or (not shared and state[0]):
+                return None
+            state[0 if shared else 1] += 1
+        return ("", name, shared)
+    assert _fcntl is not None
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise NamedLockError(f"cannot open the lock file {path!r}: {error}") from error
+    try:
+        _fcntl.flock(fd, (_fcntl.LOCK_SH if shared else _fcntl.LOCK_EX) | _fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _give_back_lock_file(handle: object) -> None:
+    if isinstance(handle, int):
+        assert _fcntl is not None
+        try:
+            _fcntl.flock(handle, _fcntl.LOCK_UN)
+        finally:
+            os.close(handle)  # closing alone would release it too
+        return
+    _, name, shared = cast("tuple[str, str, bool]", handle)
+    with _memory_locks_lock:
+        state = _memory_locks[name]
+        state[0 if shared else 1] -= 1
+        if state == [0, 0]:
+            del _memory_locks[name]
+
+
+#: A ``flock()`` on a lock file per name next to the database file (shared: ``LOCK_SH``),
+#: tried without waiting and polled with short sleeps up to the timeout; an in-memory database
+#: gets a lock local to the process. The lock ends with the block, whatever the scope.
+NAMED_LOCKS = NamedLockSupport(
+    key=_lock_file_key,
+    check=_check_lock_file,
+    attempt=_attempt_lock_file,
+    give_back=_give_back_lock_file,
+    describe=lambda key: f"lock file {key[0]!r}" if key[0] else "in-process lock",  # type: ignore[index]
 )
