@@ -36,6 +36,7 @@ __all__ = [
     "DriverErrors",
     "ErrorContext",
     "ErrorTable",
+    "LockWaitSetting",
     "all_supports",
     "driver_code",
     "driver_for_module",
@@ -122,6 +123,32 @@ class ErrorTable:
 
 
 @dataclass(frozen=True)
+class LockWaitSetting:
+    """How a dialect bounds a connection's lock waits, for :func:`locksafe.lock_timeout`: read
+    the setting, set it to a number of seconds, set back what was read.
+
+    ``read_sql`` returns the current value (one row, one column); ``seconds`` turns a value
+    (read, or made by ``value``) into seconds, ``math.inf`` for no bound; ``value`` turns the
+    seconds asked for into the value to set, rounded and clamped as the server (told by the
+    connected ``dialect``) needs; ``write`` gives the SQL that sets a value, and its bound
+    parameters.
+
+    ``transaction_scoped``: the setting ends with the transaction (PostgreSQL's ``SET
+    LOCAL``); its statements run through SQLAlchemy, in the transaction, and it is set back at
+    the block's end only while that transaction goes on. Otherwise it stays with the
+    connection until set back (at the block's end, and, should that not happen, before the
+    pool takes the connection back), and its statements run on the DB-API connection, in no
+    transaction: ``write`` then gives no parameters.
+    """
+
+    read_sql: str
+    seconds: Callable[[Any], float]
+    value: Callable[[float, Dialect], Any]
+    write: Callable[[Any], tuple[str, dict[str, Any]]]
+    transaction_scoped: bool = False
+
+
+@dataclass(frozen=True)
 class DialectSupport:
     """Everything locksafe knows about one dialect."""
 
@@ -149,6 +176,8 @@ class DialectSupport:
     #: SQL that makes this session's lock waits give up after ``seconds`` (a lock-wait
     #: timeout, not a statement timeout).
     lock_timeout_sql: Callable[[float], list[str]] | None = None
+    #: How :func:`locksafe.lock_timeout` bounds lock waits here; ``None``: it cannot.
+    lock_wait: LockWaitSetting | None = None
     #: SQL that locks a whole table (given its quoted name) until the transaction ends.
     lock_table_sql: Callable[[str], list[str]] | None = None
     #: Builds a dialect as if it had connected to a server of that (SQLAlchemy dialect name,
