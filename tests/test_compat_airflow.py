@@ -559,3 +559,25 @@ def test_unpatched_audit_log_blocks_the_event_loop() -> None:
     call = asyncio.run(call_dependency(dependency, module.CALLS, json_body=True, patience=0.05))
     assert call["ran_on_loop_thread"] is call["ran_on_loop"] is True
     assert call["loop_answered_during_commit"] is False
+
+
+def test_sqlite_file_engines_get_an_unbounded_pool_overflow() -> None:
+    """install()'s sync factory lifts the pool's overflow limit for a SQLite file only: a
+    bounded pool ran dry at 32 clients on a real Airflow while requests waited for the write
+    lock, and Airflow's async dependencies then waited for a connection on the event loop."""
+    from sqlalchemy.pool import NullPool
+
+    lift = airflow.unbounded_sqlite_pool
+    args = {"engine_args": {"pool_size": 5, "max_overflow": 10}, "connect_args": {}}
+    lifted = lift("sqlite:////tmp/airflow.db", args)
+    assert lifted["engine_args"] == {"pool_size": 5, "max_overflow": -1}
+    assert args["engine_args"] == {"pool_size": 5, "max_overflow": 10}  # not changed in place
+    for untouched in (
+        "sqlite://",
+        "sqlite:///:memory:",
+        "postgresql+psycopg2://u@127.0.0.1/airflow",
+        "mysql+pymysql://u@127.0.0.1/airflow",
+    ):
+        assert lift(untouched, args) is args, untouched
+    chosen = {"engine_args": {"poolclass": NullPool}, "connect_args": {}}
+    assert lift("sqlite:////tmp/airflow.db", chosen) is chosen

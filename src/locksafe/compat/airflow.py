@@ -335,6 +335,34 @@ def _airflow_settings() -> Any:
     return settings
 
 
+def unbounded_sqlite_pool(url: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Airflow's engine arguments for a SQLite *file* database with no limit on the pool's
+    overflow (``max_overflow=-1``); other databases' arguments are returned as they are.
+
+    Airflow gives every engine a bounded pool (5 + 10 by default), which protects a database
+    server from too many connections; a SQLite connection is a file handle. Bounded, the pool
+    runs dry once requests wait for SQLite's write lock while holding their connections (each
+    POST /backfills holds two), and Airflow's async route dependencies (``requires_access_*``)
+    then check a connection out *on the event loop*: the loop blocks for the pool's timeout,
+    and the requests holding the connections cannot finish without it (measured: at 32
+    clients the API server stopped answering for minutes). Unbounded, those dependencies never
+    wait on the loop; requests wait for the write lock in worker threads, as they should."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return kwargs
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not database or ":memory:" in database:
+        return kwargs
+    engine_args = dict(kwargs.get("engine_args") or {})
+    if "poolclass" in engine_args:  # NullPool, or a pool the operator chose
+        return kwargs
+    engine_args["max_overflow"] = -1
+    return {**kwargs, "engine_args": engine_args}
+
+
 def _config() -> tuple[bool, float, str]:
     """``[locksafe]`` in Airflow's configuration: ``enabled`` (True), ``sqlite_busy_timeout``
     (seconds, 30), ``sqlite_begin`` ("first_write")."""
@@ -396,7 +424,9 @@ def install() -> tuple[Callable[..., Any], Callable[..., Any]]:
         return engine
 
     def create_metadata_engine(sql_alchemy_conn: str, **kwargs: Any) -> Any:
-        return _configured(original_sync(sql_alchemy_conn, **kwargs))
+        return _configured(
+            original_sync(sql_alchemy_conn, **unbounded_sqlite_pool(sql_alchemy_conn, kwargs))
+        )
 
     def create_async_metadata_engine(sql_alchemy_conn_async: str, **kwargs: Any) -> Any:
         return _configured(original_async(sql_alchemy_conn_async, **kwargs))
