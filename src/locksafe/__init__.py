@@ -24,6 +24,7 @@ from locksafe.kinds import (
     UnsupportedLockOption,
 )
 from locksafe.rowlocks import LockOptions, RowLockPlan, plan_row_locks, with_row_locks
+from locksafe.timeouts import lock_timeout
 from locksafe.transactions import (
     NEW_SESSION,
     RetryDetails,
@@ -56,6 +57,7 @@ __all__ = [
     "is_lock_not_available_error",
     "is_retryable_lock_error",
     "lock_capabilities",
+    "lock_timeout",
     "plan_row_locks",
     "retry_if_lock_error",
     "set_testing",

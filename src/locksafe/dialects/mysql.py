@@ -16,6 +16,7 @@ from locksafe.dialects import (
     DriverErrors,
     ErrorContext,
     ErrorTable,
+    LockWaitSetting,
     nowait_detector,
     read_attribute,
     read_first_int_arg,
@@ -148,6 +149,37 @@ def lock_timeout_sql(seconds: float) -> list[str]:
     return [f"SET SESSION innodb_lock_wait_timeout = {max(1, round(seconds)):d}"]
 
 
+#: ``innodb_lock_wait_timeout``'s upper limits (MariaDB's means no limit).
+_MAX_LOCK_WAIT_TIMEOUT = {"mysql": 1073741824, "mariadb": 100000000}
+
+
+def _lock_wait_timeout_value(seconds: float, dialect: Dialect) -> int:
+    """Whole seconds, the nearest (halves up), at least 1: MySQL's minimum. MariaDB takes 0
+    (no wait) too, which only 0 asks for: 0.3 s waits 1 s, not none."""
+    mariadb = bool(getattr(dialect, "is_mariadb", False))
+    if seconds == 0 and mariadb:
+        return 0
+    whole = max(1, int(seconds + 0.5))  # seconds ≥ 0: int() is floor()
+    return min(whole, _MAX_LOCK_WAIT_TIMEOUT["mariadb" if mariadb else "mysql"])
+
+
+def _set_lock_wait_timeout(value: Any) -> tuple[str, dict[str, Any]]:
+    # a number locksafe made or read from the server, written as a literal: no parameters,
+    # so that the same SQL also runs on the bare DB-API connection
+    number = float(value)
+    literal = f"{int(number):d}" if number.is_integer() else repr(number)
+    return f"SET SESSION innodb_lock_wait_timeout = {literal}", {}
+
+
+#: A session variable: saved, set, and set back (also before the pool takes the connection).
+LOCK_WAIT = LockWaitSetting(
+    read_sql="SELECT @@SESSION.innodb_lock_wait_timeout",
+    seconds=float,
+    value=_lock_wait_timeout_value,
+    write=_set_lock_wait_timeout,
+)
+
+
 def lock_table_sql(quoted_table: str) -> list[str]:
     # LOCK TABLES would commit the transaction; locking every row (and gap) of the table with
     # a locking read blocks every writer and every locking reader of it, transactionally.
@@ -183,6 +215,7 @@ SUPPORT = DialectSupport(
     capabilities=capabilities,
     errors=ERRORS,
     lock_timeout_sql=lock_timeout_sql,
+    lock_wait=LOCK_WAIT,
     lock_table_sql=lock_table_sql,
     version_dependent=True,
     offline_dialect=offline_dialect,

@@ -6,8 +6,9 @@ has no version rules. SQLSTATEs are documented in the PostgreSQL manual, appendi
 
 from __future__ import annotations
 
+import math
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from locksafe.capabilities import LockCapabilities, version_of
 from locksafe.dialects import (
@@ -16,6 +17,7 @@ from locksafe.dialects import (
     DriverErrors,
     ErrorContext,
     ErrorTable,
+    LockWaitSetting,
     nowait_detector,
     read_attribute,
 )
@@ -165,6 +167,52 @@ def lock_timeout_sql(seconds: float) -> list[str]:
     return [f"SET lock_timeout = {max(1, round(seconds * 1000)):d}"]
 
 
+#: ``lock_timeout`` is whole milliseconds, at most INT_MAX; 0 turns the bound off.
+_MAX_LOCK_TIMEOUT_MS = 2**31 - 1
+_UNIT_MS = {
+    "us": 0.001,
+    "ms": 1.0,
+    "s": 1000.0,
+    "min": 60_000.0,
+    "h": 3_600_000.0,
+    "d": 86_400_000.0,
+}
+_SETTING = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def lock_timeout_seconds(value: Any) -> float:
+    """``current_setting('lock_timeout')`` (``'0'``, ``'1500ms'``, ``'30s'``, ``'1min'``...) in
+    seconds; ``math.inf`` when it is 0 (no bound) or unreadable."""
+    found = _SETTING.fullmatch(str(value))
+    if found is None:
+        return math.inf
+    unit = _UNIT_MS.get((found.group(2) or "ms").lower())
+    if unit is None:
+        return math.inf
+    ms = float(found.group(1)) * unit
+    return ms / 1000 if ms > 0 else math.inf
+
+
+def _lock_timeout_value(seconds: float, dialect: Dialect) -> str:
+    # 1 ms at least: 0 would mean no bound at all
+    return f"{min(max(1, round(seconds * 1000)), _MAX_LOCK_TIMEOUT_MS):d}ms"
+
+
+def _set_lock_timeout(value: Any) -> tuple[str, dict[str, Any]]:
+    # SET LOCAL, with the value as a bound parameter (is_local = true: until the transaction
+    # ends, or until set back)
+    return "SELECT set_config('lock_timeout', :value, true)", {"value": str(value)}
+
+
+LOCK_WAIT = LockWaitSetting(
+    read_sql="SELECT current_setting('lock_timeout')",
+    seconds=lock_timeout_seconds,
+    value=_lock_timeout_value,
+    write=_set_lock_timeout,
+    transaction_scoped=True,
+)
+
+
 def lock_table_sql(quoted_table: str) -> list[str]:
     return [f"LOCK TABLE {quoted_table} IN ACCESS EXCLUSIVE MODE"]
 
@@ -175,6 +223,7 @@ SUPPORT = DialectSupport(
     capabilities=capabilities,
     errors=ERRORS,
     lock_timeout_sql=lock_timeout_sql,
+    lock_wait=LOCK_WAIT,
     lock_table_sql=lock_table_sql,
     # Any error aborts the whole transaction ("current transaction is aborted, commands
     # ignored until end of transaction block", 25P02) until ROLLBACK or ROLLBACK TO SAVEPOINT;

@@ -51,6 +51,7 @@ from locksafe.dialects import (
     DialectSupport,
     DriverErrors,
     ErrorTable,
+    LockWaitSetting,
 )
 from locksafe.kinds import LockErrorKind, SelfDeadlock, UnsupportedLockOption
 
@@ -1129,6 +1130,15 @@ def lock_table_sql(quoted_table: str) -> list[str]:
     return [f"DELETE FROM {quoted_table} WHERE 0"]
 
 
+#: locksafe.lock_timeout: the connection's busy timeout (ms), saved, set and set back.
+LOCK_WAIT = LockWaitSetting(
+    read_sql="PRAGMA busy_timeout",
+    seconds=lambda value: int(value) / 1000,
+    value=lambda seconds, dialect: min(round(seconds * 1000), 2**31 - 1),
+    write=lambda value: (f"PRAGMA busy_timeout = {int(value):d}", {}),
+)
+
+
 SUPPORT = DialectSupport(
     names=("sqlite",),
     title="SQLite",
@@ -1136,6 +1146,7 @@ SUPPORT = DialectSupport(
     errors=ERRORS,
     before_locking_select=take_write_lock,
     lock_timeout_sql=lock_timeout_sql,
+    lock_wait=LOCK_WAIT,
     lock_table_sql=lock_table_sql,
     documented_versions=(("SQLite 3", "sqlite", None),),
     notes=(
