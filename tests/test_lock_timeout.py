@@ -1,12 +1,15 @@
-"""``locksafe.lock_timeout`` (issue 11), on every driver cell, against a lock held by a
-second real connection.
+"""``locksafe.lock_timeout`` and ``@transactional(timeout=...)`` as a deadline (issue 11), on
+every driver cell, against a lock held by a second real connection.
 
 - a wait inside the block ends near the requested time (rounded as the server needs), with an
   error ``classify`` calls ``lock_timeout`` (``database_busy`` on SQLite);
 - the previous setting is back after the block: when it ends, when it raised, and on the next
   checkout of a pooled connection that went back to the pool inside the block, or whose
   setting back failed;
-- bad arguments raise at call time, naming the option.
+- bad arguments raise at call time, naming the option;
+- ``@transactional(timeout=1)`` blocked on a held row ends within 1.5 s with
+  ``LockUnavailable``, where the connection itself has no bound (PostgreSQL
+  ``lock_timeout = 0``) or a longer one.
 
 Timing bounds are generous upward (a loaded 2-core machine); the lower bounds show the wait
 was the requested one, not an immediate failure.
@@ -21,18 +24,18 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, insert, select, text
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select, text
 from sqlalchemy import update as sql_update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 import locksafe
 import locksafe.timeouts
 from conftest import Cell
-from locksafe import LockErrorKind
+from locksafe import LockErrorKind, LockUnavailable
 from locksafe.dialects import LockWaitSetting, support_for
 from locksafe.testing import hold_row_lock
 
@@ -43,6 +46,16 @@ rows = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("value", Integer, nullable=False),
 )
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Row(Base):
+    """The ORM view of ``lt_rows``: a change is written by the flush at the commit."""
+
+    __table__ = rows
 
 
 ROW = select(rows).where(rows.c.id == 1)
@@ -338,3 +351,136 @@ def test_postgresql_autocommit_is_refused_not_ignored(cell: Cell) -> None:
             pass
 
     cell.run(block)
+
+
+# -- @transactional(timeout=...) is a deadline -----------------------------------------------
+
+
+def bounded_engine(cell: Cell, seconds: int | None) -> Any:
+    """The cell's engine, its connections bounded to ``seconds`` by their own setting; with
+    ``None``, no bound to speak of: PostgreSQL's ``lock_timeout = 0`` (none), InnoDB's 100 s,
+    SQLite's 30 s."""
+    if cell.backend == "sqlite":
+        return cell.warm_up(cell.engine(connect_args={"timeout": seconds or 30}))
+    engine = cell.engine()
+    sync = engine.sync_engine if cell.is_async else engine
+    sql = (
+        f"SET lock_timeout = '{seconds or 0}s'"
+        if cell.backend == "postgresql"
+        else f"SET SESSION innodb_lock_wait_timeout = {seconds or 100}"
+    )
+
+    @event.listens_for(sync, "connect")
+    def _bound(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(sql)
+        cursor.close()
+        dbapi_connection.commit()
+
+    return cell.warm_up(engine)
+
+
+@pytest.mark.parametrize("how", ["statement", "flush"])
+def test_transactional_timeout_is_a_deadline_for_a_blocked_lock_wait(cell: Cell, how: str) -> None:
+    """Blocked in a statement of the function, or in the flush of the decorator's commit (an
+    ORM change): the call ends at its deadline."""
+    seed(cell)
+    engine = bounded_engine(cell, None)
+    setting = setting_of(cell)
+
+    @locksafe.transactional(timeout=1)
+    def bump(*, session: Session) -> None:
+        if how == "statement":
+            session.execute(BUMP)
+        else:
+            row = session.get(Row, 1)
+            assert row is not None
+            row.value += 1
+
+    @locksafe.transactional(timeout=1)
+    async def bump_async(*, session: AsyncSession) -> None:
+        if how == "statement":
+            await session.execute(BUMP)
+        else:
+            row = await session.get(Row, 1)
+            assert row is not None
+            row.value += 1
+
+    def call(session: Session) -> tuple[float, BaseException | None, float]:
+        started = time.monotonic()
+        try:
+            bump(session=session)
+        except Exception as exc:
+            return time.monotonic() - started, exc, current(session, setting)
+        return time.monotonic() - started, None, current(session, setting)
+
+    async def call_async() -> tuple[float, BaseException | None, float]:
+        async with AsyncSession(engine) as session:
+            started = time.monotonic()
+            try:
+                await bump_async(session=session)
+            except Exception as exc:
+                error: BaseException | None = exc
+            else:
+                error = None
+            elapsed = time.monotonic() - started
+            return elapsed, error, await session.run_sync(current, setting)
+
+    before = cell.run(lambda conn: current(conn, setting), engine=engine)
+    assert before >= 30
+    with hold_row_lock(cell.url, ROW, hold_timeout=HOLD):
+        results = [cell.run_session(call, engine=engine)]
+        if cell.is_async:
+            results.append(cell.run_async(call_async))
+    for elapsed, error, after in results:
+        assert isinstance(error, LockUnavailable), error
+        assert error.kind is kind_for(cell)
+        assert 0.8 <= elapsed <= 1.5, f"@transactional(timeout=1) took {elapsed:.3f}s"
+        assert after == before  # the connection's own bound, after the call
+        print(f"\n{cell.name} {how}: @transactional(timeout=1) gave up after {elapsed:.3f}s")
+
+
+def test_transactional_never_loosens_a_tighter_bound(cell: Cell) -> None:
+    """``timeout=30`` on connections bounded to 1 s keeps 1 s inside the call."""
+    engine = bounded_engine(cell, 1)
+    setting = setting_of(cell)
+
+    @locksafe.transactional(timeout=30)
+    def inside(*, session: Session) -> float:
+        return current(session, setting)
+
+    assert cell.run_session(lambda s: inside(session=s), engine=engine) == 1.0
+
+
+def test_transactional_leaves_a_pooled_connection_as_it_was(cell: Cell) -> None:
+    """The deadline's bound lasts the call; the pool gets the connection back as it was."""
+    engine = pooled_engine(cell)
+    setting = setting_of(cell)
+
+    def read(target: Session | Connection) -> tuple[float, object]:
+        conn = target.connection() if isinstance(target, Session) else target
+        return current(target, setting), conn.connection.driver_connection
+
+    original, first = cell.run(read, engine=engine)
+
+    @locksafe.transactional(timeout=1)
+    def deadline(*, session: Session) -> float:
+        return current(session, setting)
+
+    assert cell.run_session(lambda s: deadline(session=s), engine=engine) <= 1.0 < original
+    assert cell.run(read, engine=engine) == (original, first)
+
+
+@pytest.mark.cells("postgresql")
+def test_transactional_sets_nothing_in_autocommit(cell: Cell) -> None:
+    """No transaction for ``SET LOCAL`` to last: the deadline leaves the server's bound."""
+    setting = setting_of(cell)
+
+    @locksafe.transactional(timeout=1)
+    def inside(*, session: Session) -> float:
+        return current(session, setting)
+
+    engine = cell.default_engine.execution_options(isolation_level="AUTOCOMMIT")
+    assert (
+        cell.run_session(lambda s: inside(session=s), engine=engine) == 30.0
+    )  # the server's, untouched

@@ -50,6 +50,7 @@ from locksafe.classify import (
     is_retryable_lock_error,
 )
 from locksafe.kinds import CallerTransactionError, LockErrorKind, LockUnavailable
+from locksafe.timeouts import lock_waits_until
 
 __all__ = [
     "NEW_SESSION",
@@ -273,6 +274,14 @@ class _Call:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    def lock_waits(self, session: Any) -> Any:
+        """The deadline, for one attempt on ``session`` (its flush at the commit included):
+        its lock waits end when the call's ``timeout`` does (:func:`~locksafe.lock_timeout`,
+        where that is tighter than the connection's own bound)."""
+        if not math.isfinite(self.policy.timeout):
+            return contextlib.nullcontext()
+        return lock_waits_until(session, self.started + self.policy.timeout)
 
     def retrying_kwargs(self) -> dict[str, Any]:
         stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(self.policy.attempts)
@@ -846,7 +855,10 @@ def transactional(
     reason but a lock error the server reported (a lost connection may hide a successful
     commit). When ``attempts`` or ``timeout`` (seconds in all; ``float('inf')``: no limit) run
     out on a lock error, it raises :class:`~locksafe.LockUnavailable` from the last database
-    error; a non-lock error that a custom ``retry_on`` retried goes up as it is.
+    error; a non-lock error that a custom ``retry_on`` retried goes up as it is. ``timeout``
+    is a deadline: each attempt's lock waits are bounded by the time left
+    (:func:`~locksafe.lock_timeout`, where that is tighter than the connection's own bound), so
+    a call blocked on a held lock ends within about ``timeout`` (MySQL/MariaDB: whole seconds).
 
     Backoff is exponential with full jitter between ``wait_initial`` and ``wait_max`` seconds
     (tenacity's ``wait_random_exponential``); :func:`set_testing` makes it zero. ``retry_on``
@@ -967,7 +979,7 @@ def _sync_wrapper(
         def run_in(owned: Any, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
             body_error: BaseException | None = None
             try:
-                with owned.begin() as tx:
+                with call.lock_waits(owned), owned.begin() as tx:
                     commits = _Commits(owned)
                     try:
                         with commits:
@@ -1059,7 +1071,7 @@ def _async_wrapper(
         async def run_in(owned: Any, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
             body_error: BaseException | None = None
             try:
-                async with owned.begin() as async_tx:
+                async with call.lock_waits(owned), owned.begin() as async_tx:
                     tx = getattr(async_tx, "sync_transaction", None)
                     commits = _Commits(getattr(owned, "sync_session", None))
                     try:
