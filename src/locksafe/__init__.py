@@ -23,6 +23,13 @@ from locksafe.kinds import (
     TransactionLost,
     UnsupportedLockOption,
 )
+from locksafe.named_locks import (
+    NamedLock,
+    NamedLockError,
+    TryNamedLock,
+    named_lock,
+    try_named_lock,
+)
 from locksafe.rowlocks import LockOptions, RowLockPlan, plan_row_locks, with_row_locks
 from locksafe.timeouts import lock_timeout
 from locksafe.transactions import (
@@ -44,11 +51,14 @@ __all__ = [
     "LockOptions",
     "LockUnavailable",
     "LocksafeError",
+    "NamedLock",
+    "NamedLockError",
     "RetryDetails",
     "RowLockPlan",
     "SelfDeadlock",
     "TransactionAborted",
     "TransactionLost",
+    "TryNamedLock",
     "UnsupportedLockOption",
     "__version__",
     "classify",
@@ -58,9 +68,11 @@ __all__ = [
     "is_retryable_lock_error",
     "lock_capabilities",
     "lock_timeout",
+    "named_lock",
     "plan_row_locks",
     "retry_if_lock_error",
     "set_testing",
     "transactional",
+    "try_named_lock",
     "with_row_locks",
 ]

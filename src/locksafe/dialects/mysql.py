@@ -240,3 +240,112 @@ SUPPORT = DialectSupport(
         ("MariaDB ≥ 10.6", "mariadb", (10, 11, 0)),
     ),
 )
+
+
+# -- named locks (locksafe.named_lock): GET_LOCK / RELEASE_LOCK ---------------------------------
+
+# Imported here, at the end: the generic layer's types, for this module's NAMED_LOCKS.
+import hashlib  # noqa: E402
+import math  # noqa: E402
+from collections.abc import Hashable  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+
+from sqlalchemy.engine import Connection  # noqa: E402
+
+from locksafe.kinds import UnsupportedLockOption  # noqa: E402
+from locksafe.named_locks import (  # noqa: E402
+    NamedLockError,
+    NamedLockSupport,
+    end_own_transaction,
+    run_sql,
+)
+
+#: ``connection_record.info`` key: ``DATABASE()``, read once per DB-API connection.
+_DATABASE = "locksafe.named_locks.mysql.database"
+#: The longest user-level lock name MySQL accepts (MySQL 5.7+; longer: ER_USER_LOCK_WRONG_NAME).
+MAX_LOCK_NAME = 64
+#: GET_LOCK's wait when none is asked for: a year (both servers take any positive number).
+_FOREVER = 365 * 24 * 3600
+
+
+def lock_name(name: str, database: str) -> str:
+    """The server's lock name for ``name`` in ``database``: ``locksafe:<database>:<name>``
+    when that is at most 64 printable ASCII characters, else ``locksafe:`` and the 40 hex
+    digits of BLAKE2b-160(``<database>:<name>``, UTF-8) (a hashed name has no second colon,
+    so it never equals a readable one).
+
+    >>> lock_name("nightly-report", "app")
+    'locksafe:app:nightly-report'
+    >>> len(lock_name("x" * 10_000, "app"))
+    49
+    """
+    readable = f"locksafe:{database}:{name}"
+    if len(readable) <= MAX_LOCK_NAME and readable.isascii() and readable.isprintable():
+        return readable
+    data = f"{database}:{name}".encode("utf-8", "surrogatepass")
+    return "locksafe:" + hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+def _lock_key(connection: Connection, name: str) -> Hashable:
+    info = connection.connection.info
+    database = info.get(_DATABASE)
+    if database is None:
+        row = run_sql(
+            connection.dialect, connection.connection.dbapi_connection, "SELECT DATABASE()"
+        )
+        end_own_transaction(connection)
+        database = info[_DATABASE] = "" if row is None or row[0] is None else str(row[0])
+    return lock_name(name, database)
+
+
+def _check_named_lock(connection: Connection, shared: bool, scope: str) -> None:
+    if shared:
+        dialect = connection.dialect
+        raise UnsupportedLockOption(
+            ("shared=True",),
+            dialect="MariaDB" if getattr(dialect, "is_mariadb", False) else "MySQL",
+            server_version=getattr(dialect, "server_version_info", None),
+            reason="GET_LOCK locks are exclusive: MySQL and MariaDB have no shared named lock",
+        )
+
+
+def _get_lock(
+    connection: Connection, key: Hashable, shared: bool, scope: str, timeout: float | None
+) -> bool:
+    dialect = connection.dialect
+    wait: float
+    if timeout is None:
+        wait = _FOREVER
+    elif getattr(dialect, "is_mariadb", False):
+        wait = timeout  # MariaDB waits fractions of a second
+    else:
+        wait = math.ceil(timeout)  # MySQL whole seconds: never shorter than asked
+    row = run_sql(
+        dialect,
+        connection.connection.dbapi_connection,
+        "SELECT GET_LOCK(:name, :wait)",
+        {"name": key, "wait": wait},
+    )
+    end_own_transaction(connection)
+    if row is None or row[0] is None:
+        raise NamedLockError(f"GET_LOCK({key!r}) answered NULL (an error on the server)")
+    return int(row[0]) == 1
+
+
+def _release_lock(
+    dialect: Dialect, dbapi_connection: _Any, key: Hashable, shared: bool, scope: str
+) -> bool:
+    # 1: released; 0: held by another connection; NULL: nobody held it.
+    row = run_sql(dialect, dbapi_connection, "SELECT RELEASE_LOCK(:name)", {"name": key})
+    return row is not None and row[0] is not None and int(row[0]) == 1
+
+
+#: User-level locks: ``GET_LOCK`` / ``RELEASE_LOCK``, held by the connection whatever the
+#: scope, released at the block's end (or when the connection goes back to the pool).
+NAMED_LOCKS = NamedLockSupport(
+    key=_lock_key,
+    check=_check_named_lock,
+    acquire=_get_lock,
+    release=_release_lock,
+    describe=lambda key: f"GET_LOCK name {key!r}",
+)

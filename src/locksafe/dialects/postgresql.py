@@ -237,3 +237,128 @@ SUPPORT = DialectSupport(
         "was not rolled back to a savepoint raises `TransactionAborted`."
     ),
 )
+
+
+# -- named locks (locksafe.named_lock): advisory locks ------------------------------------------
+
+# Imported here, at the end: the generic layer's types, for this module's NAMED_LOCKS.
+import hashlib  # noqa: E402
+import math as _math  # noqa: E402
+from collections.abc import Hashable  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+
+from sqlalchemy.engine import Connection  # noqa: E402
+from sqlalchemy.exc import DBAPIError  # noqa: E402
+
+from locksafe.named_locks import (  # noqa: E402
+    NamedLockSupport,
+    autocommit,
+    end_own_transaction,
+    run_sql,
+)
+
+#: ``connection_record.info`` key: ``current_database()``, read once per DB-API connection.
+_DATABASE = "locksafe.named_locks.postgresql.database"
+_SAVEPOINT = "locksafe_named_lock"
+#: ``lock_timeout`` is whole milliseconds up to INT_MAX.
+_MAX_WAIT_MS = 2**31 - 1
+
+
+def advisory_key(name: str, database: str) -> int:
+    """The advisory-lock key of ``name`` in ``database``: the first 8 bytes of
+    BLAKE2b(``"locksafe:" + database + ":" + name``, UTF-8), read as a big-endian signed
+    64-bit integer (what ``pg_locks`` shows as ``(classid << 32) | objid`` with ``objsubid``
+    1).
+
+    >>> advisory_key("nightly-report", "app")
+    -5540825221937243856
+    """
+    data = f"locksafe:{database}:{name}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big", signed=True)
+
+
+def _advisory_key(connection: Connection, name: str) -> Hashable:
+    info = connection.connection.info
+    database = info.get(_DATABASE)
+    if database is None:
+        row = run_sql(
+            connection.dialect, connection.connection.dbapi_connection, "SELECT current_database()"
+        )
+        end_own_transaction(connection)
+        assert row is not None
+        database = info[_DATABASE] = str(row[0])
+    return advisory_key(name, database)
+
+
+def _advisory_function(scope: str, shared: bool, *, try_once: bool) -> str:
+    return (
+        ("pg_try_advisory" if try_once else "pg_advisory")
+        + ("_xact" if scope == "transaction" else "")
+        + "_lock"
+        + ("_shared" if shared else "")
+    )
+
+
+def _advisory_acquire(
+    connection: Connection, key: Hashable, shared: bool, scope: str, timeout: float | None
+) -> bool:
+    dialect = connection.dialect
+    dbapi_connection = connection.connection.dbapi_connection
+    if timeout == 0:
+        function = _advisory_function(scope, shared, try_once=True)
+        row = run_sql(
+            dialect, dbapi_connection, f"SELECT {function}(CAST(:key AS BIGINT))", {"key": key}
+        )
+        end_own_transaction(connection)
+        return bool(row and row[0])
+    # One statement: set lock_timeout for this transaction (SET LOCAL), wait for the lock, set
+    # the old value back (the concatenation runs the lock call first). A wait that runs out
+    # raises 55P03; inside the caller's transaction it is rolled back to a savepoint, which
+    # also undoes the SET LOCAL.
+    wait_ms = 0 if timeout is None else min(_MAX_WAIT_MS, max(1, _math.ceil(timeout * 1000)))
+    function = _advisory_function(scope, shared, try_once=False)
+    sql = (
+        f"SELECT CAST({function}(CAST(:key AS BIGINT)) AS TEXT)"
+        " || set_config('lock_timeout', s.old, true)"
+        " FROM (SELECT current_setting('lock_timeout') AS old,"
+        " set_config('lock_timeout', :wait, true) AS new) AS s"
+    )
+    in_transaction = connection.in_transaction()
+    if in_transaction:
+        run_sql(dialect, dbapi_connection, f"SAVEPOINT {_SAVEPOINT}")
+    try:
+        run_sql(dialect, dbapi_connection, sql, {"key": key, "wait": f"{wait_ms}ms"})
+    except DBAPIError:
+        if in_transaction:
+            run_sql(dialect, dbapi_connection, f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            run_sql(dialect, dbapi_connection, f"RELEASE SAVEPOINT {_SAVEPOINT}")
+        elif dbapi_connection is not None and not autocommit(connection):
+            dbapi_connection.rollback()
+        raise
+    if in_transaction:
+        run_sql(dialect, dbapi_connection, f"RELEASE SAVEPOINT {_SAVEPOINT}")
+    else:
+        end_own_transaction(connection)
+    return True
+
+
+def _advisory_release(
+    dialect: Dialect, dbapi_connection: _Any, key: Hashable, shared: bool, scope: str
+) -> bool:
+    function = "pg_advisory_unlock_shared" if shared else "pg_advisory_unlock"
+    sql = f"SELECT {function}(CAST(:key AS BIGINT))"
+    row = run_sql(dialect, dbapi_connection, sql, {"key": key})
+    return bool(row and row[0])
+
+
+#: Advisory locks: ``pg_advisory_xact_lock`` (scope="transaction": the server ends it with the
+#: transaction) or ``pg_advisory_lock`` (scope="session": released at the block's end), and
+#: their ``_shared`` and ``pg_try_`` variants; the wait bounded by ``lock_timeout``.
+NAMED_LOCKS = NamedLockSupport(
+    key=_advisory_key,
+    holds_in_transaction=lambda scope: scope == "transaction",
+    acquire=_advisory_acquire,
+    release=_advisory_release,
+    needs_release=lambda scope: scope == "session",
+    describe=lambda key: f"advisory lock key {key}",
+)

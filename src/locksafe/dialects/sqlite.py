@@ -1155,3 +1155,104 @@ SUPPORT = DialectSupport(
     ),
 )
 
+
+# -- named locks (locksafe.named_lock): a lock file next to the database ------------------------
+
+# Imported here, at the end: the generic layer's types, for this module's NAMED_LOCKS.
+import hashlib  # noqa: E402
+from collections.abc import Hashable  # noqa: E402
+from typing import cast  # noqa: E402
+
+from locksafe.named_locks import NamedLockError, NamedLockSupport  # noqa: E402
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows: no flock
+    _fcntl = None  # type: ignore[assignment]
+
+#: In-memory and temporary databases (private to a process): name -> [shared holders, held
+#: exclusively].
+_memory_locks: dict[str, list[int]] = {}
+_memory_locks_lock = threading.Lock()
+
+
+def lock_file(database_file: str, name: str) -> str:
+    """The lock file of ``name`` for the database at ``database_file``:
+    ``<database file>-locksafe-<32 hex digits of BLAKE2b-128(name, UTF-8)>.lock``, next to it.
+
+    >>> lock_file("/srv/app.db", "nightly-report")
+    '/srv/app.db-locksafe-10adb6b116f4622b7bfa1f0346dff8bb.lock'
+    """
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return f"{database_file}-locksafe-{digest}.lock"
+
+
+def _lock_file_key(connection: Connection, name: str) -> Hashable:
+    path = main_file(connection.connection.dbapi_connection)
+    return ("", name) if not path else (lock_file(path, name), name)
+
+
+def _check_lock_file(connection: Connection, shared: bool, scope: str) -> None:
+    if _fcntl is None:  # pragma: no cover - Windows
+        raise UnsupportedLockOption(
+            ("named_lock",),
+            dialect="sqlite",
+            server_version=tuple(sqlite3.sqlite_version_info),
+            reason="locksafe's SQLite named locks need flock() (POSIX); not on Windows",
+        )
+
+
+def _attempt_lock_file(key: Hashable, shared: bool) -> object | None:
+    path, name = cast("tuple[str, str]", key)
+    if not path:
+        with _memory_locks_lock:
+            state = _memory_locks.setdefault(name, [0, 0])
+            if state[1] or (not shared and state[0]):
+                return None
+            state[0 if shared else 1] += 1
+        return ("", name, shared)
+    assert _fcntl is not None
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise NamedLockError(f"cannot open the lock file {path!r}: {error}") from error
+    try:
+        _fcntl.flock(fd, (_fcntl.LOCK_SH if shared else _fcntl.LOCK_EX) | _fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _give_back_lock_file(handle: object) -> None:
+    if isinstance(handle, int):
+        assert _fcntl is not None
+        try:
+            _fcntl.flock(handle, _fcntl.LOCK_UN)
+        finally:
+            os.close(handle)  # closing alone would release it too
+        return
+    _, name, shared = cast("tuple[str, str, bool]", handle)
+    with _memory_locks_lock:
+        state = _memory_locks[name]
+        state[0 if shared else 1] -= 1
+        if state == [0, 0]:
+            del _memory_locks[name]
+
+
+#: A ``flock()`` on a lock file per name next to the database file (shared: ``LOCK_SH``),
+#: tried without waiting and polled with short sleeps up to the timeout; an in-memory database
+#: gets a lock local to the process. The lock ends with the block, whatever the scope.
+NAMED_LOCKS = NamedLockSupport(
+    key=_lock_file_key,
+    check=_check_lock_file,
+    attempt=_attempt_lock_file,
+    give_back=_give_back_lock_file,
+    describe=lambda key: f"lock file {key[0]!r}" if key[0] else "in-process lock",  # type: ignore[index]
+)

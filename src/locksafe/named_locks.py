@@ -1,0 +1,700 @@
+"""Named (advisory) locks that exclude on every database: :func:`named_lock`,
+:func:`try_named_lock`.
+
+A named lock protects work that has no row to lock: one scheduler's critical section, one
+migration at a time, one job per key. The options are checked when the lock is made (a wrong
+type or value is a ``TypeError`` / ``ValueError`` naming the option); the lock is taken when the
+block is entered and given back when it ends, raising or not.
+
+This module is the generic part. What a database does is in its dialect module, as a
+:class:`NamedLockSupport` named ``NAMED_LOCKS`` (PostgreSQL: advisory locks; MySQL / MariaDB:
+``GET_LOCK``; SQLite: a lock file next to the database); this module finds it through
+:data:`locksafe.dialects.MODULES` and never branches on a dialect's name.
+
+Server-side statements run on the DB-API connection of the bind, with the name (or its key)
+as a bound parameter, not through SQLAlchemy's ``execute``: taking a lock is not work of the
+caller's transaction (a lock that times out inside a PostgreSQL transaction is rolled back to
+a savepoint, and is not a lock error of that transaction for
+:class:`~locksafe.TransactionAborted`), and a lock held by the connection itself (MySQL, and
+PostgreSQL's ``scope="session"``) is released when the connection goes back to the pool if the
+block has not released it by then: a connection never carries a lock into the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import math
+import numbers
+import random
+import sys
+import time
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import Pool
+
+from locksafe.dialects import MODULES
+from locksafe.kinds import LockErrorKind, LocksafeError, LockUnavailable
+
+if TYPE_CHECKING:
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+__all__ = [
+    "NamedLock",
+    "NamedLockError",
+    "NamedLockSupport",
+    "TryNamedLock",
+    "named_lock",
+    "try_named_lock",
+]
+
+log = logging.getLogger(__name__)
+
+Scope = Literal["transaction", "session"]
+SCOPES: tuple[str, ...] = ("transaction", "session")
+
+#: The lock errors that mean "not obtained in time" (LockUnavailable), not a failure.
+_NOT_OBTAINED = frozenset(
+    {LockErrorKind.LOCK_TIMEOUT, LockErrorKind.LOCK_NOT_AVAILABLE, LockErrorKind.DEADLOCK}
+)
+
+#: ``connection_record.info`` key: the named locks the DB-API connection holds itself.
+_HELD = "locksafe.named_locks.held"
+
+
+class NamedLockError(LocksafeError):
+    """A named lock could not be taken or given back for a reason other than time: the server
+    answered ``NULL`` to ``GET_LOCK`` / ``RELEASE_LOCK``, the lock was gone when the block ended
+    (the connection was closed or reset while it held the lock, so the block may have run
+    without it), or the lock file could not be opened."""
+
+
+# -- what a dialect provides -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NamedLockSupport:
+    """How one dialect takes named locks (a dialect module's ``NAMED_LOCKS``).
+
+    Either a *server* lock (``acquire`` / ``release`` on the connection) or a *local* lock
+    (``attempt`` / ``give_back``, polled by this module with short sleeps, without a
+    connection). ``key`` turns a name into what is locked (run once per lock, on the bind's
+    SQLAlchemy ``Connection``).
+    """
+
+    #: ``key(connection, name)``: what is locked on this connection's database.
+    key: Callable[[Connection, str], Hashable]
+    #: ``check(connection, shared, scope)``: raise for options this server cannot honour.
+    check: Callable[[Connection, bool, str], None] | None = None
+    #: ``holds_in_transaction(scope)``: whether the lock belongs to the transaction (then the
+    #: connection must be in one: it is begun if needed, and AUTOCOMMIT is refused).
+    holds_in_transaction: Callable[[str], bool] = lambda scope: False
+    #: ``acquire(connection, key, shared, scope, timeout)``: waits on the server at most
+    #: ``timeout`` seconds (``None``: no bound, ``0``: try once); ``True`` when obtained,
+    #: ``False`` when not in time; raises ``DBAPIError`` for anything else.
+    acquire: Callable[[Connection, Hashable, bool, str, float | None], bool] | None = None
+    #: ``release(dialect, dbapi_connection, key, shared, scope)``: give the lock back (only for
+    #: locks the connection holds until released); ``True`` when it was held.
+    release: Callable[[Dialect, Any, Hashable, bool, str], bool] | None = None
+    #: Whether ``release`` is needed for this scope (PostgreSQL's transaction-scoped locks end
+    #: with the transaction; nothing releases them).
+    needs_release: Callable[[str], bool] = lambda scope: True
+    #: ``attempt(key, shared)``: one try of a local lock, never waiting; a handle or ``None``.
+    attempt: Callable[[Hashable, bool], object | None] | None = None
+    #: ``give_back(handle)``: release a local lock.
+    give_back: Callable[[object], None] | None = None
+    #: Human description of what is locked, for messages.
+    describe: Callable[[Hashable], str] = repr
+
+    @property
+    def polls(self) -> bool:
+        return self.attempt is not None
+
+
+_supports: dict[str, NamedLockSupport | None] = {}
+
+
+def support_for(dialect_name: str) -> NamedLockSupport | None:
+    """The named-lock support of a SQLAlchemy dialect name, or ``None``."""
+    try:
+        return _supports[dialect_name]
+    except KeyError:
+        pass
+    module_name = MODULES.get(dialect_name)
+    found = None
+    if module_name is not None:
+        module = importlib.import_module(f"locksafe.dialects.{module_name}")
+        found = getattr(module, "NAMED_LOCKS", None)
+        assert found is None or isinstance(found, NamedLockSupport)
+    _supports[dialect_name] = found
+    return found
+
+
+# -- DB-API helpers for the dialect modules ----------------------------------------------------
+
+
+def run_sql(
+    dialect: Dialect, dbapi_connection: Any, sql: str, params: dict[str, Any] | None = None
+) -> tuple[Any, ...] | None:
+    """Run ``sql`` (``:name`` bound parameters) on its own DB-API cursor of
+    ``dbapi_connection`` and return its first row (``None`` without rows). The parameters are
+    bound in the driver's own paramstyle, never formatted into the SQL. A driver error is
+    raised as SQLAlchemy's ``DBAPIError`` (what :func:`locksafe.classify` reads)."""
+    compiled = text(sql).compile(dialect=dialect)
+    values = compiled.construct_params(params or {})
+    args: Any = values
+    if dialect.positional:
+        args = tuple(values[name] for name in compiled.positiontup or ())
+    dbapi = dialect.loaded_dbapi
+    cursor = dbapi_connection.cursor()
+    try:
+        try:
+            cursor.execute(compiled.string, args)
+            return tuple(cursor.fetchone()) if cursor.description else None
+        except dbapi.Error as error:
+            raise DBAPIError.instance(
+                compiled.string, args, error, dbapi.Error, dialect=dialect
+            ) from error
+    finally:
+        cursor.close()
+
+
+def autocommit(connection: Connection) -> bool:
+    """Whether ``connection`` runs each statement in its own transaction (AUTOCOMMIT)."""
+    from locksafe.rowlocks import _autocommit
+
+    return _autocommit(connection) is not None
+
+
+def end_own_transaction(connection: Connection) -> None:
+    """After statements sent on the DB-API connection while SQLAlchemy has no transaction on
+    ``connection``: end the transaction the driver began for them (if any), so that none is
+    left open behind SQLAlchemy's back."""
+    if connection.in_transaction() or autocommit(connection):
+        return
+    dbapi_connection = connection.connection.dbapi_connection
+    if dbapi_connection is not None:
+        dbapi_connection.commit()
+
+
+# -- option checks ---------------------------------------------------------------------------
+
+
+def _check_options(name: object, timeout: object, shared: object, scope: object) -> float | None:
+    if not isinstance(name, str):
+        raise TypeError(f"name={name!r} must be a str")
+    if not name:
+        raise ValueError("name='' must be a non-empty str")
+    seconds: float | None = None
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+            raise TypeError(
+                f"timeout={timeout!r} must be a number of seconds (int or float) or None"
+            )
+        seconds = float(timeout)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(
+                f"timeout={timeout!r} must be a finite number of seconds ≥ 0 (0: try once), "
+                "or None to wait without a bound"
+            )
+    if not isinstance(shared, bool):
+        raise TypeError(f"shared={shared!r} must be a bool")
+    if not isinstance(scope, str):
+        raise TypeError(f"scope={scope!r} must be 'transaction' or 'session'")
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} must be 'transaction' or 'session'")
+    return seconds
+
+
+def _async_types() -> tuple[type, type] | None:
+    module = sys.modules.get("sqlalchemy.ext.asyncio")
+    if module is None:
+        return None
+    return module.AsyncConnection, module.AsyncSession
+
+
+def _is_async_bind(bind: object) -> bool:
+    types = _async_types()
+    return types is not None and isinstance(bind, types)
+
+
+def _check_bind(bind: object) -> None:
+    if isinstance(bind, (Connection, Session)) or _is_async_bind(bind):
+        return
+    hint = ""
+    if hasattr(bind, "connect") and hasattr(bind, "dialect"):
+        hint = " (an Engine is not one: `with engine.connect() as conn:` and pass conn)"
+    raise TypeError(
+        f"bind={bind!r} must be a Connection or a Session (AsyncConnection / AsyncSession "
+        f"for `async with`){hint}"
+    )
+
+
+def _in_transaction(bind: Connection | Session) -> bool:
+    if isinstance(bind, Connection) and bind.closed:
+        return False
+    return bind.in_transaction()
+
+
+def _short(name: str) -> str:
+    return repr(name) if len(name) <= 80 else repr(name[:77] + "...")
+
+
+# -- the lock ----------------------------------------------------------------------------------
+
+
+class _Held:
+    """A lock the DB-API connection holds itself, until released (registered in its pool
+    record's ``info``, so that the pool's check-in releases it if the block has not)."""
+
+    __slots__ = ("dialect", "key", "released_at_checkin", "scope", "shared", "support")
+
+    def __init__(
+        self, support: NamedLockSupport, dialect: Dialect, key: Hashable, shared: bool, scope: str
+    ) -> None:
+        self.support = support
+        self.dialect = dialect
+        self.key = key
+        self.shared = shared
+        self.scope = scope
+        self.released_at_checkin = False
+
+
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _on_checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    """Pool check-in: give back the named locks the connection still holds."""
+    held: dict[int, _Held] | None = record.info.pop(_HELD, None)
+    if not held or dbapi_connection is None:
+        return
+    try:
+        for entry in held.values():
+            assert entry.support.release is not None
+            entry.support.release(
+                entry.dialect, dbapi_connection, entry.key, entry.shared, entry.scope
+            )
+            entry.released_at_checkin = True
+        dbapi_connection.rollback()  # the transaction the driver began for the release
+    except Exception:
+        # The lock must not ride into the pool: closing the connection ends it on the server.
+        log.warning("named lock release at check-in failed; invalidating", exc_info=True)
+        for entry in held.values():
+            entry.released_at_checkin = True
+        try:
+            record.invalidate()
+        except Exception:  # pragma: no cover - nothing more can be done here
+            log.warning("invalidating after a failed named lock release failed", exc_info=True)
+
+
+def _watch_pool(pool: Pool) -> None:
+    if pool not in _pools:
+        event.listen(pool, "checkin", _on_checkin)
+        _pools.add(pool)
+
+
+class _LockBase:
+    """The shared machinery of :class:`NamedLock` and :class:`TryNamedLock`."""
+
+    _raises = True
+
+    def __init__(
+        self,
+        bind: Any,
+        name: str,
+        *,
+        timeout: float | None,
+        shared: bool,
+        scope: str,
+    ) -> None:
+        self.timeout = _check_options(name, timeout, shared, scope)
+        _check_bind(bind)
+        self.bind = bind
+        self.name = name
+        self.shared = shared
+        self.scope = scope
+        #: Whether the block holds the lock (``True`` inside the block after entering).
+        self.acquired = False
+        #: What is locked on the server (PostgreSQL: the int64 key; MySQL: the lock name;
+        #: SQLite: the lock file), known once the block is entered.
+        self.key: Hashable | None = None
+        self._support: NamedLockSupport | None = None
+        self._connection: Connection | None = None
+        self._record_info: dict[Any, Any] | None = None
+        self._held: _Held | None = None
+        self._handle: object | None = None
+        self._transaction: object | None = None
+        self._entered = False
+        self._started = 0.0
+
+    def __repr__(self) -> str:
+        state = "acquired" if self.acquired else "not acquired"
+        return f"<{type(self).__name__} {_short(self.name)} {self.scope} {state}>"
+
+    # -- sync steps (on the sync Connection / Session, also inside run_sync) ----------------
+
+    def _prepare(self, bind: Connection | Session) -> None:
+        connection = bind if isinstance(bind, Connection) else bind.connection()
+        support = support_for(connection.dialect.name)
+        if support is None:
+            from locksafe.kinds import UnsupportedLockOption
+
+            raise UnsupportedLockOption(
+                ("named_lock",),
+                dialect=connection.dialect.name,
+                server_version=getattr(connection.dialect, "server_version_info", None),
+                reason="locksafe knows no named lock for this database",
+            )
+        if support.check is not None:
+            support.check(connection, self.shared, self.scope)
+        if support.holds_in_transaction(self.scope):
+            if autocommit(connection):
+                from locksafe.kinds import UnsupportedLockOption
+
+                raise UnsupportedLockOption(
+                    ("scope='transaction'",),
+                    dialect=connection.dialect.name,
+                    server_version=getattr(connection.dialect, "server_version_info", None),
+                    reason=(
+                        "the connection runs in AUTOCOMMIT, so a transaction-scoped lock "
+                        "would end with its statement; use scope='session', or a transaction"
+                    ),
+                )
+            if not connection.in_transaction():
+                connection.begin()
+        self._transaction = bind.get_transaction()
+        self._support = support
+        self._connection = connection
+        self.key = support.key(connection, self.name)
+
+    def _acquire_on_server(self, bind: Connection | Session) -> bool:
+        support, connection = self._support, self._connection
+        assert support is not None
+        assert support.acquire is not None
+        assert connection is not None
+        got = support.acquire(connection, self.key, self.shared, self.scope, self.timeout)
+        if got and support.release is not None and support.needs_release(self.scope):
+            fairy = connection.connection
+            self._held = _Held(support, connection.dialect, self.key, self.shared, self.scope)
+            _watch_pool(connection.engine.pool)
+            self._record_info = fairy.info
+            fairy.info.setdefault(_HELD, {})[id(self)] = self._held
+        return got
+
+    def _release_on_server(self, bind: Connection | Session, failed: bool) -> None:
+        support = self._support
+        assert support is not None
+        lost = None
+        if support.holds_in_transaction(self.scope) and not failed:
+            current = bind.get_transaction()
+            if current is not None and current is not self._transaction:
+                lost = (
+                    "its transaction ended inside the block (a commit or rollback) and the "
+                    "block went on in a new one"
+                )
+        held, info, connection = self._held, self._record_info, self._connection
+        self._held = self._record_info = None
+        if held is not None and info is not None and connection is not None:
+            entries: dict[int, _Held] | None = info.get(_HELD)
+            if entries is not None and entries.get(id(self)) is held:
+                del entries[id(self)]
+                self._give_back_on_server(held, connection, failed)
+            elif held.released_at_checkin and not failed and _in_transaction(bind):
+                lost = (
+                    "its connection went back to the pool inside the block (a Session's "
+                    "commit, rollback or close) and the block went on with another one"
+                )
+        if lost is not None:
+            raise NamedLockError(
+                f"named lock {_short(self.name)} ended before the block did: {lost}, without "
+                "the lock; commit as the block's last step, or hold the lock on a Connection"
+            )
+
+    def _give_back_on_server(self, held: _Held, connection: Connection, failed: bool) -> None:
+        assert held.support.release is not None
+        try:
+            dbapi_connection = connection.connection.dbapi_connection
+            was_held = held.support.release(
+                held.dialect, dbapi_connection, held.key, held.shared, held.scope
+            )
+            end_own_transaction(connection)
+        except Exception:
+            # The release could not run (a transaction the block's error aborted, a broken
+            # connection): closing the connection is what gives the lock back on the server.
+            log.debug("named lock release failed; invalidating the connection", exc_info=True)
+            connection.invalidate()
+            if failed:
+                return
+            raise
+        if not was_held and not failed:
+            raise NamedLockError(
+                f"named lock {_short(self.name)} was not held any more when the block ended "
+                "(the connection was reset or reconnected): the block may have run without it"
+            )
+
+    # -- outcome -------------------------------------------------------------------------------
+
+    def _obtained(self, got: bool, error: BaseException | None = None) -> bool:
+        self.acquired = got
+        if got or not self._raises:
+            return got
+        kind = LockErrorKind.LOCK_NOT_AVAILABLE if self.timeout == 0 else LockErrorKind.LOCK_TIMEOUT
+        if error is not None:
+            from locksafe.classify import classify
+
+            kind = classify(error) or kind
+        exc = LockUnavailable(
+            kind,
+            attempts=1,
+            elapsed=time.monotonic() - self._started,
+            retry_after=1.0,
+            operation=f"named lock {_short(self.name)}",
+        )
+        exc.lock_name = self.name  # type: ignore[attr-defined]
+        raise exc from error
+
+    def _not_obtained_error(self, error: DBAPIError) -> bool:
+        """Whether a driver error while waiting means "not obtained" (lock timeout,
+        NOWAIT, deadlock) rather than a failure."""
+        from locksafe.classify import classify
+
+        return classify(error) in _NOT_OBTAINED
+
+    def _start(self) -> None:
+        if self._entered:
+            raise RuntimeError(f"{self!r} was already entered: make a new lock for each block")
+        self._entered = True
+        self._started = time.monotonic()
+
+    # -- polling (local locks) -----------------------------------------------------------------
+
+    def _poll_delays(self) -> Callable[[], float | None]:
+        """The next sleep before another attempt, or ``None`` when the time is up."""
+        deadline = None if self.timeout is None else self._started + self.timeout
+        step = [0.001]
+
+        def next_delay() -> float | None:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return None
+            delay = step[0] * random.uniform(0.5, 1.0)
+            step[0] = min(step[0] * 2, 0.05)
+            if deadline is not None:
+                delay = min(delay, deadline - now)
+            return delay
+
+        return next_delay
+
+    def _attempt(self) -> bool:
+        support = self._support
+        assert support is not None
+        assert support.attempt is not None
+        handle = support.attempt(self.key, self.shared)
+        if handle is None:
+            return False
+        self._handle = handle
+        return True
+
+    def _give_back(self) -> None:
+        handle, self._handle = self._handle, None
+        support = self._support
+        if handle is not None and support is not None and support.give_back is not None:
+            support.give_back(handle)
+
+    # -- sync protocol -------------------------------------------------------------------------
+
+    def _enter_sync(self) -> bool:
+        if _is_async_bind(self.bind):
+            raise TypeError(
+                f"{type(self.bind).__name__} is async: use `async with` "
+                f"{type(self).__name__.lower()}"
+            )
+        self._start()
+        self._prepare(self.bind)
+        support = self._support
+        assert support is not None
+        if support.polls:
+            next_delay = self._poll_delays()
+            while not self._attempt():
+                delay = next_delay()
+                if delay is None:
+                    return self._obtained(False)
+                time.sleep(delay)
+            return self._obtained(True)
+        try:
+            got = self._acquire_on_server(self.bind)
+        except DBAPIError as error:
+            if self._not_obtained_error(error):
+                return self._obtained(False, error)
+            raise
+        return self._obtained(got)
+
+    def _exit_sync(self, failed: bool) -> None:
+        if not self.acquired:
+            return
+        self.acquired = False
+        if self._support is not None and self._support.polls:
+            self._give_back()
+            return
+        self._release_on_server(self.bind, failed)
+
+    # -- async protocol ------------------------------------------------------------------------
+
+    async def _enter_async(self) -> bool:
+        if not _is_async_bind(self.bind):
+            raise TypeError(
+                f"{type(self.bind).__name__} is not async: use `with` "
+                f"{type(self).__name__.lower()} (async with needs an AsyncConnection or "
+                "AsyncSession)"
+            )
+        self._start()
+        await self.bind.run_sync(self._prepare)
+        support = self._support
+        assert support is not None
+        if support.polls:
+            next_delay = self._poll_delays()
+            while not self._attempt():
+                delay = next_delay()
+                if delay is None:
+                    return self._obtained(False)
+                await asyncio.sleep(delay)
+            return self._obtained(True)
+        try:
+            got = await self.bind.run_sync(self._acquire_on_server)
+        except DBAPIError as error:
+            if self._not_obtained_error(error):
+                return self._obtained(False, error)
+            raise
+        return self._obtained(bool(got))
+
+    async def _exit_async(self, failed: bool) -> None:
+        if not self.acquired:
+            return
+        self.acquired = False
+        if self._support is not None and self._support.polls:
+            self._give_back()
+            return
+        await self.bind.run_sync(self._release_on_server, failed)
+
+
+class NamedLock(_LockBase):
+    """A named lock to use in a ``with`` (``async with``) block: see :func:`named_lock`."""
+
+    def __enter__(self) -> NamedLock:
+        self._enter_sync()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit_sync(exc is not None)
+
+    async def __aenter__(self) -> NamedLock:
+        await self._enter_async()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._exit_async(exc is not None)
+
+
+class TryNamedLock(_LockBase):
+    """A named lock whose ``with`` (``async with``) gives whether it was obtained: see
+    :func:`try_named_lock`."""
+
+    _raises = False
+
+    def __enter__(self) -> bool:
+        return self._enter_sync()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit_sync(exc is not None)
+
+    async def __aenter__(self) -> bool:
+        return await self._enter_async()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._exit_async(exc is not None)
+
+
+def named_lock(
+    bind: Any,
+    name: str,
+    *,
+    timeout: float | None = None,
+    shared: bool = False,
+    scope: Scope = "transaction",
+) -> NamedLock:
+    """A lock called ``name``, held for a ``with`` block (``async with`` for an
+    ``AsyncConnection`` / ``AsyncSession``), excluding every other holder of the same name on
+    the same database — other connections, threads, processes and hosts.
+
+    - ``bind``: a ``Connection`` or ``Session`` (or their async twins); the lock is taken on
+      its connection.
+    - ``timeout``: seconds to wait (floats allowed); ``None`` waits without a bound, ``0``
+      tries once. When the lock is not obtained in time, entering the block raises
+      :class:`~locksafe.LockUnavailable` (kind ``lock_timeout``, or ``lock_not_available``
+      for ``timeout=0``; ``deadlock`` when the server found one), whose ``lock_name`` is
+      ``name``.
+    - ``shared``: a shared lock (any number of shared holders at once, no exclusive one);
+      MySQL / MariaDB have none (:class:`~locksafe.UnsupportedLockOption`).
+    - ``scope``: ``"transaction"`` (PostgreSQL: ends with the bind's transaction, begun if
+      needed; elsewhere: ends with the block) or ``"session"`` (held by the connection until
+      the block ends; PostgreSQL's session-level advisory lock).
+
+    Every option is checked now: ``TypeError`` / ``ValueError`` naming it.
+
+    >>> named_lock(None, "nightly-report", timeout=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: timeout=-1 must be a finite number of seconds ≥ 0 (0: try once), or None to wait without a bound
+    """  # noqa: E501
+    return NamedLock(bind, name, timeout=timeout, shared=shared, scope=scope)
+
+
+def try_named_lock(
+    bind: Any,
+    name: str,
+    *,
+    timeout: float | None = 0,
+    shared: bool = False,
+    scope: Scope = "transaction",
+) -> TryNamedLock:
+    """:func:`named_lock` that does not raise when the lock is not obtained in time: its
+    ``with`` gives ``True`` when the block holds the lock, ``False`` when it does not.
+    ``timeout`` defaults to ``0`` (try once)::
+
+        with try_named_lock(conn, "nightly-report") as acquired:
+            if not acquired:
+                return  # another worker runs it
+            run_report(conn)
+
+    Other errors (a broken connection, an option the server cannot honour) still raise.
+    """
+    return TryNamedLock(bind, name, timeout=timeout, shared=shared, scope=scope)
