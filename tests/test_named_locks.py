@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, insert, select, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, QueuePool
@@ -677,3 +678,28 @@ def test_servers_let_a_connection_take_a_lock_it_holds(cell: Cell) -> None:
         return got
 
     cell.run(body)
+
+
+@pytest.mark.cells("postgresql")
+def test_postgresql_session_lock_is_released_when_an_error_aborted_the_transaction(
+    cell: Cell,
+) -> None:
+    """The unlock cannot run in the aborted transaction: the connection is invalidated, which
+    ends the session-level lock on the server; the block's own error propagates."""
+    name = unique()
+    seen: dict[str, Any] = {}
+
+    def fail_inside(conn: Connection) -> None:
+        with conn.begin(), named_lock(conn, name, scope="session") as lock:
+            seen["key"] = lock.key
+            conn.execute(text("SELECT 1 / 0"))
+
+    def body(conn: Connection) -> None:
+        with pytest.raises(DBAPIError, match="division by zero"):
+            fail_inside(conn)
+        seen["invalidated"] = conn.invalidated
+
+    cell.run(body)
+    assert seen["invalidated"] is True
+    assert server_holds(cell, seen["key"]) == 0
+    assert attempt(cell, name, scope="session") is True
