@@ -20,7 +20,7 @@ from locksafe import (
     plan_row_locks,
     with_row_locks,
 )
-from locksafe.capabilities import offline_dialect
+from locksafe.binds import offline_dialect
 
 metadata = MetaData()
 jobs = Table("ro_jobs", metadata, Column("id", Integer, primary_key=True))

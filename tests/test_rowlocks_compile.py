@@ -43,7 +43,7 @@ import locksafe
 from locksafe import (
     LockDegradedWarning,
     UnsupportedLockOption,
-    capabilities,
+    binds,
     lock_capabilities,
     plan_row_locks,
     with_row_locks,
@@ -55,7 +55,7 @@ from options import option_combinations
 
 def offline_dialect(flavour: str, version: tuple[int, ...] | None = None) -> Dialect:
     """The library's offline dialect, checked: MySQL / MariaDB really are the flavour asked."""
-    dialect = capabilities.offline_dialect(flavour, version)
+    dialect = binds.offline_dialect(flavour, version)
     if flavour in ("mysql", "mariadb") and version is not None:
         assert getattr(dialect, "is_mariadb", False) is (flavour == "mariadb")
         assert dialect.server_version_info == version

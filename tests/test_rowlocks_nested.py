@@ -60,7 +60,7 @@ from sqlalchemy.sql.selectable import Select
 
 from conftest import Cell
 from locksafe import LockErrorKind, UnsupportedLockOption, classify, rowlocks, with_row_locks
-from locksafe.capabilities import offline_dialect
+from locksafe.binds import offline_dialect
 from locksafe.dialects import support_for
 from locksafe.testing import OtherConnection
 from sqlite_probe import sqlite_write_locked

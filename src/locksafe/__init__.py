@@ -4,7 +4,8 @@ PostgreSQL and MySQL/MariaDB, for any SQLAlchemy application.
 Everything public is importable from here; the modules say where it lives.
 """
 
-from locksafe.capabilities import LockCapabilities, lock_capabilities
+from locksafe.binds import lock_capabilities
+from locksafe.capabilities import LockCapabilities
 from locksafe.classify import (
     classify,
     classify_raised,
@@ -18,6 +19,7 @@ from locksafe.kinds import (
     LockErrorKind,
     LocksafeError,
     LockUnavailable,
+    NamedLockError,
     SelfDeadlock,
     TransactionAborted,
     TransactionLost,
@@ -25,12 +27,12 @@ from locksafe.kinds import (
 )
 from locksafe.named_locks import (
     NamedLock,
-    NamedLockError,
     TryNamedLock,
     named_lock,
     try_named_lock,
 )
-from locksafe.rowlocks import LockOptions, RowLockPlan, plan_row_locks, with_row_locks
+from locksafe.options import LockOptions
+from locksafe.rowlocks import RowLockPlan, plan_row_locks, with_row_locks
 from locksafe.timeouts import lock_timeout
 from locksafe.transactions import (
     NEW_SESSION,

@@ -15,6 +15,7 @@ __all__ = [
     "LockErrorKind",
     "LockUnavailable",
     "LocksafeError",
+    "NamedLockError",
     "SelfDeadlock",
     "TransactionAborted",
     "TransactionLost",
@@ -230,3 +231,10 @@ class TransactionLost(LocksafeError):
     >>> isinstance(TransactionLost("..."), LocksafeError)
     True
     """
+
+
+class NamedLockError(LocksafeError):
+    """A named lock could not be taken or given back for a reason other than time: the server
+    answered ``NULL`` to ``GET_LOCK`` / ``RELEASE_LOCK``, the lock was gone when the block ended
+    (the connection was closed or reset while it held the lock, so the block may have run
+    without it), or the lock file could not be opened."""

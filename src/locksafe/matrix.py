@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from locksafe.capabilities import LockCapabilities, lock_capabilities, offline_dialect
+from locksafe.binds import lock_capabilities, offline_dialect
+from locksafe.capabilities import LockCapabilities
 from locksafe.dialects import DialectSupport, all_supports
 from locksafe.kinds import UnsupportedLockOption
 from locksafe.rowlocks import DEGRADATIONS, plan_row_locks

@@ -23,7 +23,6 @@ block has not released it by then: a connection never carries a lock into the po
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import math
 import numbers
@@ -32,18 +31,18 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
-from locksafe.dialects import MODULES
-from locksafe.kinds import LockErrorKind, LocksafeError, LockUnavailable
+from locksafe.dialects import named_lock_support_for as support_for
+from locksafe.dialects.base import NamedLockSupport, autocommit, end_own_transaction
+from locksafe.kinds import LockErrorKind, LockUnavailable, NamedLockError
 
 if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
@@ -51,7 +50,6 @@ if TYPE_CHECKING:
 __all__ = [
     "NamedLock",
     "NamedLockError",
-    "NamedLockSupport",
     "TryNamedLock",
     "named_lock",
     "try_named_lock",
@@ -69,121 +67,6 @@ _NOT_OBTAINED = frozenset(
 
 #: ``connection_record.info`` key: the named locks the DB-API connection holds itself.
 _HELD = "locksafe.named_locks.held"
-
-
-class NamedLockError(LocksafeError):
-    """A named lock could not be taken or given back for a reason other than time: the server
-    answered ``NULL`` to ``GET_LOCK`` / ``RELEASE_LOCK``, the lock was gone when the block ended
-    (the connection was closed or reset while it held the lock, so the block may have run
-    without it), or the lock file could not be opened."""
-
-
-# -- what a dialect provides -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NamedLockSupport:
-    """How one dialect takes named locks (a dialect module's ``NAMED_LOCKS``).
-
-    Either a *server* lock (``acquire`` / ``release`` on the connection) or a *local* lock
-    (``attempt`` / ``give_back``, polled by this module with short sleeps, without a
-    connection). ``key`` turns a name into what is locked (run once per lock, on the bind's
-    SQLAlchemy ``Connection``).
-    """
-
-    #: ``key(connection, name)``: what is locked on this connection's database.
-    key: Callable[[Connection, str], Hashable]
-    #: ``check(connection, shared, scope)``: raise for options this server cannot honour.
-    check: Callable[[Connection, bool, str], None] | None = None
-    #: ``holds_in_transaction(scope)``: whether the lock belongs to the transaction (then the
-    #: connection must be in one: it is begun if needed, and AUTOCOMMIT is refused).
-    holds_in_transaction: Callable[[str], bool] = lambda scope: False
-    #: ``acquire(connection, key, shared, scope, timeout)``: waits on the server at most
-    #: ``timeout`` seconds (``None``: no bound, ``0``: try once); ``True`` when obtained,
-    #: ``False`` when not in time; raises ``DBAPIError`` for anything else.
-    acquire: Callable[[Connection, Hashable, bool, str, float | None], bool] | None = None
-    #: ``release(dialect, dbapi_connection, key, shared, scope)``: give the lock back (only for
-    #: locks the connection holds until released); ``True`` when it was held.
-    release: Callable[[Dialect, Any, Hashable, bool, str], bool] | None = None
-    #: Whether ``release`` is needed for this scope (PostgreSQL's transaction-scoped locks end
-    #: with the transaction; nothing releases them).
-    needs_release: Callable[[str], bool] = lambda scope: True
-    #: ``attempt(key, shared)``: one try of a local lock, never waiting; a handle or ``None``.
-    attempt: Callable[[Hashable, bool], object | None] | None = None
-    #: ``give_back(handle)``: release a local lock.
-    give_back: Callable[[object], None] | None = None
-    #: Human description of what is locked, for messages.
-    describe: Callable[[Hashable], str] = repr
-
-    @property
-    def polls(self) -> bool:
-        return self.attempt is not None
-
-
-_supports: dict[str, NamedLockSupport | None] = {}
-
-
-def support_for(dialect_name: str) -> NamedLockSupport | None:
-    """The named-lock support of a SQLAlchemy dialect name, or ``None``."""
-    try:
-        return _supports[dialect_name]
-    except KeyError:
-        pass
-    module_name = MODULES.get(dialect_name)
-    found = None
-    if module_name is not None:
-        module = importlib.import_module(f"locksafe.dialects.{module_name}")
-        found = getattr(module, "NAMED_LOCKS", None)
-        assert found is None or isinstance(found, NamedLockSupport)
-    _supports[dialect_name] = found
-    return found
-
-
-# -- DB-API helpers for the dialect modules ----------------------------------------------------
-
-
-def run_sql(
-    dialect: Dialect, dbapi_connection: Any, sql: str, params: dict[str, Any] | None = None
-) -> tuple[Any, ...] | None:
-    """Run ``sql`` (``:name`` bound parameters) on its own DB-API cursor of
-    ``dbapi_connection`` and return its first row (``None`` without rows). The parameters are
-    bound in the driver's own paramstyle, never formatted into the SQL. A driver error is
-    raised as SQLAlchemy's ``DBAPIError`` (what :func:`locksafe.classify` reads)."""
-    compiled = text(sql).compile(dialect=dialect)
-    values = compiled.construct_params(params or {})
-    args: Any = values
-    if dialect.positional:
-        args = tuple(values[name] for name in compiled.positiontup or ())
-    dbapi = dialect.loaded_dbapi
-    cursor = dbapi_connection.cursor()
-    try:
-        try:
-            cursor.execute(compiled.string, args)
-            return tuple(cursor.fetchone()) if cursor.description else None
-        except dbapi.Error as error:
-            raise DBAPIError.instance(
-                compiled.string, args, error, dbapi.Error, dialect=dialect
-            ) from error
-    finally:
-        cursor.close()
-
-
-def autocommit(connection: Connection) -> bool:
-    """Whether ``connection`` runs each statement in its own transaction (AUTOCOMMIT)."""
-    from locksafe.rowlocks import _autocommit
-
-    return _autocommit(connection) is not None
-
-
-def end_own_transaction(connection: Connection) -> None:
-    """After statements sent on the DB-API connection while SQLAlchemy has no transaction on
-    ``connection``: end the transaction the driver began for them (if any), so that none is
-    left open behind SQLAlchemy's back."""
-    if connection.in_transaction() or autocommit(connection):
-        return
-    dbapi_connection = connection.connection.dbapi_connection
-    if dbapi_connection is not None:
-        dbapi_connection.commit()
 
 
 # -- option checks ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy import event, select, table
 from sqlalchemy.engine import Connection, Dialect, Engine
@@ -41,19 +41,30 @@ from sqlalchemy.sql.selectable import (
     TableClause,
     TextualSelect,
 )
-from sqlalchemy.sql.visitors import InternalTraversal, iterate
+from sqlalchemy.sql.visitors import iterate
 
-from locksafe.capabilities import (
-    LockCapabilities,
-    dialect_of,
-    lock_capabilities,
-    server_key,
-    unsupported,
-    version_of,
+from locksafe._sa import (
+    ForUpdateArgWithToken,
+    deannotate,
+    explicit_froms,
+    for_update_arg,
+    is_autocommit_isolation,
+    is_server_side,
+    set_for_update_arg,
 )
+from locksafe.binds import dialect_of, lock_capabilities, server_key
+from locksafe.capabilities import LockCapabilities, unsupported, version_of
 from locksafe.classify import classify
 from locksafe.dialects import driver_code, support_for
 from locksafe.kinds import LockDegradedWarning, LockErrorKind, TransactionAborted
+from locksafe.options import (
+    BOOL_OPTIONS,
+    ON_UNSUPPORTED,
+    LockOptions,
+    OnUnsupported,
+    check_bool,
+    check_of_element,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import (
@@ -79,51 +90,8 @@ log = logging.getLogger("locksafe.rowlocks")
 #: The execution option under which a statement carries its row-lock request / plan.
 OPTION: Final = "locksafe_row_locks"
 
-OnUnsupported = Literal["raise", "warn", "degrade"]
-_ON_UNSUPPORTED: Final = ("raise", "warn", "degrade")
 
 Q = TypeVar("Q", bound="Query[Any] | GenerativeSelect")
-
-
-@dataclass(frozen=True)
-class LockOptions:
-    """The lock a statement asks for, in ``with_for_update()`` terms."""
-
-    read: bool = False
-    key_share: bool = False
-    nowait: bool = False
-    skip_locked: bool = False
-    of: tuple[Any, ...] | None = None
-
-    def __post_init__(self) -> None:
-        for name in _BOOL_OPTIONS:
-            _check_bool(name, getattr(self, name))
-        if self.of is not None:
-            if not isinstance(self.of, tuple):
-                raise TypeError(
-                    f"LockOptions(of={self.of!r}) must be None or a tuple of tables, entities "
-                    "or columns"
-                )
-            for element in self.of:
-                _check_of_element(element)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The options that are set, by name."""
-        return tuple(
-            name
-            for name in ("read", "key_share", "nowait", "skip_locked", "of")
-            if getattr(self, name)
-        )
-
-    def for_update_kwargs(self) -> dict[str, Any]:
-        return {
-            "read": self.read,
-            "key_share": self.key_share,
-            "nowait": self.nowait,
-            "skip_locked": self.skip_locked,
-            "of": list(self.of) if self.of else None,
-        }
 
 
 @dataclass(frozen=True)
@@ -210,29 +178,26 @@ class _Request:
         return (o.read, o.key_share, o.nowait, o.skip_locked, o.of is not None, self.on_unsupported)
 
 
-class _LockArg(ForUpdateArg):
+class _LockArg(ForUpdateArgWithToken):
     """SQLAlchemy's ``FOR UPDATE`` arguments of a SELECT locked by :func:`with_row_locks`,
     carrying locksafe's request. The request travels with the SELECT wherever it is nested
-    (subquery, CTE, ``IN``, ``EXISTS``, ``INSERT ... SELECT``), and is part of the statement's
-    cache key, so that a compiled statement tells which of its SELECTs locksafe locks."""
+    (subquery, CTE, ``IN``, ``EXISTS``, ``INSERT ... SELECT``), and its token is part of the
+    statement's cache key, so that a compiled statement tells which of its SELECTs locksafe
+    locks."""
 
-    _traverse_internals = [  # noqa: RUF012 (SQLAlchemy's class-level declaration)
-        *ForUpdateArg._traverse_internals,
-        ("locksafe_token", InternalTraversal.dp_plain_obj),
-    ]
-    locksafe_token: tuple[Any, ...] = ()
+    inherit_cache = True  # the cache key is ForUpdateArgWithToken's: the token is in it
     locksafe_value: _Request | RowLockPlan | None = None
 
 
 def _lock(query: Q, options: LockOptions, value: _Request | RowLockPlan, request: _Request) -> Q:
     """``query`` with ``options`` rendered by ``with_for_update()``, carrying ``value``."""
     locked: Any = query.with_for_update(**options.for_update_kwargs())
-    rendered = locked._for_update_arg
+    rendered = for_update_arg(locked)
     arg = _LockArg.__new__(_LockArg)
     arg.__dict__.update(rendered.__dict__)
     arg.locksafe_token = request.token
     arg.locksafe_value = value
-    locked._for_update_arg = arg
+    set_for_update_arg(locked, arg)
     # populate_existing: an ORM statement run through a Session refreshes the objects it loads
     # from the rows it has just locked, instead of handing back what the identity map already
     # holds (values read before the lock: a lost update). Core ignores the option.
@@ -340,38 +305,6 @@ def _clause(dialect: Dialect, for_update: dict[str, Any]) -> str:
     return rendered[len(plain) :].strip()
 
 
-_BOOL_OPTIONS: Final = ("read", "key_share", "nowait", "skip_locked")
-
-
-def _check_bool(name: str, value: object) -> None:
-    """A lock option is a bool: ``nowait="false"`` would otherwise render ``NOWAIT``."""
-    if not isinstance(value, bool):
-        raise TypeError(
-            f"{name}={value!r} must be a bool (True or False), not {type(value).__name__}"
-        )
-
-
-def _check_of_element(element: object) -> None:
-    """``of=`` names tables, aliases, ORM entities or columns; anything else (a number, a
-    string, ``None`` in a list...) is a ``TypeError`` saying so, not a FROM mismatch."""
-    from sqlalchemy import inspect
-    from sqlalchemy.sql.elements import ClauseElement
-
-    if isinstance(element, ClauseElement) or hasattr(element, "__clause_element__"):
-        return
-    if (
-        not isinstance(element, (str, bytes, int, float, bool))
-        and element is not None
-        and inspect(element, raiseerr=False) is not None  # a mapped class, an aliased entity
-    ):
-        return
-    raise TypeError(
-        f"of={element!r} ({type(element).__name__}) is not something to lock: of= accepts a "
-        "Table, an alias, an ORM entity (mapped class or aliased()), a column or mapped "
-        "attribute, or a list / tuple of them"
-    )
-
-
 def _check_options(
     *,
     nowait: object,
@@ -381,17 +314,17 @@ def _check_options(
     on_unsupported: object,
     of: Any,
 ) -> tuple[Any, ...] | None:
-    for name, value in zip(_BOOL_OPTIONS, (read, key_share, nowait, skip_locked), strict=True):
-        _check_bool(name, value)
+    for name, value in zip(BOOL_OPTIONS, (read, key_share, nowait, skip_locked), strict=True):
+        check_bool(name, value)
     if nowait and skip_locked:
         raise ValueError(
             "nowait=True and skip_locked=True cannot be combined: NOWAIT fails when a row is "
             "locked, SKIP LOCKED skips it; choose one"
         )
-    if not isinstance(on_unsupported, str) or on_unsupported not in _ON_UNSUPPORTED:
+    if not isinstance(on_unsupported, str) or on_unsupported not in ON_UNSUPPORTED:
         raise ValueError(
             f"on_unsupported={on_unsupported!r} is not one of "
-            + ", ".join(repr(v) for v in _ON_UNSUPPORTED)
+            + ", ".join(repr(v) for v in ON_UNSUPPORTED)
         )
     if of is None:
         return None
@@ -402,7 +335,7 @@ def _check_options(
     else:
         elements = (of,)
     for element in elements:
-        _check_of_element(element)
+        check_of_element(element)
     return elements
 
 
@@ -632,8 +565,7 @@ def _froms(statement: Any) -> list[Any] | None:
 
 def _plain(element: Any) -> Any:
     """``element`` without ORM annotations (the Table or alias itself)."""
-    deannotate = getattr(element, "_deannotate", None)
-    return deannotate() if deannotate is not None else element
+    return deannotate(element)
 
 
 def _name(element: Any) -> str:
@@ -670,7 +602,7 @@ def _plan_of(value: Any, dialect: Dialect) -> RowLockPlan | None:
 def _is_locked_select(element: Any) -> bool:
     """A SELECT that itself renders a locking clause (not one that only carries the option,
     such as the ``count(*)`` around a locked Query)."""
-    return isinstance(element, GenerativeSelect) and element._for_update_arg is not None
+    return isinstance(element, GenerativeSelect) and for_update_arg(element) is not None
 
 
 def _before_execute(
@@ -680,14 +612,13 @@ def _before_execute(
     params: Any,
     execution_options: Any,
 ) -> tuple[Executable, Any, Any]:
-    options = getattr(clauseelement, "_execution_options", None)
-    value = options.get(OPTION) if options else None
+    value = clauseelement.get_execution_options().get(OPTION)
     if value is None or not _is_locked_select(clauseelement):
         return clauseelement, multiparams, params
     plan = _plan_of(value, conn.dialect)
     if plan is None or plan is value or plan.request is None:
         return clauseelement, multiparams, params
-    if _renders_as(getattr(clauseelement, "_for_update_arg", None), plan.effective):
+    if _renders_as(for_update_arg(clauseelement), plan.effective):
         # Already rendered as planned for this server (no degradation): run it as it is,
         # rather than building (and computing the cache key of) a new statement each time.
         return clauseelement, multiparams, params
@@ -778,7 +709,7 @@ def _scan_statement(compiled: Compiled) -> _Scan:
         for element in iterate(root):
             if not isinstance(element, GenerativeSelect):
                 continue
-            arg = element._for_update_arg
+            arg = for_update_arg(element)
             if not isinstance(arg, _LockArg) or arg.locksafe_value is None:
                 continue
             # One request per _LockArg: the ORM's annotated copies of a SELECT are distinct
@@ -813,7 +744,7 @@ def _tables_read(element: ClauseElement) -> tuple[TableClause, ...]:
         elif _unnameable(item, in_from):
             return ()
         elif isinstance(item, Select):
-            in_from.update(id(from_) for from_ in _unwrapped(item._from_obj))
+            in_from.update(id(from_) for from_ in _unwrapped(explicit_froms(item)))
         elif isinstance(item, Join):
             in_from.update(id(side) for side in _unwrapped((item.left, item.right)))
     return tuple(tables.values())
@@ -894,16 +825,9 @@ def _autocommit(conn: object) -> str | None:
     connection switched to autocommit behind SQLAlchemy's back (``dbapi_conn.autocommit =
     True``: psycopg2, psycopg, pg8000, asyncpg's and psycopg's async adapters, MariaDB
     Connector, mysql-connector)."""
-    # Connection._is_autocommit_isolation() is private, but it is what SQLAlchemy itself asks
-    # (both 2.0 and 2.1 have it): it also sees an engine made with isolation_level="AUTOCOMMIT",
-    # which the public get_execution_options() does not show. Without it, the public option.
     if not isinstance(conn, Connection):
         return None  # a stand-in (unit tests drive the hooks with a fake connection)
-    check = getattr(conn, "_is_autocommit_isolation", None)
-    if callable(check):
-        if check():
-            return "the connection is in AUTOCOMMIT isolation"
-    elif conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+    if is_autocommit_isolation(conn):
         return "the connection is in AUTOCOMMIT isolation"
     dbapi_connection = conn.connection.dbapi_connection
     if getattr(dbapi_connection, "autocommit", None) is True:
@@ -941,7 +865,7 @@ def _streams(context: ExecutionContext) -> bool:
     (``create_engine(server_side_cursors=True)``). SQLAlchemy records its choice on the
     execution context when it creates the cursor, before ``before_cursor_execute``."""
     return bool(
-        getattr(context, "_is_server_side", False)
+        is_server_side(context)
         or context.execution_options.get("stream_results")
     )
 

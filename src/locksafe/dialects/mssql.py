@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from locksafe.capabilities import LockCapabilities, version_of
-from locksafe.dialects import DialectSupport
+from locksafe.dialects.base import DialectSupport
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -24,12 +24,6 @@ def capabilities(dialect: Dialect) -> LockCapabilities:
         flavour="mssql",
         server_version=version_of(dialect),
         mechanism="none",
-        for_update=False,
-        for_share=False,
-        key_share=False,
-        nowait=False,
-        skip_locked=False,
-        of=False,
         summary=(
             "SQLAlchemy renders no FOR UPDATE on SQL Server (it needs table hints such as "
             "WITH (UPDLOCK, ROWLOCK)); locksafe raises rather than run the query unlocked"

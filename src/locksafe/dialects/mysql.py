@@ -7,21 +7,31 @@ MariaDB server reports a failed ``NOWAIT`` as 1205 (``ER_LOCK_WAIT_TIMEOUT``), M
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
+from typing import Any as _Any
 
+from sqlalchemy.engine import Connection
+
+from locksafe._sa import prime_mysql_dialect
 from locksafe.capabilities import LockCapabilities, version_of
-from locksafe.dialects import (
+from locksafe.dialects.base import (
     DialectSupport,
     DriverErrors,
     ErrorContext,
     ErrorTable,
     LockWaitSetting,
+    NamedLockSupport,
+    end_own_transaction,
     nowait_detector,
     read_attribute,
     read_first_int_arg,
+    run_sql,
 )
-from locksafe.kinds import LockErrorKind
+from locksafe.kinds import LockErrorKind, NamedLockError, UnsupportedLockOption
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -132,7 +142,6 @@ def capabilities(dialect: Dialect) -> LockCapabilities:
         mechanism="row",
         for_update=True,
         for_share=True,
-        key_share=False,
         nowait="nowait" in features,
         skip_locked="skip_locked" in features,
         of="of" in features,
@@ -195,17 +204,8 @@ def offline_dialect(name: str, version: tuple[int, ...] | None) -> Dialect:
 
     dialect: Any = make_url(f"{name}://").get_dialect()()
     if version is not None:
-        dialect._casing = 0  # what _detect_casing() would read from the server
         suffix = "-MariaDB-log" if name == "mariadb" else "-log"
-        dialect._parse_server_version(".".join(map(str, version)) + suffix)
-        if hasattr(dialect, "_dispatch_for_vendor"):  # SQLAlchemy 2.1
-            dialect._dispatch_for_vendor(
-                dialect._initialize_mysql, dialect._initialize_mariadb, None
-            )
-        else:  # SQLAlchemy 2.0 sets these in initialize(), which needs a connection
-            is_mysql = not dialect.is_mariadb
-            dialect.supports_for_update_of = is_mysql and version >= (8,)
-            dialect.use_mysql_for_share = is_mysql and version >= (8, 0, 1)
+        prime_mysql_dialect(dialect, ".".join(map(str, version)) + suffix)
     return dialect  # type: ignore[no-any-return]
 
 
@@ -244,21 +244,8 @@ SUPPORT = DialectSupport(
 
 # -- named locks (locksafe.named_lock): GET_LOCK / RELEASE_LOCK ---------------------------------
 
-# Imported here, at the end: the generic layer's types, for this module's NAMED_LOCKS.
-import hashlib  # noqa: E402
-import math  # noqa: E402
-from collections.abc import Hashable  # noqa: E402
-from typing import Any as _Any  # noqa: E402
 
-from sqlalchemy.engine import Connection  # noqa: E402
 
-from locksafe.kinds import UnsupportedLockOption  # noqa: E402
-from locksafe.named_locks import (  # noqa: E402
-    NamedLockError,
-    NamedLockSupport,
-    end_own_transaction,
-    run_sql,
-)
 
 #: ``connection_record.info`` key: ``DATABASE()``, read once per DB-API connection.
 _DATABASE = "locksafe.named_locks.mysql.database"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from locksafe.capabilities import LockCapabilities, version_of
-from locksafe.dialects import DialectSupport
+from locksafe.dialects.base import DialectSupport
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -25,8 +25,6 @@ def capabilities(dialect: Dialect) -> LockCapabilities:
         server_version=version_of(dialect),
         mechanism="row",
         for_update=True,
-        for_share=False,
-        key_share=False,
         nowait=True,
         skip_locked=True,
         of=True,

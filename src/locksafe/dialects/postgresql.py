@@ -6,20 +6,31 @@ has no version rules. SQLSTATEs are documented in the PostgreSQL manual, appendi
 
 from __future__ import annotations
 
+import hashlib
 import math
+import math as _math
 import re
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
+from typing import Any as _Any
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from locksafe.capabilities import LockCapabilities, version_of
-from locksafe.dialects import (
+from locksafe.dialects.base import (
     Code,
     DialectSupport,
     DriverErrors,
     ErrorContext,
     ErrorTable,
     LockWaitSetting,
+    NamedLockSupport,
+    autocommit,
+    end_own_transaction,
     nowait_detector,
     read_attribute,
+    run_sql,
 )
 from locksafe.kinds import LockErrorKind
 
@@ -241,21 +252,8 @@ SUPPORT = DialectSupport(
 
 # -- named locks (locksafe.named_lock): advisory locks ------------------------------------------
 
-# Imported here, at the end: the generic layer's types, for this module's NAMED_LOCKS.
-import hashlib  # noqa: E402
-import math as _math  # noqa: E402
-from collections.abc import Hashable  # noqa: E402
-from typing import Any as _Any  # noqa: E402
 
-from sqlalchemy.engine import Connection  # noqa: E402
-from sqlalchemy.exc import DBAPIError  # noqa: E402
 
-from locksafe.named_locks import (  # noqa: E402
-    NamedLockSupport,
-    autocommit,
-    end_own_transaction,
-    run_sql,
-)
 
 #: ``connection_record.info`` key: ``current_database()``, read once per DB-API connection.
 _DATABASE = "locksafe.named_locks.postgresql.database"

@@ -31,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import hashlib
 import os
 import random
 import re
@@ -38,29 +39,37 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import CompoundSelect, Select, Table
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 
+from locksafe._sa import (
+    adapted_driver_connection,
+    is_autocommit_isolation,
+    result_column_names,
+    run_in_aiosqlite_thread,
+    table_prefixes,
+)
 from locksafe.capabilities import LockCapabilities, unsupported, version_of
-from locksafe.dialects import (
+from locksafe.dialects.base import (
     Code,
     DialectSupport,
     DriverErrors,
     ErrorTable,
+    LockRequest,
     LockWaitSetting,
+    NamedLockSupport,
 )
-from locksafe.kinds import LockErrorKind, SelfDeadlock, UnsupportedLockOption
+from locksafe.kinds import LockErrorKind, NamedLockError, SelfDeadlock, UnsupportedLockOption
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect
     from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
     from sqlalchemy.sql.expression import TableClause
 
-    from locksafe.rowlocks import RowLockPlan
 
 SQLITE_BUSY = 5
 SQLITE_LOCKED = 6
@@ -185,22 +194,20 @@ def on_sqlite3(dbapi_connection: Any, fn: Callable[[Any], T]) -> T:
     pysqlite, through aiosqlite's worker thread for SQLAlchemy's aiosqlite adapter. The async
     path runs where SQLAlchemy runs an AsyncEngine's sync code (event handlers, cursor hooks).
     """
-    inner = getattr(dbapi_connection, "_connection", None)  # the adapter's aiosqlite.Connection
-    run = getattr(inner, "_execute", None)
-    if run is None or isinstance(dbapi_connection, sqlite3.Connection):
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        return fn(dbapi_connection)
+    awaitable = run_in_aiosqlite_thread(adapted_driver_connection(dbapi_connection), fn)
+    if awaitable is None:
         return fn(dbapi_connection)
     from sqlalchemy.util import await_only
 
-    result: T = await_only(run(fn, inner._conn))  # type: ignore[union-attr]
+    result: T = await_only(awaitable)
     return result
 
 
 def sqlalchemy_autocommit(connection: Connection) -> bool:
     """SQLAlchemy runs this connection in ``AUTOCOMMIT`` isolation: it opens no transaction."""
-    check = getattr(connection, "_is_autocommit_isolation", None)
-    if callable(check):
-        return bool(check())
-    return connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+    return is_autocommit_isolation(connection)
 
 
 def _driver_autocommit(dbapi_connection: Any) -> bool:
@@ -212,7 +219,7 @@ def _driver_autocommit(dbapi_connection: Any) -> bool:
 
 
 def _in_transaction(dbapi_connection: Any, unknown: bool = True) -> bool:
-    for candidate in (dbapi_connection, getattr(dbapi_connection, "_connection", None)):
+    for candidate in (dbapi_connection, adapted_driver_connection(dbapi_connection)):
         value = getattr(candidate, "in_transaction", None)
         if isinstance(value, bool):
             return value
@@ -772,7 +779,7 @@ def _take_or_raise(connection: Connection, cursor: DBAPICursor, locks: list[_Loc
 # -- locking statements -----------------------------------------------------------------------
 
 
-def _outside_a_transaction(plan: RowLockPlan, why: str) -> UnsupportedLockOption:
+def _outside_a_transaction(plan: LockRequest, why: str) -> UnsupportedLockOption:
     return unsupported(
         plan.capabilities,
         "a row lock outside a transaction",
@@ -785,7 +792,7 @@ def _outside_a_transaction(plan: RowLockPlan, why: str) -> UnsupportedLockOption
     )
 
 
-def _read_only(plan: RowLockPlan, databases: Sequence[str]) -> UnsupportedLockOption:
+def _read_only(plan: LockRequest, databases: Sequence[str]) -> UnsupportedLockOption:
     names = ", ".join(databases)
     return unsupported(
         plan.capabilities,
@@ -804,7 +811,7 @@ def _quote(name: str) -> str:
 
 
 def _is_temporary(table: TableClause) -> bool:
-    prefixes = getattr(table, "_prefixes", ()) if isinstance(table, Table) else ()
+    prefixes = table_prefixes(table) if isinstance(table, Table) else ()
     return any(str(prefix).upper() in ("TEMP", "TEMPORARY") for prefix in prefixes)
 
 
@@ -1004,8 +1011,7 @@ def _no_rows(context: ExecutionContext, statement: str) -> str:
     ``statement`` stays in an unused CTE, which SQLite parses (so the parameters still bind)
     but never runs."""
     compiled = getattr(context, "compiled", None)
-    columns = getattr(compiled, "_result_columns", None) or ()
-    names = [str(entry[1]) for entry in columns]
+    names = result_column_names(compiled)
     if not names:  # not a compiled SELECT: keep its columns (this reads the tables)
         return f"SELECT * FROM ({statement}) WHERE 0"
     nulls = ", ".join(f"NULL AS {_quote(name)}" for name in names)
@@ -1015,7 +1021,7 @@ def _no_rows(context: ExecutionContext, statement: str) -> str:
 def take_write_lock(
     cursor: DBAPICursor,
     context: ExecutionContext,
-    plan: RowLockPlan,
+    plan: LockRequest,
     statement: str,
     tables: Sequence[TableClause],
 ) -> str | None:
@@ -1158,12 +1164,7 @@ SUPPORT = DialectSupport(
 
 # -- named locks (locksafe.named_lock): a lock file next to the database ------------------------
 
-# Imported here, at the end: the generic layer's types, for this module's NAMED_LOCKS.
-import hashlib  # noqa: E402
-from collections.abc import Hashable  # noqa: E402
-from typing import cast  # noqa: E402
 
-from locksafe.named_locks import NamedLockError, NamedLockSupport  # noqa: E402
 
 try:
     import fcntl as _fcntl
