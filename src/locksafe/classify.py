@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Final, cast
 
+from locksafe._cache import Memo
 from locksafe.dialects import (
     DialectSupport,
     DriverErrors,
@@ -61,7 +62,10 @@ _RAISED_LINKS: Final = ("orig", "__cause__")
 MAY_HAVE_COMMITTED: Final = "_locksafe_may_have_committed"
 
 _Match = tuple[DialectSupport, DriverErrors]
-_by_type: dict[type, _Match | None] = {}
+#: The driver of each exception class seen (bounded: classes made on the fly come and go).
+_by_type: Memo[type, _Match | None] = Memo(
+    "classify.driver_of_type", maxsize=_MAX_CACHED_TYPES
+)
 
 
 def _attribute(obj: object, name: str) -> object:
@@ -94,23 +98,17 @@ def _walk(exc: BaseException, links: tuple[str, ...]) -> list[BaseException]:
 
 
 def _driver_of(exc_type: type) -> _Match | None:
-    try:
-        return _by_type[exc_type]
-    except KeyError:
-        pass
-    found = None
+    return _by_type.get_or_make(exc_type, _find_driver_of)
+
+
+def _find_driver_of(exc_type: type) -> _Match | None:
     for cls in exc_type.__mro__:
         module = getattr(cls, "__module__", None)
         if isinstance(module, str):
             found = driver_for_module(module)
             if found is not None:
-                break
-    if len(_by_type) >= _MAX_CACHED_TYPES:
-        # Applications that make exception classes on the fly must not fill it for good (nor
-        # keep those classes alive): start over, the classes in use come back at once.
-        _by_type.clear()
-    _by_type[exc_type] = found
-    return found
+                return found
+    return None
 
 
 def _message(exc: BaseException) -> str:

@@ -16,7 +16,6 @@ compiled statement and plans them the same way.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import warnings
 import weakref
@@ -43,6 +42,7 @@ from sqlalchemy.sql.selectable import (
 )
 from sqlalchemy.sql.visitors import iterate
 
+from locksafe._cache import IdentityMemo, Memo
 from locksafe._sa import (
     ForUpdateArgWithToken,
     deannotate,
@@ -206,24 +206,19 @@ def _lock(query: Q, options: LockOptions, value: _Request | RowLockPlan, request
     )
 
 
-_requests: dict[tuple[LockOptions, str], _Request] = {}
-_MAX_REQUESTS: Final = 1024
+_requests: Memo[tuple[LockOptions, OnUnsupported], _Request] = Memo(
+    "rowlocks.requests", maxsize=1024
+)
 
 
 def _request(options: LockOptions, on_unsupported: OnUnsupported) -> _Request:
     """One shared request (and so one plan per server) for equal options: planning happens
-    once, not on every call."""
-    key = (options, on_unsupported)
-    try:
-        return _requests[key]
-    except KeyError:
-        pass
-    except TypeError:  # an unhashable `of` element: plan this call on its own
-        return _Request(options, on_unsupported)
-    if len(_requests) >= _MAX_REQUESTS:
-        _requests.clear()
-    request = _requests[key] = _Request(options, on_unsupported)
-    return request
+    once, not on every call (an unhashable ``of`` element: this call plans on its own)."""
+    return _requests.get_or_make((options, on_unsupported), _new_request)
+
+
+def _new_request(key: tuple[LockOptions, OnUnsupported]) -> _Request:
+    return _Request(*key)
 
 
 @dataclass(frozen=True)
@@ -668,28 +663,13 @@ class _Scan:
 #: forms, so a statement is scanned once, not on every execution; an entry goes when its
 #: compiled statement does. (Keyed by id, checked through the weak reference: a lookup here is
 #: on the path of every statement an application runs.)
-_scans: dict[int, tuple[weakref.ref[Compiled], _Scan]] = {}
+_scans: IdentityMemo[Compiled, _Scan] = IdentityMemo("rowlocks.scans")
 _NOTHING: Final = _Scan((), ())
 
 
 def _scan(compiled: Compiled) -> _Scan:
-    key = id(compiled)
-    entry = _scans.get(key)
-    if entry is not None and entry[0]() is compiled:
-        return entry[1]
-    scan = _scan_statement(compiled)
-    try:
-        reference = weakref.ref(compiled, functools.partial(_forget, key))
-    except TypeError:  # not weakly referenceable: scanned on every execution
-        return scan
-    _scans[key] = (reference, scan)
-    return scan
-
-
-def _forget(key: int, reference: weakref.ref[Compiled]) -> None:
-    entry = _scans.get(key)
-    if entry is not None and entry[0] is reference:
-        del _scans[key]
+    scan = _scans.get(compiled)
+    return scan if scan is not None else _scans.put(compiled, _scan_statement(compiled))
 
 
 def _scan_statement(compiled: Compiled) -> _Scan:
@@ -781,11 +761,7 @@ def _before_cursor_execute(
         return statement, parameters
     value = context.execution_options.get(OPTION)
     compiled = context.compiled
-    if compiled is None:
-        scan = _NOTHING
-    else:
-        entry = _scans.get(id(compiled))  # _scan(), inlined: this runs for every statement
-        scan = entry[1] if entry is not None and entry[0]() is compiled else _scan(compiled)
+    scan = _NOTHING if compiled is None else _scan(compiled)
     if value is None and not scan.found:
         return statement, parameters  # the common case: nothing locked
     dialect = conn.dialect

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
+from types import ModuleType
 
+from locksafe._cache import Memo
 from locksafe.dialects.base import (
     Code,
     DialectSupport,
@@ -53,23 +55,35 @@ MODULES: Mapping[str, str] = {
 }
 
 
-_loaded: dict[str, DialectSupport] = {}
-_by_module: dict[str, tuple[DialectSupport, DriverErrors] | None] = {}
+_loaded: Memo[str, DialectSupport | None] = Memo("dialects.support", maxsize=None)
+_by_module: Memo[str, tuple[DialectSupport, DriverErrors] | None] = Memo(
+    "dialects.driver_of_module", maxsize=4096
+)
+_index: Memo[None, dict[str, tuple[DialectSupport, DriverErrors]]] = Memo(
+    "dialects.driver_index", maxsize=None
+)
+_named: Memo[str, NamedLockSupport | None] = Memo("dialects.named_locks", maxsize=None)
+
+
+def _module(dialect_name: str) -> ModuleType | None:
+    module_name = MODULES.get(dialect_name)
+    if module_name is None:
+        return None
+    return importlib.import_module(f"{__name__}.{module_name}")
+
+
+def _load_support(dialect_name: str) -> DialectSupport | None:
+    module = _module(dialect_name)
+    if module is None:
+        return None
+    support = module.SUPPORT
+    assert isinstance(support, DialectSupport)
+    return support
 
 
 def support_for(dialect_name: str) -> DialectSupport | None:
     """The :class:`DialectSupport` for a SQLAlchemy dialect name, or ``None`` if unknown."""
-    support = _loaded.get(dialect_name)
-    if support is None:
-        module_name = MODULES.get(dialect_name)
-        if module_name is None:
-            return None
-        module = importlib.import_module(f"{__name__}.{module_name}")
-        support = module.SUPPORT
-        assert isinstance(support, DialectSupport)
-        for name in support.names:
-            _loaded[name] = support
-    return support
+    return _loaded.get_or_make(dialect_name, _load_support)
 
 
 def all_supports() -> list[DialectSupport]:
@@ -82,7 +96,7 @@ def all_supports() -> list[DialectSupport]:
     return seen
 
 
-def _driver_index() -> dict[str, tuple[DialectSupport, DriverErrors]]:
+def _driver_index(_: None = None) -> dict[str, tuple[DialectSupport, DriverErrors]]:
     index: dict[str, tuple[DialectSupport, DriverErrors]] = {}
     for support in all_supports():
         for driver in support.errors.drivers:
@@ -91,28 +105,20 @@ def _driver_index() -> dict[str, tuple[DialectSupport, DriverErrors]]:
     return index
 
 
-_index: dict[str, tuple[DialectSupport, DriverErrors]] | None = None
-
-
 def driver_for_module(module: str) -> tuple[DialectSupport, DriverErrors] | None:
     """The dialect and driver whose exceptions live in ``module`` (longest prefix wins)."""
-    global _index
-    try:
-        return _by_module[module]
-    except KeyError:
-        pass
-    if _index is None:
-        _index = _driver_index()
-    found = None
+    return _by_module.get_or_make(module, _find_driver_for_module)
+
+
+def _find_driver_for_module(module: str) -> tuple[DialectSupport, DriverErrors] | None:
+    index = _index.get_or_make(None, _driver_index)
     candidate = module
     while candidate:
-        found = _index.get(candidate)
+        found = index.get(candidate)
         if found is not None:
-            break
+            return found
         candidate = candidate.rpartition(".")[0]
-    if len(_by_module) < 4096:
-        _by_module[module] = found
-    return found
+    return None
 
 
 def driver_code(exc: BaseException) -> tuple[DialectSupport, Code] | None:
@@ -133,21 +139,14 @@ def driver_code(exc: BaseException) -> tuple[DialectSupport, Code] | None:
     return None
 
 
-_named: dict[str, NamedLockSupport | None] = {}
-
-
 def named_lock_support_for(dialect_name: str) -> NamedLockSupport | None:
     """The named-lock support (a dialect module's ``NAMED_LOCKS``) of a SQLAlchemy dialect
     name, or ``None``."""
-    try:
-        return _named[dialect_name]
-    except KeyError:
-        pass
-    module_name = MODULES.get(dialect_name)
-    found = None
-    if module_name is not None:
-        module = importlib.import_module(f"{__name__}.{module_name}")
-        found = getattr(module, "NAMED_LOCKS", None)
-        assert found is None or isinstance(found, NamedLockSupport)
-    _named[dialect_name] = found
+    return _named.get_or_make(dialect_name, _load_named_locks)
+
+
+def _load_named_locks(dialect_name: str) -> NamedLockSupport | None:
+    module = _module(dialect_name)
+    found = getattr(module, "NAMED_LOCKS", None) if module is not None else None
+    assert found is None or isinstance(found, NamedLockSupport)
     return found

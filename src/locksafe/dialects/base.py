@@ -9,7 +9,6 @@ else of locksafe: the dialect modules import it, the engines (``classify``, ``ro
 
 from __future__ import annotations
 
-import functools
 import re
 import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -20,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 
+from locksafe._cache import Memo
 from locksafe._sa import is_autocommit_isolation
 from locksafe.capabilities import LockCapabilities
 from locksafe.kinds import LockErrorKind
@@ -285,7 +285,7 @@ def read_attribute(*names: str) -> Callable[[BaseException], Code | None]:
 
 
 def nowait_detector(
-    not_sql: re.Pattern[str], nowait_clause: re.Pattern[str]
+    name: str, not_sql: re.Pattern[str], nowait_clause: re.Pattern[str]
 ) -> Callable[[str], bool]:
     """A cached test for "does this statement ask for NOWAIT", from a dialect's two patterns:
     ``not_sql`` finds what is not SQL keywords (string literals, quoted names, comments; a
@@ -295,11 +295,15 @@ def nowait_detector(
     def scrub(match: re.Match[str]) -> str:
         return "_" if match.lastgroup == "ident" else " "
 
-    @functools.lru_cache(maxsize=512)
+    def scan(statement: str) -> bool:
+        return nowait_clause.search(not_sql.sub(scrub, statement)) is not None
+
+    seen: Memo[str, bool] = Memo(f"dialects.{name}.asks_nowait", maxsize=512)
+
     def asks_nowait(statement: str) -> bool:
         if "nowait" not in statement.lower():  # the common case, without the scan
             return False
-        return nowait_clause.search(not_sql.sub(scrub, statement)) is not None
+        return seen.get_or_make(statement, scan)
 
     return asks_nowait
 

@@ -63,7 +63,7 @@ _NOWAIT_CLAUSE = re.compile(
 
 
 #: Whether a statement asks for NOWAIT (a real lock clause, not the word anywhere).
-asks_nowait = nowait_detector(_NOT_SQL, _NOWAIT_CLAUSE)
+asks_nowait = nowait_detector("mysql", _NOT_SQL, _NOWAIT_CLAUSE)
 
 
 def _refine(error: ErrorContext) -> LockErrorKind | None:

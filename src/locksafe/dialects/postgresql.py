@@ -84,7 +84,7 @@ _NOWAIT_CLAUSE = re.compile(
 
 
 #: Whether a statement asks for NOWAIT (a real lock clause, not the word anywhere).
-asks_nowait = nowait_detector(_NOT_SQL, _NOWAIT_CLAUSE)
+asks_nowait = nowait_detector("postgresql", _NOT_SQL, _NOWAIT_CLAUSE)
 
 
 def primary_message(message: str) -> str:
