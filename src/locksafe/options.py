@@ -3,10 +3,12 @@ the planner. Imports nothing of locksafe."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-__all__ = ["LockOptions", "OnUnsupported"]
+__all__ = ["LockOptions", "OnUnsupported", "check_number", "check_seconds"]
 
 #: What :func:`~locksafe.with_row_locks` does with an option the server cannot honour.
 OnUnsupported = Literal["raise", "warn", "degrade"]
@@ -85,3 +87,22 @@ def check_of_element(element: object) -> None:
         "Table, an alias, an ORM entity (mapped class or aliased()), a column or mapped "
         "attribute, or a list / tuple of them"
     )
+
+
+def check_number(name: str, value: object) -> float:
+    """A real number (not a bool), as a float; ``TypeError`` naming the option otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} must be a number of seconds (int or float)")
+    return float(value)
+
+
+def check_seconds(name: str, value: object) -> float:
+    """A finite number of seconds ≥ 0 (waits, ``retry_after``).
+
+    >>> check_seconds("retry_after", 2)
+    2.0
+    """
+    seconds = check_number(name, value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number of seconds ≥ 0")
+    return seconds

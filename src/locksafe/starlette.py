@@ -21,7 +21,6 @@ Requires the ``starlette`` (or ``fastapi``) extra.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
@@ -31,6 +30,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, cast
 
 from sqlalchemy.exc import DBAPIError
+from starlette._exception_handler import _lookup_exception_handler
+from starlette._utils import is_async_callable
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -39,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from locksafe.classify import classify_raised, is_retryable_lock_error
 from locksafe.dialects import all_supports
 from locksafe.kinds import LockUnavailable
-from locksafe.transactions import _seconds
+from locksafe.options import check_seconds
 
 __all__ = ["BODY", "install_lock_error_handlers", "lock_error_response"]
 
@@ -96,12 +97,6 @@ def _driver_exception_classes() -> list[type[Exception]]:
     return classes
 
 
-def _is_async_callable(obj: object) -> bool:
-    while isinstance(obj, functools.partial):
-        obj = obj.func
-    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(type(obj).__call__)
-
-
 class _LockErrorHandler:
     """locksafe's exception handler, one per :func:`install_lock_error_handlers` call; the
     class marks it, so that looking up the app's own handler for an error skips it."""
@@ -138,36 +133,39 @@ class _LockErrorHandler:
         return await _fallback(request, exc, self)
 
 
-def _app_handler(handlers: Mapping[Any, _Handler], exc: Exception) -> _Handler | None:
-    """The handler the app itself has for ``exc``: the closest class in its MRO that has one,
-    as Starlette chooses; where locksafe's handler took a class, the handler it replaced.
-    ``Exception`` is the 500 handler's, left to Starlette."""
-    for cls in type(exc).__mro__:
-        if cls is Exception or cls is BaseException:
-            return None
-        handler = handlers.get(cls)
+def _without_ours(handlers: Mapping[Any, Any]) -> dict[Any, Any]:
+    """``handlers`` with each of locksafe's handlers swapped back for the one it replaced (or
+    left out); ``Exception`` / 500 belong to Starlette's error middleware, not to this
+    lookup."""
+    found: dict[Any, Any] = {}
+    for key, handler in handlers.items():
+        if key in (Exception, 500):
+            continue
         if isinstance(handler, _LockErrorHandler):
-            handler = handler.replaced.get(cls)
+            handler = handler.replaced.get(key)
         if handler is not None:
-            return handler
-    return None
+            found[key] = handler
+    return found
 
 
 async def _fallback(request: Request, exc: Exception, ours: _LockErrorHandler) -> Response | None:
-    """What the app would do with ``exc`` without locksafe: its own handler for it, looked up
-    now (registered before or after the install), else the error goes on (500)."""
-    app = request.scope.get("app")
-    handlers = getattr(app, "exception_handlers", None)
-    previous = (
-        _app_handler(handlers, exc)
-        if isinstance(handlers, Mapping)
-        else _app_handler(ours.replaced, exc)
-    )
+    """What the app would do with ``exc`` without locksafe: its own handler for it, found by
+    Starlette's own lookup in the handlers Starlette uses for this request (registered before
+    or after the install), else the error goes on (500)."""
+    handlers: Any = None
+    in_scope = request.scope.get("starlette.exception_handlers")
+    if isinstance(in_scope, tuple) and in_scope and isinstance(in_scope[0], Mapping):
+        handlers = in_scope[0]  # what Starlette's ExceptionMiddleware looks up, per request
+    else:
+        handlers = getattr(request.scope.get("app"), "exception_handlers", None)
+    if not isinstance(handlers, Mapping):
+        handlers = ours.replaced
+    previous: Any = _lookup_exception_handler(_without_ours(handlers), exc)
     if previous is None:
         raise exc
     # as Starlette calls handlers: coroutine functions awaited, others in the threadpool
-    if _is_async_callable(previous):
-        response: Any = await previous(request, exc)  # type: ignore[misc]
+    if is_async_callable(previous):
+        response: Any = await previous(request, exc)
     else:
         response = await run_in_threadpool(previous, request, exc)
         if inspect.isawaitable(response):
@@ -195,7 +193,7 @@ def install_lock_error_handlers(app: Starlette, *, retry_after: float = 1.0) -> 
     >>> app = Starlette()
     >>> install_lock_error_handlers(app, retry_after=2)
     """
-    default = _seconds("retry_after", retry_after)
+    default = check_seconds("retry_after", retry_after)
     replaced: dict[Any, _Handler] = {}
     handler = _LockErrorHandler(default, replaced)
     for cls in (LockUnavailable, DBAPIError, *_driver_exception_classes()):
