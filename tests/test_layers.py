@@ -3,7 +3,7 @@ on its own in any order, and only ``locksafe/_sa.py`` names SQLAlchemy's private
 
 Layers, bottom to top:
 
-0. vocabulary: ``kinds``, ``capabilities``, ``options``, ``_sa``, ``_cache`` (nothing of locksafe
+0. vocabulary: ``kinds``, ``capabilities``, ``options``, ``_sa``, ``_cache``, ``_steps`` (nothing of locksafe
    above them);
 1. dialects: ``locksafe.dialects`` and everything in it (one module or package per database);
 2. engines: ``classify``, ``binds``, ``rowlocks``, ``timeouts``, ``named_locks``,
@@ -26,7 +26,7 @@ import sqlalchemy
 SRC = Path(__file__).resolve().parent.parent / "src" / "locksafe"
 
 VOCABULARY = {"locksafe.kinds", "locksafe.capabilities", "locksafe.options", "locksafe._sa"}
-VOCABULARY_PREFIXES = ("locksafe._cache",)
+VOCABULARY_PREFIXES = ("locksafe._cache", "locksafe._steps")
 ENGINES = {
     "locksafe.classify",
     "locksafe.binds",

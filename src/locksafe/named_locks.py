@@ -22,7 +22,6 @@ block has not released it by then: a connection never carries a lock into the po
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import numbers
@@ -40,6 +39,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
+from locksafe._steps import Call, Sleep, Steps, run_async, run_sync
 from locksafe.dialects import named_lock_support_for as support_for
 from locksafe.dialects.base import NamedLockSupport, autocommit, end_own_transaction
 from locksafe.kinds import LockErrorKind, LockUnavailable, NamedLockError
@@ -186,9 +186,26 @@ def _watch_pool(pool: Pool) -> None:
 
 
 class _LockBase:
-    """The shared machinery of :class:`NamedLock` and :class:`TryNamedLock`."""
+    """The shared machinery of :class:`NamedLock` and :class:`TryNamedLock` (they differ in
+    what entering gives)."""
 
     _raises = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit_sync(exc is not None)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._exit_async(exc is not None)
 
     def __init__(
         self,
@@ -393,16 +410,11 @@ class _LockBase:
         if handle is not None and support is not None and support.give_back is not None:
             support.give_back(handle)
 
-    # -- sync protocol -------------------------------------------------------------------------
+    # -- entering and leaving: one algorithm, run by a sync or an async driver ------------------
 
-    def _enter_sync(self) -> bool:
-        if _is_async_bind(self.bind):
-            raise TypeError(
-                f"{type(self.bind).__name__} is async: use `async with` "
-                f"{type(self).__name__.lower()}"
-            )
+    def _enter_steps(self) -> Steps[bool]:
         self._start()
-        self._prepare(self.bind)
+        yield Call(self._prepare)
         support = self._support
         assert support is not None
         if support.polls:
@@ -411,62 +423,50 @@ class _LockBase:
                 delay = next_delay()
                 if delay is None:
                     return self._obtained(False)
-                time.sleep(delay)
+                yield Sleep(delay)
             return self._obtained(True)
         try:
-            got = self._acquire_on_server(self.bind)
-        except DBAPIError as error:
-            if self._not_obtained_error(error):
-                return self._obtained(False, error)
-            raise
-        return self._obtained(got)
-
-    def _exit_sync(self, failed: bool) -> None:
-        if not self.acquired:
-            return
-        self.acquired = False
-        if self._support is not None and self._support.polls:
-            self._give_back()
-            return
-        self._release_on_server(self.bind, failed)
-
-    # -- async protocol ------------------------------------------------------------------------
-
-    async def _enter_async(self) -> bool:
-        if not _is_async_bind(self.bind):
-            raise TypeError(
-                f"{type(self.bind).__name__} is not async: use `with` "
-                f"{type(self).__name__.lower()} (async with needs an AsyncConnection or "
-                "AsyncSession)"
-            )
-        self._start()
-        await self.bind.run_sync(self._prepare)
-        support = self._support
-        assert support is not None
-        if support.polls:
-            next_delay = self._poll_delays()
-            while not self._attempt():
-                delay = next_delay()
-                if delay is None:
-                    return self._obtained(False)
-                await asyncio.sleep(delay)
-            return self._obtained(True)
-        try:
-            got = await self.bind.run_sync(self._acquire_on_server)
+            got = yield Call(self._acquire_on_server)
         except DBAPIError as error:
             if self._not_obtained_error(error):
                 return self._obtained(False, error)
             raise
         return self._obtained(bool(got))
 
-    async def _exit_async(self, failed: bool) -> None:
+    def _exit_steps(self, failed: bool) -> Steps[None]:
         if not self.acquired:
             return
         self.acquired = False
         if self._support is not None and self._support.polls:
             self._give_back()
             return
-        await self.bind.run_sync(self._release_on_server, failed)
+        yield Call(self._release_on_server, failed)
+
+    def _check_async(self, async_: bool) -> None:
+        if _is_async_bind(self.bind) == async_:
+            return
+        kind = type(self.bind).__name__
+        name = type(self).__name__.lower()
+        if async_:
+            raise TypeError(
+                f"{kind} is not async: use `with` {name} (async with needs an AsyncConnection "
+                "or AsyncSession)"
+            )
+        raise TypeError(f"{kind} is async: use `async with` {name}")
+
+    def _enter_sync(self) -> bool:
+        self._check_async(False)
+        return run_sync(self._enter_steps(), self.bind)
+
+    def _exit_sync(self, failed: bool) -> None:
+        run_sync(self._exit_steps(failed), self.bind)
+
+    async def _enter_async(self) -> bool:
+        self._check_async(True)
+        return await run_async(self._enter_steps(), self.bind)
+
+    async def _exit_async(self, failed: bool) -> None:
+        await run_async(self._exit_steps(failed), self.bind)
 
 
 class NamedLock(_LockBase):
@@ -476,25 +476,9 @@ class NamedLock(_LockBase):
         self._enter_sync()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._exit_sync(exc is not None)
-
     async def __aenter__(self) -> NamedLock:
         await self._enter_async()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._exit_async(exc is not None)
 
 
 class TryNamedLock(_LockBase):
@@ -506,24 +490,8 @@ class TryNamedLock(_LockBase):
     def __enter__(self) -> bool:
         return self._enter_sync()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._exit_sync(exc is not None)
-
     async def __aenter__(self) -> bool:
         return await self._enter_async()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._exit_async(exc is not None)
 
 
 def named_lock(
