@@ -2,6 +2,12 @@
 PostgreSQL and MySQL/MariaDB, for any SQLAlchemy application.
 
 Everything public is importable from here; the modules say where it lives.
+
+>>> import locksafe
+>>> locksafe.classify(ValueError("not a database error")) is None
+True
+>>> locksafe.__version__.count(".")  # major.minor.patch
+2
 """
 
 from locksafe.binds import lock_capabilities

@@ -249,12 +249,25 @@ def is_lock_not_available_error(exc: object) -> bool:
 
     True for ``lock_not_available``, ``lock_timeout``, ``database_busy`` and ``table_locked``;
     False for deadlocks, serialization failures, statement timeouts and everything else.
+
+    >>> import pymysql, sqlite3
+    >>> is_lock_not_available_error(sqlite3.OperationalError("database is locked"))
+    True
+    >>> is_lock_not_available_error(pymysql.err.OperationalError(1213, "Deadlock found"))
+    False
     """
     return classify(exc) in LOCK_NOT_AVAILABLE_KINDS
 
 
 def is_deadlock_error(exc: object) -> bool:
-    """Whether the server aborted this transaction to break a deadlock."""
+    """Whether the server aborted this transaction to break a deadlock.
+
+    >>> import pymysql
+    >>> is_deadlock_error(pymysql.err.OperationalError(1213, "Deadlock found"))
+    True
+    >>> is_deadlock_error(pymysql.err.OperationalError(1205, "Lock wait timeout exceeded"))
+    False
+    """
     return classify(exc) is LockErrorKind.DEADLOCK
 
 

@@ -68,6 +68,12 @@ class LocksafeError(Exception):
     ``ProcessPoolExecutor`` worker, Celery, RQ): it is rebuilt from its ``args`` and
     ``__dict__``, not by calling ``__init__`` again. As for any exception, ``__cause__``,
     ``__context__`` and the traceback do not cross.
+
+    >>> import pickle
+    >>> error = UnsupportedLockOption(["skip_locked"], dialect="mysql", server_version=(5, 7, 44))
+    >>> copy = pickle.loads(pickle.dumps(error))
+    >>> isinstance(copy, LocksafeError), copy.options, str(copy) == str(error)
+    (True, ('skip_locked',), True)
     """
 
     def __reduce__(self) -> tuple[object, ...]:
@@ -79,6 +85,16 @@ class UnsupportedLockOption(LocksafeError):
 
     Raised by :func:`locksafe.with_row_locks` under ``on_unsupported="raise"`` (the default), and
     always when no lock at least as strong exists on that database.
+
+    >>> from sqlalchemy.dialects import mysql
+    >>> from locksafe import plan_row_locks
+    >>> dialect = mysql.dialect()
+    >>> dialect.server_version_info = (5, 7, 44)  # MySQL 5.7 has no SKIP LOCKED
+    >>> try:
+    ...     plan_row_locks(dialect, skip_locked=True)
+    ... except UnsupportedLockOption as error:
+    ...     print(error.option)
+    skip_locked
     """
 
     def __init__(
@@ -119,7 +135,16 @@ class LockUnavailable(LocksafeError):
     """A transaction kept failing on lock errors and locksafe gave up retrying it.
 
     It is retryable by the caller: an HTTP API answers it with ``503`` and a ``Retry-After``
-    header of :attr:`retry_after` seconds. The last database error is its ``__cause__``.
+    header of ``retry_after`` seconds. The last database error is its ``__cause__``.
+
+    >>> from locksafe import is_retryable_lock_error
+    >>> error = LockUnavailable(
+    ...     LockErrorKind.DEADLOCK, attempts=5, elapsed=2.5, retry_after=1, operation="claim"
+    ... )
+    >>> print(error)
+    claim failed with deadlock after 5 attempts in 2.50s; retry after 1s
+    >>> is_retryable_lock_error(error), error.retry_after
+    (True, 1)
     """
 
     def __init__(
@@ -152,6 +177,20 @@ class CallerTransactionError(LocksafeError):
 
     Commit (or roll back) that work first, or begin the transaction explicitly
     (``with session.begin():``) to make the call part of it.
+
+    >>> from sqlalchemy import create_engine, text
+    >>> from sqlalchemy.orm import Session
+    >>> from locksafe import transactional
+    >>> @transactional
+    ... def count(*, session: Session) -> int:
+    ...     return session.execute(text("SELECT count(*) FROM t")).scalar_one()
+    >>> with Session(create_engine("sqlite://")) as session:
+    ...     _ = session.execute(text("CREATE TABLE t (x INTEGER)"))  # the caller's own work
+    ...     try:
+    ...         count(session=session)
+    ...     except CallerTransactionError as error:
+    ...         print(f"refused before {error.operation}() ran")
+    refused before count() ran
     """
 
     def __init__(self, message: str, *, operation: str = "", reason: str = "") -> None:
@@ -175,8 +214,15 @@ class TransactionAborted(LocksafeError):
 
     Nothing was committed, and the transaction must be rolled back (SQLAlchemy's context
     managers do it) and run again from its start: a failed attempt, retryable like the lock
-    error, which is its ``__cause__`` (``@transactional`` retries it). :attr:`kind` is that
+    error, which is its ``__cause__`` (``@transactional`` retries it). ``kind`` is that
     error's kind.
+
+    >>> import pymysql
+    >>> from locksafe import is_retryable_lock_error
+    >>> error = TransactionAborted(LockErrorKind.DEADLOCK, "mysql")
+    >>> error.__cause__ = pymysql.err.OperationalError(1213, "Deadlock found")
+    >>> error.kind.value, is_retryable_lock_error(error)
+    ('deadlock', True)
     """
 
     def __init__(
@@ -204,7 +250,20 @@ class TransactionAborted(LocksafeError):
 
 class LockDegradedWarning(UserWarning):
     """A row lock was replaced by a stronger one the database supports
-    (``on_unsupported="warn"``)."""
+    (``on_unsupported="warn"``).
+
+    >>> import warnings
+    >>> from sqlalchemy.dialects import mysql
+    >>> from locksafe import plan_row_locks
+    >>> dialect = mysql.dialect()
+    >>> dialect.server_version_info = (5, 7, 44)  # MySQL 5.7 has no SKIP LOCKED
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     plan_row_locks(dialect, skip_locked=True, on_unsupported="warn").clause
+    'FOR UPDATE'
+    >>> caught[0].category is LockDegradedWarning
+    True
+    """
 
 
 class SelfDeadlock(LocksafeError):
@@ -237,4 +296,20 @@ class NamedLockError(LocksafeError):
     """A named lock could not be taken or given back for a reason other than time: the server
     answered ``NULL`` to ``GET_LOCK`` / ``RELEASE_LOCK``, the lock was gone when the block ended
     (the connection was closed or reset while it held the lock, so the block may have run
-    without it), or the lock file could not be opened."""
+    without it), or the lock file could not be opened.
+
+    >>> import os, tempfile
+    >>> from sqlalchemy import create_engine
+    >>> from locksafe import named_lock
+    >>> from locksafe.dialects.sqlite import lock_file
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> database = os.path.join(tmp.name, "app.db")
+    >>> os.mkdir(lock_file(database, "report"))  # a directory where the lock file goes
+    >>> engine = create_engine(f"sqlite:///{database}")
+    >>> with engine.connect() as conn, named_lock(conn, "report"):  # doctest: +ELLIPSIS
+    ...     pass
+    Traceback (most recent call last):
+    ...
+    locksafe.kinds.NamedLockError: cannot open the lock file ...
+    >>> engine.dispose(); tmp.cleanup()
+    """

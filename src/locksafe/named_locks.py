@@ -470,7 +470,17 @@ class _LockBase:
 
 
 class NamedLock(_LockBase):
-    """A named lock to use in a ``with`` (``async with``) block: see :func:`named_lock`."""
+    """A named lock to use in a ``with`` (``async with``) block: see :func:`named_lock`.
+
+    >>> from sqlalchemy import create_engine
+    >>> with create_engine("sqlite://").connect() as conn:
+    ...     lock = named_lock(conn, "nightly-report", timeout=5)
+    ...     print(repr(lock))
+    ...     with lock:
+    ...         print(repr(lock))
+    <NamedLock 'nightly-report' transaction not acquired>
+    <NamedLock 'nightly-report' transaction acquired>
+    """
 
     def __enter__(self) -> NamedLock:
         self._enter_sync()
@@ -483,7 +493,14 @@ class NamedLock(_LockBase):
 
 class TryNamedLock(_LockBase):
     """A named lock whose ``with`` (``async with``) gives whether it was obtained: see
-    :func:`try_named_lock`."""
+    :func:`try_named_lock`.
+
+    >>> from sqlalchemy import create_engine
+    >>> with create_engine("sqlite://").connect() as conn:
+    ...     with try_named_lock(conn, "nightly-report") as acquired:
+    ...         print(acquired)
+    True
+    """
 
     _raises = False
 
@@ -547,5 +564,21 @@ def try_named_lock(
             run_report(conn)
 
     Other errors (a broken connection, an option the server cannot honour) still raise.
+
+    Two connections to one SQLite database file (the same holds on PostgreSQL and MySQL):
+
+    >>> import os, tempfile
+    >>> from sqlalchemy import create_engine
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> engine = create_engine(f"sqlite:///{os.path.join(tmp.name, 'app.db')}")
+    >>> with engine.connect() as first, engine.connect() as second:
+    ...     with named_lock(first, "nightly-report"):
+    ...         with try_named_lock(second, "nightly-report") as acquired:
+    ...             print("while held:", acquired)
+    ...     with try_named_lock(second, "nightly-report") as acquired:
+    ...         print("after:", acquired)
+    while held: False
+    after: True
+    >>> engine.dispose(); tmp.cleanup()
     """
     return TryNamedLock(bind, name, timeout=timeout, shared=shared, scope=scope)

@@ -17,7 +17,23 @@ ON_UNSUPPORTED: Final = ("raise", "warn", "degrade")
 
 @dataclass(frozen=True)
 class LockOptions:
-    """The lock a statement asks for, in ``with_for_update()`` terms."""
+    """The lock a statement asks for, in ``with_for_update()`` terms.
+
+    A :class:`~locksafe.RowLockPlan` holds two: what was ``requested``, and what is
+    ``effective`` on this server after degradations.
+
+    >>> from sqlalchemy.dialects import mysql
+    >>> from locksafe import plan_row_locks
+    >>> dialect = mysql.dialect()
+    >>> dialect.server_version_info = (5, 7, 44)  # MySQL 5.7 has no SKIP LOCKED
+    >>> plan = plan_row_locks(dialect, read=True, skip_locked=True, on_unsupported="degrade")
+    >>> plan.requested.names, plan.effective.names
+    (('read', 'skip_locked'), ('read',))
+    >>> LockOptions(nowait="yes")
+    Traceback (most recent call last):
+    ...
+    TypeError: nowait='yes' must be a bool (True or False), not str
+    """
 
     read: bool = False
     key_share: bool = False

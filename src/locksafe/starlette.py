@@ -76,8 +76,10 @@ def lock_error_response(retry_after: float, *, fallback: float = 1.0) -> JSONRes
     negative — a hand-made :class:`~locksafe.LockUnavailable` may carry one) gives
     ``fallback``, and a bad ``fallback`` gives 1.
 
-    >>> lock_error_response(2.2).headers["Retry-After"]
-    '3'
+    >>> import json
+    >>> response = lock_error_response(2.2)
+    >>> response.status_code, response.headers["Retry-After"], json.loads(response.body) == BODY
+    (503, '3', True)
     >>> lock_error_response(float("nan"), fallback=5).headers["Retry-After"]
     '5'
     """

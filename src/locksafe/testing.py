@@ -89,6 +89,28 @@ class OtherConnection:
     ``lock_timeout`` bounds this connection's own lock waits (the dialect's lock-wait timeout,
     or SQLite's busy timeout); ``hold_timeout`` bounds how long it keeps its transaction open:
     after that it rolls back by itself, so a test can never hang on a forgotten lock.
+
+    >>> import os, tempfile
+    >>> from sqlalchemy import column, create_engine, select, table
+    >>> from locksafe import classify, with_row_locks
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> url = f"sqlite:///{os.path.join(tmp.name, 'app.db')}"
+    >>> engine = create_engine(url, connect_args={"timeout": 0.1})  # busy after 0.1 s
+    >>> with engine.begin() as conn:
+    ...     _ = conn.exec_driver_sql("CREATE TABLE job (id INTEGER PRIMARY KEY)")
+    ...     _ = conn.exec_driver_sql("INSERT INTO job VALUES (1)")
+    >>> job = table("job", column("id"))
+    >>> def count() -> int:
+    ...     with engine.connect() as conn:
+    ...         return conn.exec_driver_sql("SELECT count(*) FROM job").scalar_one()
+    >>> with OtherConnection(engine) as other:
+    ...     other.execute("INSERT INTO job VALUES (2)")
+    ...     print("before its commit:", count())
+    ...     other.commit()
+    ...     print("after:", count())
+    before its commit: 1
+    after: 2
+    >>> engine.dispose(); tmp.cleanup()
     """
 
     def __init__(
@@ -271,7 +293,26 @@ def hold_row_lock(
     lock_timeout: float = 10.0,
 ) -> Iterator[OtherConnection]:
     """Hold row locks on the rows ``statement`` (a ``select()``) returns, from another
-    connection, until the block ends. On SQLite this holds the database write lock."""
+    connection, until the block ends. On SQLite this holds the database write lock.
+
+    >>> import os, tempfile
+    >>> from sqlalchemy import column, create_engine, select, table
+    >>> from locksafe import classify, with_row_locks
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> url = f"sqlite:///{os.path.join(tmp.name, 'app.db')}"
+    >>> engine = create_engine(url, connect_args={"timeout": 0.1})  # busy after 0.1 s
+    >>> with engine.begin() as conn:
+    ...     _ = conn.exec_driver_sql("CREATE TABLE job (id INTEGER PRIMARY KEY)")
+    ...     _ = conn.exec_driver_sql("INSERT INTO job VALUES (1)")
+    >>> job = table("job", column("id"))
+    >>> with hold_row_lock(engine, select(job).where(job.c.id == 1)), engine.connect() as conn:
+    ...     try:
+    ...         conn.execute(with_row_locks(select(job), conn, nowait=True)).all()
+    ...     except Exception as error:
+    ...         print(classify(error))  # lock_not_available on PostgreSQL and MySQL
+    database_busy
+    >>> engine.dispose(); tmp.cleanup()
+    """
     from locksafe.rowlocks import with_row_locks
 
     other = OtherConnection(bind, hold_timeout=hold_timeout, lock_timeout=lock_timeout)
@@ -291,7 +332,26 @@ def hold_table_lock(
 ) -> Iterator[OtherConnection]:
     """Lock a whole table from another connection until the block ends (PostgreSQL: ``LOCK
     TABLE ... ACCESS EXCLUSIVE``; MySQL/MariaDB: every row and gap; SQLite: the database
-    write lock)."""
+    write lock).
+
+    >>> import os, tempfile
+    >>> from sqlalchemy import column, create_engine, select, table
+    >>> from locksafe import classify, with_row_locks
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> url = f"sqlite:///{os.path.join(tmp.name, 'app.db')}"
+    >>> engine = create_engine(url, connect_args={"timeout": 0.1})  # busy after 0.1 s
+    >>> with engine.begin() as conn:
+    ...     _ = conn.exec_driver_sql("CREATE TABLE job (id INTEGER PRIMARY KEY)")
+    ...     _ = conn.exec_driver_sql("INSERT INTO job VALUES (1)")
+    >>> job = table("job", column("id"))
+    >>> with hold_table_lock(engine, "job"), engine.connect() as conn:
+    ...     try:
+    ...         conn.exec_driver_sql("INSERT INTO job VALUES (2)")
+    ...     except Exception as error:
+    ...         print(classify(error))
+    database_busy
+    >>> engine.dispose(); tmp.cleanup()
+    """
     other = OtherConnection(bind, hold_timeout=hold_timeout, lock_timeout=lock_timeout)
     support = other._support
     if support is None or support.lock_table_sql is None:
@@ -320,6 +380,21 @@ def hold_write_lock(
 ) -> Iterator[OtherConnection]:
     """SQLite: hold the database write lock (``BEGIN IMMEDIATE``) from another connection until
     the block ends; writers and locking readers then see SQLITE_BUSY after their busy timeout.
+
+    >>> import os, tempfile
+    >>> from sqlalchemy import column, create_engine, select, table
+    >>> from locksafe import classify, with_row_locks
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> url = f"sqlite:///{os.path.join(tmp.name, 'app.db')}"
+    >>> engine = create_engine(url, connect_args={"timeout": 0.1})  # busy after 0.1 s
+    >>> with engine.begin() as conn:
+    ...     _ = conn.exec_driver_sql("CREATE TABLE job (id INTEGER PRIMARY KEY)")
+    ...     _ = conn.exec_driver_sql("INSERT INTO job VALUES (1)")
+    >>> job = table("job", column("id"))
+    >>> with hold_write_lock(engine), engine.connect() as conn:
+    ...     conn.execute(with_row_locks(select(job), conn, skip_locked=True)).all()
+    []
+    >>> engine.dispose(); tmp.cleanup()
     """
     other = OtherConnection(bind, hold_timeout=hold_timeout)
     if other.url.get_backend_name() != "sqlite":

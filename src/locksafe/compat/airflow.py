@@ -57,13 +57,25 @@ _override: bool | None = None
 
 
 def set_row_level_locking(enabled: bool | None) -> None:
-    """Force row-level locking on or off (``None``: follow Airflow's configuration again)."""
+    """Force row-level locking on or off (``None``: follow Airflow's configuration again).
+
+    >>> set_row_level_locking(False)  # one scheduler: no row locks
+    >>> use_row_level_locking()
+    False
+    >>> set_row_level_locking(None)
+    """
     global _override
     _override = enabled
 
 
 def use_row_level_locking() -> bool:
-    """Airflow's ``[scheduler] use_row_level_locking`` (default True)."""
+    """Airflow's ``[scheduler] use_row_level_locking`` (default True).
+
+    >>> set_row_level_locking(True)
+    >>> use_row_level_locking()
+    True
+    >>> set_row_level_locking(None)  # Airflow's configuration decides again
+    """
     if _override is not None:
         return _override
     try:
@@ -93,6 +105,15 @@ def with_row_locks(
 
     ``kwargs`` are ``with_for_update()``'s other options (``of``, ``read``). Unsupported options
     degrade to a stronger lock, never to no lock.
+
+    >>> from sqlalchemy import column, create_engine, select, table
+    >>> dag_run = table("dag_run", column("id"), column("state"))
+    >>> pg = create_engine("postgresql+psycopg2://")
+    >>> set_row_level_locking(True)
+    >>> print(with_row_locks(select(dag_run), pg, skip_locked=True).compile(pg))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    SELECT dag_run.id, dag_run.state FROM dag_run FOR NO KEY UPDATE SKIP LOCKED
+    >>> set_row_level_locking(None)
     """
     if not use_row_level_locking():
         return query
@@ -114,7 +135,14 @@ def with_row_locks(
 
 def is_lock_not_available_error(error: object) -> bool:
     """Airflow's ``is_lock_not_available_error``: the lock could not be had (NOWAIT failed,
-    lock wait timed out, SQLite busy or locked). Never raises."""
+    lock wait timed out, SQLite busy or locked). Never raises.
+
+    >>> import sqlite3
+    >>> is_lock_not_available_error(sqlite3.OperationalError("database is locked"))
+    True
+    >>> is_lock_not_available_error("not an exception")
+    False
+    """
     return _is_lock_not_available_error(error)
 
 
@@ -398,6 +426,13 @@ def install() -> tuple[Callable[..., Any], Callable[..., Any]]:
     Idempotent; logs once per process what it did. Returns the two engine factories that
     ``airflow_local_settings.py`` must bind as ``create_metadata_engine`` and
     ``create_async_metadata_engine`` (Airflow's documented override points).
+
+    Outside Airflow it changes nothing and says so:
+
+    >>> install()
+    Traceback (most recent call last):
+    ...
+    RuntimeError: locksafe.compat.airflow.install() runs inside Airflow (airflow_local_settings.py)
     """
     global _logged
     settings = _airflow_settings()
