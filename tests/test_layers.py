@@ -3,8 +3,8 @@ on its own in any order, and only ``locksafe/_sa.py`` names SQLAlchemy's private
 
 Layers, bottom to top:
 
-0. vocabulary: ``kinds``, ``capabilities``, ``options``, ``_sa``, ``_cache``, ``_steps`` (nothing of locksafe
-   above them);
+0. vocabulary: ``kinds``, ``capabilities``, ``options``, ``_sa``, ``_cache``, ``_steps``
+   (nothing of locksafe above them);
 1. dialects: ``locksafe.dialects`` and everything in it (one module or package per database);
 2. engines: ``classify``, ``binds``, ``rowlocks``, ``timeouts``, ``named_locks``,
    ``transactions``, ``matrix``;
