@@ -187,16 +187,19 @@ def test_the_report_shows_what_the_server_has(
         assert "server    PostgreSQL 15." in out
         assert "lock_timeout = 30s" in out
         assert "deadlock_timeout = 1s" in out
-        assert "FOR UPDATE  FOR UPDATE" in out
-        assert "SKIP LOCKED FOR UPDATE SKIP LOCKED" in out
+        assert "    default           FOR UPDATE\n" in out
+        assert "    key_share=True    FOR NO KEY UPDATE\n" in out
+        assert "    skip_locked=True  FOR UPDATE SKIP LOCKED\n" in out
     elif cell.backend == "mariadb":
         assert "server    MariaDB " in out
         assert "innodb_lock_wait_timeout = 30 s" in out
         assert "transaction_isolation = REPEATABLE-READ" in out
         assert "default_storage_engine = InnoDB" in out
+        assert "    nowait=True       FOR UPDATE NOWAIT\n" in out
     else:
         assert "engine set-up = configure()" in out
         assert "journal_mode = delete" in out  # the file's own: --sqlite-configure leaves it
+        assert "    nowait=True       database write lock before the SELECT, failing at once" in out
     assert re.search(
         r"8 probes: 8 PASS, 0 FAIL, 0 UNSUPPORTED in [\d.]+ s; scratch table "
         r"locksafe_doctor_[0-9a-f]{8} dropped",

@@ -13,11 +13,10 @@ It is safe on a production database: it works only in one scratch table of its o
 ``locksafe_doctor_<random>`` name, dropped at the end, also after Ctrl-C), every wait is bounded,
 and it reads nothing else but server settings.
 
->>> report = diagnose()  # embedded SQLite, configured as locksafe recommends
->>> [(probe.name, probe.status) for probe in report.probes][:2]
-[('row_lock_excludes', 'PASS'), ('nowait_fails_fast', 'PASS')]
->>> report.ok, report.exit_status
-(True, 0)
+.. code-block:: python
+
+    report = locksafe.doctor.diagnose("postgresql+psycopg://app:secret@db/app")
+    failed = [probe.title for probe in report.probes if probe.status == "FAIL"]
 """
 
 from __future__ import annotations
@@ -33,7 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import insert
+from sqlalchemy import column, insert, text
+from sqlalchemy import table as lightweight_table
 from sqlalchemy.engine import URL
 
 from locksafe import LockCapabilities, UnsupportedLockOption, lock_capabilities, plan_row_locks
@@ -64,11 +64,12 @@ Status = Literal["PASS", "FAIL", "UNSUPPORTED"]
 
 #: The row-lock options whose rendering the report shows, with their keyword arguments.
 RENDERED: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("FOR UPDATE", {}),
-    ("FOR SHARE", {"read": True}),
-    ("KEY SHARE", {"key_share": True}),
-    ("NOWAIT", {"nowait": True}),
-    ("SKIP LOCKED", {"skip_locked": True}),
+    ("default", {}),
+    ("read=True", {"read": True}),
+    ("key_share=True", {"key_share": True}),
+    ("nowait=True", {"nowait": True}),
+    ("skip_locked=True", {"skip_locked": True}),
+    ("of=<table>", {"of": "<table>"}),
 )
 
 _ENGINE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
@@ -125,7 +126,8 @@ class Report:
     #: The driver and its version: ``"psycopg (psycopg 3.2.1, sync)"``.
     driver_version: str
     capabilities: LockCapabilities
-    #: What ``with_row_locks`` renders here per option (or why it refuses it).
+    #: What ``with_row_locks`` does here per option (``"default"``, ``"nowait=True"``...): the
+    #: clause it renders, SQLite's write lock, or why it refuses the option.
     renders: dict[str, str]
     advice: list[Advice]
     scratch_table: str
@@ -274,6 +276,16 @@ def diagnose(
     a driver that is not installed, a server it cannot reach, missing privileges;
     :class:`DoctorInterrupted` on Ctrl-C, after dropping the scratch table. The options are
     checked first: ``TypeError`` / ``ValueError`` naming the option.
+
+    >>> report = diagnose()  # embedded SQLite, set up as locksafe recommends
+    >>> [(probe.name, probe.status) for probe in report.probes][:2]
+    [('row_lock_excludes', 'PASS'), ('nowait_fails_fast', 'PASS')]
+    >>> report.ok, report.exit_status, report.cleanup.endswith("dropped")
+    (True, 0, True)
+    >>> diagnose("sqlite://")  # nothing two connections could share
+    Traceback (most recent call last):
+    ...
+    locksafe.doctor.DoctorError: sqlite:// is an in-memory SQLite database: each connection ...
     """
     timeout = _check_options(url, sqlite_configure, mysql_engine, probe_timeout, progress)
     observer = progress if progress is not None else Progress()
@@ -299,6 +311,7 @@ class _Run:
         #: Set (in the set-up connection's thread) once CREATE TABLE succeeded: only then is
         #: the table dropped, so a table of the same name that was there before is never.
         self.created = threading.Event()
+        self.scratch_engine: str | None = None
         self.cleanup = ""
 
     def execute(self) -> Report:
@@ -335,10 +348,17 @@ class _Run:
     def _run(self) -> Report:
         target = self.target
         with contextlib.closing(_Stopper(self._worker("inspect", bounded=False))) as inspector:
-            facts: ServerFacts = inspector.worker.run(
-                lambda conn: inspect_server(conn, target), timeout=self.timeout
-            )
-            caps, renders = inspector.worker.run(_capabilities, timeout=self.timeout)
+            try:
+                facts: ServerFacts = inspector.worker.run(
+                    lambda conn: inspect_server(conn, target), timeout=self.timeout
+                )
+                caps, renders = inspector.worker.run(_capabilities, timeout=self.timeout)
+            except Exception as exc:
+                raise DoctorError(
+                    f"connected to {target.display_url}, but cannot read the server's version "
+                    f"and settings ({describe_error(exc)}); locksafe doctor reads them with "
+                    "plain SELECT / SHOW / PRAGMA statements, which any user may run."
+                ) from None
         report = Report(
             url=target.display_url,
             dialect=target.url.get_backend_name(),
@@ -353,10 +373,21 @@ class _Run:
             advice=facts.advice,
             scratch_table=self.table.name,
         )
-        self._create()
+        engine = self._create()
+        if engine is not None:
+            report.advice.append(
+                Advice(
+                    "scratch table engine",
+                    engine,
+                    "the probes run on a table of this storage engine"
+                    + ("" if engine.lower() == "innodb" else ", which has no row locks"),
+                    warning=engine.lower() != "innodb",
+                )
+            )
         self.progress.ready(report)
         deadlock_wait = facts.deadlock_timeout + 5 if target.backend == "postgresql" else 10.0
         ctx = ProbeContext(
+            scratch_engine=engine,
             target=target,
             table=self.table,
             capabilities=caps,
@@ -385,20 +416,36 @@ class _Run:
             self.progress.probe_finished(result)
         return report
 
-    def _create(self) -> None:
+    def _create(self) -> str | None:
+        """Create and fill the scratch table; MySQL / MariaDB: returns its storage engine, as
+        the server made it (it may substitute another for one it does not have)."""
         table = self.table
+        mysql = self.target.backend == "mysql"
 
-        def create(conn: Any) -> None:
+        def create(conn: Any) -> str | None:
             table.create(conn)
             self.created.set()
             conn.execute(insert(table), [{"id": row, "value": 0} for row in ROWS])
             conn.commit()
+            if not mysql:
+                return None
+            engine = conn.execute(
+                text(
+                    "SELECT engine FROM information_schema.tables "
+                    "WHERE table_schema = DATABASE() AND table_name = :name"
+                ),
+                {"name": table.name},
+            ).scalar_one()
+            conn.rollback()
+            return str(engine)
 
         with contextlib.closing(_Stopper(self._worker("setup"))) as setup:
             try:
-                setup.worker.run(create, timeout=self.timeout)
+                engine: str | None = setup.worker.run(create, timeout=self.timeout)
             except Exception as exc:
                 raise setup_error(self.target, table.name, exc) from None
+        self.scratch_engine = engine
+        return engine
 
     def _clean_up(self) -> None:
         """Stop every doctor connection, then drop the scratch table (bounded; a second
@@ -454,6 +501,8 @@ def _capabilities(conn: Any) -> tuple[LockCapabilities, dict[str, str]]:
     caps = lock_capabilities(conn)
     renders: dict[str, str] = {}
     for label, options in RENDERED:
+        if options.get("of") == "<table>":
+            options = {"of": lightweight_table("t", column("id"))}
         try:
             plan = plan_row_locks(conn, **options)
         except UnsupportedLockOption as exc:
@@ -476,24 +525,32 @@ class _Stopper:
 
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[None]:
-    """While cleaning up, a Ctrl-C does not interrupt (every step is bounded); it is noted."""
+    """While cleaning up, Ctrl-C (and SIGTERM, which the command line turns into one) does not
+    interrupt: every step is bounded, and the scratch table must go."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous: dict[signal.Signals, Any] = {}
     try:
-        previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, lambda signum, frame: None)
-    except (ValueError, OSError):  # not the main interpreter / no signals here
-        yield
-        return
+        for which in (signal.SIGINT, signal.SIGTERM):
+            previous[which] = signal.signal(which, lambda signum, frame: None)
+    except (ValueError, OSError):  # not the main interpreter, or no such signal here
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for which, handler in previous.items():
+            signal.signal(which, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``locksafe`` command (``python -m locksafe``): ``locksafe doctor [URL]``."""
+    """The ``locksafe`` command (``python -m locksafe``): ``locksafe doctor [URL]``; returns
+    the exit status (0 all PASS, 1 a FAIL, 2 the database could not be examined, 130
+    interrupted). ``argv`` defaults to the command line.
+
+    >>> main(["doctor", "sqlite://"])  # the error, one paragraph, goes to standard error
+    2
+    """
     from locksafe.doctor._cli import main as cli_main
 
     return cli_main(argv)

@@ -149,13 +149,12 @@ def render_header(report: Report, width: int) -> list[str]:
             10,
         )
     lines += [f"server    {report.server}", f"driver    {report.driver_version}", ""]
-    lines.append("what locksafe does here")
+    lines.append(f"what locksafe does here ({caps.title} {caps.version_string})")
     lines += _wrap(caps.summary or caps.mechanism, width, 2)
+    lines.append("  with_row_locks(...)")
     for label, rendered in report.renders.items():
-        lines += _hanging(f"{label:<12}", rendered, width, 2)
-    lines += _hanging(
-        f"{'OF':<12}", "yes" if caps.of else "no (locks every table of a join)", width, 2
-    )
+        lines += _hanging(f"{label:<18}", rendered, width, 4)
+
     lines += ["", "configuration"]
     for item in report.advice:
         mark = "!" if item.warning else " "

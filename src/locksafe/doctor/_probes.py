@@ -121,6 +121,8 @@ class ProbeContext:
     #: Seconds a deadlock may take to be detected (PostgreSQL: its deadlock_timeout), plus
     #: margin: the bound on the waits of the deadlock probes.
     deadlock_wait: float = 10.0
+    #: MySQL / MariaDB: the scratch table's storage engine, as the server made it.
+    scratch_engine: str | None = None
     _workers: list[Worker] = field(default_factory=list)
 
     @property
@@ -301,7 +303,9 @@ def probe_row_lock(ctx: ProbeContext) -> Verdict:
     )
     if count != expected:
         engine = (
-            f" (the table's engine is {ctx.target.mysql_engine})" if ctx.target.mysql_engine else ""
+            f" (the table's storage engine is {ctx.scratch_engine})"
+            if ctx.scratch_engine is not None and ctx.scratch_engine.lower() != "innodb"
+            else ""
         )
         return failed(
             f"lost updates: {what} left the counter at {count}, not {expected} (read from a "
@@ -967,7 +971,7 @@ def probe_two_sessions(ctx: ProbeContext) -> Verdict:
             f"{out.second_kind.value if out.second_kind else 'not a lock error'}: "
             f"{out.second_error}){hint}"
         )
-    if out.second_seconds > FAST:
+    if out.second_seconds > SESSIONS_WAIT * 0.75:
         return failed(
             f"session B's write took {out.second_seconds:.2f} s while session A of the same "
             "thread held a write: it waited on its own thread"

@@ -15,7 +15,7 @@ import re
 import sqlite3
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event
@@ -32,7 +32,11 @@ __all__ = ["DoctorError", "Target", "resolve_target"]
 class DoctorError(Exception):
     """``locksafe doctor`` cannot examine this database: a bad URL, a driver that is not
     installed, a server it cannot reach, missing privileges. The message is one paragraph for
-    people, naming what to do (the extra to install, the privilege to grant)."""
+    people, naming what to do (the extra to install, the privilege to grant): see
+    :func:`locksafe.doctor.diagnose` for an example."""
+
+
+DoctorError.__module__ = "locksafe.doctor"  # where it is documented and imported from
 
 
 #: SQLAlchemy driver name -> the ``sqlalchemy-locksafe`` extra that installs it.
@@ -134,8 +138,6 @@ class Target:
     mysql_engine: str | None
     #: The SQLite database file (SQLite only; ``None`` for others).
     sqlite_path: str | None = None
-    #: A hook for every sync engine made (tests: count connections...).
-    on_engine: Callable[[Engine], None] | None = field(default=None, repr=False)
 
     @property
     def driver(self) -> str:
@@ -200,8 +202,6 @@ class Target:
                 busy_timeout=SESSION_LOCK_WAIT,
                 journal_mode="wal" if self.embedded else None,
             )
-        if self.on_engine is not None:
-            self.on_engine(sync_engine)
         return engine
 
 

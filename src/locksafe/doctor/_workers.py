@@ -268,17 +268,17 @@ def result(future: concurrent.futures.Future[T], timeout: float) -> T:
 
 
 def stop_all(target: Target, timeout: float) -> list[str]:
-    """Stop every worker still running (rolled back, closed), within ``timeout`` seconds in
-    all: those still waiting on the server after a moment get their statement cancelled (by
-    its server id, from a connection of its own). Returns the labels of those that did not end
-    in time."""
+    """Stop every worker of ``target`` still running (rolled back, closed), within
+    ``timeout`` seconds in all: those still waiting on the server after a moment get their
+    statement cancelled (by its server id, from a connection of its own). Returns the labels
+    of those that did not end in time."""
     with _live_lock:
-        workers = list(_live)
+        workers = [worker for worker in _live if worker.target is target]
     deadline = time.monotonic() + timeout
     for worker in workers:
         worker.ask_to_stop()
     waiting = [worker for worker in workers if not worker.stop(min(1.0, timeout))]
-    ids = [w.server_id for w in waiting if w.server_id is not None and w.target is target]
+    ids = [w.server_id for w in waiting if w.server_id is not None]
     if ids:
         canceller = Worker(target, "cancel", hold_timeout=timeout, bounded=False)
         with contextlib.suppress(Exception):
