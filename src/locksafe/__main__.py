@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from locksafe.doctor import main
-
 if __name__ == "__main__":
+    try:
+        from locksafe.doctor import main
+    except KeyboardInterrupt:  # Ctrl-C while starting: nothing was done yet
+        sys.exit(130)
     sys.exit(main())

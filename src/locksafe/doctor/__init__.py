@@ -44,6 +44,7 @@ from locksafe.doctor._target import (
     Target,
     connect_error,
     describe_error,
+    option_error,
     python_version,
     resolve_target,
     setup_error,
@@ -217,35 +218,43 @@ def _check_options(
     progress: object,
 ) -> float:
     if url is not None and not isinstance(url, (str, URL)):
-        raise TypeError(
+        raise option_error(
+            TypeError,
             f"url must be a database URL (str or sqlalchemy URL) or None for an embedded SQLite "
-            f"database, got {type(url).__name__}"
+            f"database, got {type(url).__name__}",
         )
     if sqlite_configure is not None and not isinstance(sqlite_configure, bool):
-        raise TypeError(
-            f"sqlite_configure must be True, False or None, got {type(sqlite_configure).__name__}"
+        raise option_error(
+            TypeError,
+            f"sqlite_configure must be True, False or None, got {type(sqlite_configure).__name__}",
         )
     if mysql_engine is not None:
         if not isinstance(mysql_engine, str):
-            raise TypeError(
+            raise option_error(
+                TypeError,
                 f"mysql_engine must be a storage engine name (str) or None, got "
-                f"{type(mysql_engine).__name__}"
+                f"{type(mysql_engine).__name__}",
             )
         if not _ENGINE_NAME.match(mysql_engine):
-            raise ValueError(
+            raise option_error(
+                ValueError,
                 f"mysql_engine={mysql_engine!r} is not a storage engine name (InnoDB, MyISAM, "
-                "Aria...)"
+                "Aria...)",
             )
     if isinstance(probe_timeout, bool) or not isinstance(probe_timeout, (int, float)):
-        raise TypeError(
-            f"probe_timeout must be a number of seconds, got {type(probe_timeout).__name__}"
+        raise option_error(
+            TypeError,
+            f"probe_timeout must be a number of seconds, got {type(probe_timeout).__name__}",
         )
     seconds = float(probe_timeout)
     if not 10 <= seconds <= 3600:
-        raise ValueError(f"probe_timeout={probe_timeout!r} must be between 10 and 3600 seconds")
+        raise option_error(
+            ValueError, f"probe_timeout={probe_timeout!r} must be between 10 and 3600 seconds"
+        )
     if progress is not None and not isinstance(progress, Progress):
-        raise TypeError(
-            f"progress must be a locksafe.doctor.Progress or None, got {type(progress).__name__}"
+        raise option_error(
+            TypeError,
+            f"progress must be a locksafe.doctor.Progress or None, got {type(progress).__name__}",
         )
     return seconds
 
@@ -451,7 +460,10 @@ class _Run:
         """Stop every doctor connection, then drop the scratch table (bounded; a second
         Ctrl-C meanwhile does not stop it)."""
         with _sigint_deferred():
-            stuck = stop_all(self.target, timeout=20.0)
+            try:
+                stuck = stop_all(self.target, timeout=20.0)
+            except Exception as exc:  # the table must still go
+                stuck = [f"({describe_error(exc)})"]
             self._remove_lock_file()
             if not self.created.is_set():
                 self.cleanup = "no scratch table was created"

@@ -30,7 +30,7 @@ from locksafe.doctor import (
     Report,
     diagnose,
 )
-from locksafe.doctor._target import python_version
+from locksafe.doctor._target import OPTION_ERROR, python_version
 
 __all__ = ["main"]
 
@@ -280,9 +280,19 @@ def _error(message: str, *, as_json: bool, stdout: TextIO, stderr: TextIO) -> in
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``locksafe`` with ``argv`` (default: the command line); returns the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the run began (or after it ended): nothing to undo
+        sys.stderr.write("locksafe doctor: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     # @transactional logs each retry: the probes report them in their own lines instead.
-    logging.getLogger("locksafe").addHandler(logging.NullHandler())
+    quiet = logging.getLogger("locksafe")
+    if not any(isinstance(handler, logging.NullHandler) for handler in quiet.handlers):
+        quiet.addHandler(logging.NullHandler())
     stdout, stderr = sys.stdout, sys.stderr
     console = _Console(stdout, stderr if args.json else stdout, text=not args.json)
     restore = _terminate_as_interrupt()
@@ -298,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         console._end_status()
         return _error(str(exc), as_json=args.json, stdout=stdout, stderr=stderr)
     except (TypeError, ValueError) as exc:
+        if not getattr(exc, OPTION_ERROR, False):
+            raise  # not an option: a bug, with its traceback
         console._end_status()
         return _error(str(exc), as_json=args.json, stdout=stdout, stderr=stderr)
     except DoctorInterrupted as exc:

@@ -38,6 +38,17 @@ class DoctorError(Exception):
 
 DoctorError.__module__ = "locksafe.doctor"  # where it is documented and imported from
 
+#: Set on the TypeError / ValueError of an option that was checked (the command line reports
+#: those as errors of its own options, and lets any other go up as the bug it is).
+OPTION_ERROR = "_locksafe_doctor_option"
+
+
+def option_error(cls: type[Exception], message: str) -> Exception:
+    """A ``TypeError`` / ``ValueError`` for a bad option of :func:`locksafe.doctor.diagnose`."""
+    error = cls(message)
+    setattr(error, OPTION_ERROR, True)
+    return error
+
 
 #: SQLAlchemy driver name -> the ``sqlalchemy-locksafe`` extra that installs it.
 EXTRAS: dict[str, str] = {
@@ -191,6 +202,8 @@ class Target:
             statements = bounding_statements(self.backend)
             if statements:
                 event.listen(sync_engine, "connect", _run_on_connect(statements))
+            elif self.backend == "sqlite" and not self.sqlite_configure:
+                event.listen(sync_engine, "connect", _cap_busy_timeout)
         if self.backend == "sqlite" and self.sqlite_configure:
             import locksafe.sqlite
 
@@ -241,6 +254,19 @@ def _run_on_connect(statements: list[tuple[str, bool]]) -> Callable[[Any, Any], 
             dbapi_connection.commit()
 
     return on_connect
+
+
+def _cap_busy_timeout(dbapi_connection: Any, record: Any) -> None:
+    """SQLite as the URL opens it: a busy timeout above :data:`SESSION_LOCK_WAIT` seconds
+    (``?timeout=3600``) is lowered to it for the doctor's connections."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout")
+        row = cursor.fetchone()
+        if row is not None and int(row[0]) > SESSION_LOCK_WAIT * 1000:
+            cursor.execute(f"PRAGMA busy_timeout = {SESSION_LOCK_WAIT * 1000:d}")
+    finally:
+        cursor.close()
 
 
 # -- resolving the URL --------------------------------------------------------------------------
@@ -331,9 +357,10 @@ def resolve_target(
     if backend == "sqlite":
         sqlite_path = _sqlite_file(parsed, embedded=embedded)
     if mysql_engine is not None and backend != "mysql":
-        raise ValueError(
+        raise option_error(
+            ValueError,
             f"mysql_engine={mysql_engine!r} applies to MySQL and MariaDB only, not to "
-            f"{backend_name}"
+            f"{backend_name}",
         )
     return Target(
         url=parsed,

@@ -145,7 +145,12 @@ class Worker:
         if thread is None:
             return True
         self._commands.put(_STOP)
-        thread.join(timeout)
+        try:
+            thread.join(timeout)
+        except RuntimeError:  # interrupted (Ctrl-C) before or while the thread started
+            time.sleep(0.05)
+            if thread.ident is not None:
+                thread.join(timeout)
         with _live_lock:
             _live.discard(self)
         return not thread.is_alive()
