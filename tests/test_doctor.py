@@ -125,6 +125,15 @@ def run_cli(
     )
 
 
+def run_main(
+    capsys: pytest.CaptureFixture[str], args: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """``locksafe`` in this process (for errors that leave no state behind)."""
+    code = main(args)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def assert_clear_error(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
@@ -479,18 +488,20 @@ def test_the_console_script_is_the_doctor() -> None:
 # -- clear errors -------------------------------------------------------------------------------
 
 
-def test_a_bad_url_is_a_clear_error() -> None:
-    assert_clear_error(run_cli(["doctor", "not a url"]), "'not a url' is not a database URL")
-
-
-def test_another_dialect_is_a_clear_error() -> None:
+def test_a_bad_url_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert_clear_error(
-        run_cli(["doctor", "oracle://scott:tiger@db/xe"]),
+        run_main(capsys, ["doctor", "not a url"]), "'not a url' is not a database URL"
+    )
+
+
+def test_another_dialect_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert_clear_error(
+        run_main(capsys, ["doctor", "oracle://scott:tiger@db/xe"]),
         "examines PostgreSQL, MySQL, MariaDB and SQLite",
         "oracle://scott:***@db/xe",
     )
     assert_clear_error(
-        run_cli(["doctor", "postgresql+nosuch://db/app"]),
+        run_main(capsys, ["doctor", "postgresql+nosuch://db/app"]),
         "SQLAlchemy has no driver 'nosuch' for postgresql",
         "postgresql+psycopg",
     )
@@ -528,22 +539,26 @@ def test_an_asyncio_driver_without_greenlet_names_the_extra() -> None:
 @pytest.mark.parametrize(
     "drivername", ["postgresql+psycopg", "postgresql+asyncpg", "mysql+pymysql", "mysql+aiomysql"]
 )
-def test_an_unreachable_server_is_a_clear_error(drivername: str) -> None:
+def test_an_unreachable_server_is_a_clear_error(
+    drivername: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = f"{drivername}://app:secret@127.0.0.1:{free_port()}/app"
-    result = run_cli(["doctor", url])
+    result = run_main(capsys, ["doctor", url])
     assert_clear_error(result, "cannot connect to", "app:***@127.0.0.1", "is running and reachable")
     assert "secret" not in result.stderr
 
 
-def test_sqlite_urls_that_cannot_be_examined(tmp_path: Path) -> None:
-    assert_clear_error(run_cli(["doctor", "sqlite://"]), "is an in-memory SQLite database")
+def test_sqlite_urls_that_cannot_be_examined(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert_clear_error(run_main(capsys, ["doctor", "sqlite://"]), "is an in-memory SQLite database")
     assert_clear_error(
-        run_cli(["doctor", "sqlite:///file:shared?mode=memory&cache=shared&uri=true"]),
+        run_main(capsys, ["doctor", "sqlite:///file:shared?mode=memory&cache=shared&uri=true"]),
         "is an in-memory SQLite database",
     )
     missing = tmp_path / "nope.db"
     assert_clear_error(
-        run_cli(["doctor", f"sqlite:///{missing}"]),
+        run_main(capsys, ["doctor", f"sqlite:///{missing}"]),
         f"there is no SQLite database at {missing}",
         "does not create one",
     )
@@ -578,8 +593,10 @@ def limited_user(cell: Cell) -> Iterator[URL]:
 
 
 @pytest.mark.cells("postgresql+psycopg", "mysql+mysqldb")
-def test_missing_privileges_are_a_clear_error(cell: Cell, limited_user: URL) -> None:
-    result = run_cli(["doctor", limited_user.render_as_string(hide_password=False)])
+def test_missing_privileges_are_a_clear_error(
+    cell: Cell, limited_user: URL, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_main(capsys, ["doctor", limited_user.render_as_string(hide_password=False)])
     assert_clear_error(
         result,
         "connected, but cannot create and fill the scratch table locksafe_doctor_",
@@ -610,8 +627,14 @@ def test_options_are_checked_and_name_themselves() -> None:
         diagnose(None, True)  # type: ignore[misc]
 
 
-def test_an_option_error_on_the_command_line_is_a_clear_error() -> None:
+def test_an_option_error_on_the_command_line_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert_clear_error(
-        run_cli(["doctor", "--mysql-engine", "MyISAM"]),
+        run_main(capsys, ["doctor", "--mysql-engine", "MyISAM"]),
         "mysql_engine='MyISAM' applies to MySQL and MariaDB only, not to sqlite",
+    )
+    assert_clear_error(
+        run_main(capsys, ["doctor", "--probe-timeout", "5"]),
+        "probe_timeout=5.0 must be between 10 and 3600 seconds",
     )
