@@ -44,7 +44,8 @@ def test_matrix_states_the_issue_capability_table() -> None:
 def test_readme_gives_the_two_commands_and_ci_runs_the_second() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-    assert blocks[0].strip().endswith("examples/quickstart.py")
+    assert blocks[0].strip().endswith(".venv/bin/locksafe doctor")
+    assert "python examples/quickstart.py" in readme
     assert blocks[1].strip() == "bash scripts/test.sh"
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     commands = [line for line in ci.splitlines() if line and not line.startswith(("#", "set "))]
