@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import re
 import shutil
@@ -598,6 +599,50 @@ def test_keyboard_interrupt_during_the_wait(cell: Cell) -> None:
             time.sleep(0.05)
         assert not _server_sessions(cell) - before  # the waiter's connection was closed
         assert holder_session(cell, key) is None
+    assert free(cell, name)
+
+
+@pytest.mark.cells("async")
+def test_async_with_held_idle_and_a_cancelled_wait_leaves_nothing(cell: Cell) -> None:
+    """``async with``: the lock on a dedicated idle connection; a waiter cancelled
+    (``asyncio.wait_for``) leaves no connection and no lock behind."""
+    name = unique()
+    engine = cell.default_engine
+    seen: dict[str, Any] = {}
+
+    async def wait_for_it() -> None:
+        async with engine.connect() as conn, migration_lock(conn, name=name, timeout=30):
+            pytest.fail("got the lock while it was held")
+
+    async def main() -> None:
+        async with engine.connect() as conn, migration_lock(conn, name=name) as lock:
+            seen["key"] = lock.key
+            if cell.backend in SERVER:
+                seen["holder"] = holder_session(cell, lock.key)
+            before = _server_sessions(cell)
+            started = time.monotonic()
+            # A task of its own context: one started inside the block (copying this context)
+            # counts as inside the lock, and would not wait.
+            waiter = contextvars.Context().run(asyncio.ensure_future, wait_for_it())
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(waiter, 0.5)
+            seen["cancelled after"] = time.monotonic() - started
+            deadline = time.monotonic() + 10
+            while _server_sessions(cell) - before and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            seen["left behind"] = _server_sessions(cell) - before
+            seen["free inside"] = free(cell, name)
+
+    cell.run_async(main)
+    assert seen["cancelled after"] < 0.5 + SLACK
+    assert seen["left behind"] == set()
+    assert seen["free inside"] is False
+    if cell.backend in SERVER:
+        holder = seen["holder"]
+        assert holder["state"] in ("idle", "sleep")
+        assert holder["no_transaction"]
+        assert holder_session(cell, seen["key"]) is None
+        assert gone(cell, holder["id"])
     assert free(cell, name)
 
 
