@@ -287,6 +287,48 @@ def test_a_run_waits_for_the_lock_times_out_clearly_then_runs(
     assert database_state(cell)["applied"] == [(revision, 1, 1) for revision in REVISIONS]
 
 
+SHARED_CONNECTION_ENV = """\
+from alembic import context
+
+from locksafe.alembic import migration_lock
+
+connection = context.config.attributes["connection"]
+with migration_lock(connection):
+    context.configure(connection=connection, target_metadata=None)
+    with context.begin_transaction():
+        context.run_migrations()
+"""
+
+
+@pytest.mark.cells("sqlite+pysqlite")
+def test_the_shared_connection_recipe(cell: Cell, tmp_path: Path, cleanup: None) -> None:
+    """Alembic's cookbook recipe (the caller's connection, in a transaction, handed to env.py
+    through ``config.attributes``): refused as it is (the lock would end before the COMMIT);
+    with the lock taken around the transaction, as docs/migrations.md says, ``env.py``'s own
+    ``migration_lock`` is inside it already and the run completes."""
+    from alembic import command
+    from alembic.config import Config
+
+    project = make_project(tmp_path, cell)
+    (project / "migrations" / "env.py").write_text(SHARED_CONNECTION_ENV, encoding="utf-8")
+    config = Config(str(project / "alembic.ini"))
+    engine = cell.sync_engine()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        with pytest.raises(CallerTransactionError, match="already in a transaction"):
+            command.upgrade(config, "head")
+    assert database_state(cell) == {"alembic_version": None}
+
+    with engine.connect() as connection, migration_lock(connection) as lock:
+        assert not free(cell)
+        with connection.begin():
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        assert lock.acquired
+    assert free(cell)
+    assert database_state(cell)["applied"] == [(revision, 1, 1) for revision in REVISIONS]
+
+
 # -- holding the lock in this process -------------------------------------------------------
 
 
@@ -468,6 +510,36 @@ def test_held_on_a_dedicated_idle_connection_through_commits_and_ddl(cell: Cell)
     assert seen["free inside"] is False
     assert seen["after"] is None  # given back,
     assert gone(cell, holder["id"])  # and its connection closed, not pooled
+    assert free(cell, name)
+
+
+@pytest.mark.cells("postgresql+psycopg2", "postgresql+asyncpg", "mysql+pymysql", "mysql+asyncmy")
+def test_a_lock_lost_during_the_run_is_reported(cell: Cell) -> None:
+    """Someone ends the lock's session while the migration runs (``pg_terminate_backend``,
+    ``KILL``): the block's end raises NamedLockError, never a silent success."""
+    name = unique()
+    seen: dict[str, Any] = {}
+
+    def run_while_the_lock_is_ended(conn: Connection) -> None:
+        with migration_lock(conn, name=name) as lock:
+            holder = holder_session(cell, lock.key)
+            assert holder is not None
+            kill = (
+                "SELECT pg_terminate_backend(:id)" if cell.backend == "postgresql" else "KILL :id"
+            )
+            with cell.sync_engine().connect() as admin:
+                admin.execute(text(kill), {"id": holder["id"]})
+            assert gone(cell, holder["id"])
+            seen["free during"] = free(cell, name)  # the lock ended with its session
+
+    def body(conn: Connection) -> None:
+        with pytest.raises(locksafe.NamedLockError, match="could not be given back") as caught:
+            run_while_the_lock_is_ended(conn)
+        seen["cause"] = caught.value.__cause__
+
+    cell.run(body)
+    assert seen["free during"] is True
+    assert isinstance(seen["cause"], DBAPIError)
     assert free(cell, name)
 
 

@@ -52,6 +52,7 @@ from locksafe import (
     LockErrorKind,
     LockUnavailable,
     NamedLock,
+    NamedLockError,
     TryNamedLock,
     named_lock,
     try_named_lock,
@@ -292,6 +293,16 @@ class MigrationLock:
             holder=self._holder,
         )
 
+    def _lost(self, error: Exception) -> NamedLockError:
+        """The error for a release that failed after a block that did not raise (a block that
+        raised keeps its own error: the release then only invalidates the connection)."""
+        return NamedLockError(
+            f"the lock {_short(self.name)} could not be given back: its connection failed "
+            f"during the run ({type(error).__name__}: {error}), which ended the lock on the "
+            "server, so another run may have started before this one ended: check the "
+            "migration state"
+        )
+
     def _time_left(self) -> float | None:
         """Seconds left to wait (``inf`` without a bound), or None when the time is up."""
         if self.timeout is None:
@@ -427,7 +438,11 @@ class MigrationLock:
         lock, self._lock = self._lock, None
         try:
             if lock is not None:
-                lock.__exit__(exc_type, exc, tb)  # NamedLockError if it was lost meanwhile
+                lock.__exit__(exc_type, exc, tb)
+        except NamedLockError:  # locksafe saw the lock gone: it says so
+            raise
+        except Exception as error:
+            raise self._lost(error) from error
         finally:
             self._let_go()
             self._drop_sync()
@@ -511,6 +526,10 @@ class MigrationLock:
         try:
             if lock is not None:
                 await lock.__aexit__(exc_type, exc, tb)
+        except NamedLockError:  # locksafe saw the lock gone: it says so
+            raise
+        except Exception as error:
+            raise self._lost(error) from error
         finally:
             self._let_go()
             await self._drop_async()
