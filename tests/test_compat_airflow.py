@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import inspect
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -16,7 +19,18 @@ from typing import Any
 
 import pytest
 from fastapi.dependencies.utils import get_typed_signature
-from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table, event, insert, select
+from sqlalchemy import (
+    Column,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    event,
+    insert,
+    select,
+    text,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Query, Session, mapped_column, relationship
 from starlette.requests import Request
@@ -325,6 +339,7 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 EARLY = "airflow.models.early"  # binds the helpers by name, so imports airflow.utils.sqlalchemy
 DECORATORS = "airflow.api_fastapi.logging.decorators"
 BACKFILL = "airflow.models.backfill"
+DB = "airflow.utils.db"
 
 
 def fake_airflow_env() -> dict[str, str]:
@@ -373,7 +388,7 @@ ALREADY = "this engine was already configured by locksafe.sqlite.configure()"
     [
         pytest.param((), 0, id="nothing-imported-yet"),
         pytest.param((EARLY,), 2, id="helpers-imported"),
-        pytest.param((EARLY, DECORATORS, BACKFILL), 2, id="all-imported"),
+        pytest.param((EARLY, DECORATORS, BACKFILL, DB), 2, id="all-imported"),
     ],
 )
 def test_install_end_to_end(tmp_path: Path, before: tuple[str, ...], rebound: int) -> None:
@@ -385,7 +400,7 @@ def test_install_end_to_end(tmp_path: Path, before: tuple[str, ...], rebound: in
     assert seen["first_is_airflows"] == seen["second_is_airflows"] == [False, False]
     assert seen["wraps_airflows"] == seen["docs_as_airflow"] == [True] * 4
     # The meta-path hook: only while a module to patch is not imported yet, once, then gone.
-    waiting = 0 if set(before) >= {EARLY, DECORATORS, BACKFILL} else 1
+    waiting = 0 if set(before) >= {EARLY, DECORATORS, BACKFILL, DB} else 1
     assert seen["finders_after_first_install"] == seen["finders_after_second_install"] == waiting
     assert seen["finders_at_the_end"] == 0
     # Helpers: in airflow.utils.sqlalchemy, bound by name before install, imported after.
@@ -428,6 +443,16 @@ def test_install_end_to_end(tmp_path: Path, before: tuple[str, ...], rebound: in
         },
     }
     assert seen["backfill"] == {"wrapped_once": True, "ran_in_immediate_block": True}
+    # Airflow's create_global_lock: locksafe's, once, used by Airflow's own callers (seconds),
+    # Airflow's kept as __locksafe_original__ (and used again when set back).
+    assert seen["global_lock"] == {
+        "wrapped_once": True,
+        "patch_again": False,
+        "airflow_calls_ours": True,
+        "held_name": "airflow_MIGRATIONS",
+        "seconds": 1800.0,
+        "undone_calls_airflows": True,
+    }
     # Logged once for the two calls.
     assert len(seen["log"]) == 1
     level, message = seen["log"][0]
@@ -458,6 +483,14 @@ def test_install_disabled_leaves_airflow_as_it_is(tmp_path: Path) -> None:
     assert call["ran_on_loop_thread"] is call["ran_on_loop"] is True
     assert call["loop_answered_during_commit"] is False
     assert seen["backfill"] == {"wrapped_once": False, "ran_in_immediate_block": False}
+    assert seen["global_lock"] == {
+        "wrapped_once": False,
+        "patch_again": None,
+        "airflow_calls_ours": False,
+        "held_name": None,
+        "seconds": None,
+        "undone_calls_airflows": True,  # Airflow's own ran (there was nothing to undo)
+    }
     assert seen["log"] == [
         ["INFO", "locksafe: disabled by [locksafe] enabled = False; Airflow left as it is"]
     ]
@@ -468,15 +501,17 @@ import importlib.util, json, sys
 import locksafe.compat.airflow as locksafe_airflow
 locksafe_airflow.install()
 for name in ("airflow.utils.sqlalchemy", "airflow.api_fastapi.logging.decorators",
-             "airflow.models.backfill"):
+             "airflow.models.backfill", "airflow.utils.db"):
     assert importlib.util.find_spec(name) is not None  # asks whether it exists; no import
     assert name not in sys.modules
 from airflow.models import backfill, late
 from airflow.api_fastapi.logging import decorators
+from airflow.utils import db
 print(json.dumps({
     "helpers": late.with_row_locks is locksafe_airflow.with_row_locks,
     "audit_log": hasattr(decorators.action_logging, "__locksafe_original__"),
     "backfill": hasattr(backfill._create_backfill, "__locksafe_original__"),
+    "global_lock": hasattr(db.create_global_lock, "__locksafe_original__"),
     "finders": sum(type(f).__name__ == "_PatchOnImport" for f in sys.meta_path),
 }))
 """
@@ -496,6 +531,7 @@ def test_a_find_spec_that_does_not_import_leaves_the_patch_pending() -> None:
         "helpers": True,
         "audit_log": True,
         "backfill": True,
+        "global_lock": True,
         "finders": 0,
     }
 
@@ -581,3 +617,219 @@ def test_sqlite_file_engines_get_an_unbounded_pool_overflow() -> None:
         assert lift(untouched, args) is args, untouched
     chosen = {"engine_args": {"poolclass": NullPool}, "connect_args": {}}
     assert lift("sqlite:////tmp/airflow.db", chosen) is chosen
+
+
+# -- create_global_lock: Airflow's signature; seconds, checked, namespaced, SQLite too -----------
+
+GLOBAL_THREADS = 3
+GLOBAL_INCREMENTS = 2
+GLOBAL_WINDOW = 0.02
+GLOBAL_SLACK = 3.0  # upper bounds of timing checks: a loaded 2-core machine
+GLOBAL_JOIN = 120.0
+
+
+def test_create_global_lock_has_airflows_signature() -> None:
+    params = inspect.signature(airflow.create_global_lock).parameters
+    assert list(params) == ["session", "lock", "lock_timeout"]
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params.values())
+    assert params["lock_timeout"].default == 1800
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "match"),
+    [
+        ({"lock_timeout": -1}, ValueError, r"lock_timeout=-1 must be a finite number"),
+        ({"lock_timeout": float("inf")}, ValueError, r"lock_timeout=inf"),
+        ({"lock_timeout": True}, TypeError, r"lock_timeout=True must be a number"),
+        ({"lock_timeout": "1800"}, TypeError, r"lock_timeout='1800' must be a number"),
+        ({"lock": 1}, TypeError, r"lock=1 must be one of Airflow's DBLocks"),
+        ({"lock": ""}, ValueError, r"lock='' must be a non-empty name"),
+        ({"session": None}, TypeError, r"session=None must be a SQLAlchemy Session"),
+    ],
+)
+def test_create_global_lock_options_are_checked(
+    arguments: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    from sqlalchemy import create_engine
+
+    from fixtures.alembic_workers import DBLocks
+
+    with Session(create_engine("sqlite://")) as session:
+        call = {"session": session, "lock": DBLocks.MIGRATIONS, **arguments}
+        with pytest.raises(error, match=match):
+            airflow.create_global_lock(**call)
+
+
+def make_global_counter(cell: Cell) -> None:
+    from fixtures.alembic_workers import COUNTER
+
+    with cell.sync_engine().begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {COUNTER}")
+        conn.exec_driver_sql(f"CREATE TABLE {COUNTER} (id INTEGER PRIMARY KEY, n INTEGER)")
+        conn.exec_driver_sql(f"INSERT INTO {COUNTER} (id, n) VALUES (1, 0)")
+
+
+def read_global_counter(cell: Cell) -> int:
+    from fixtures.alembic_workers import COUNTER
+
+    with cell.sync_engine().begin() as conn:
+        value = int(conn.exec_driver_sql(f"SELECT n FROM {COUNTER} WHERE id = 1").scalar_one())
+        conn.exec_driver_sql(f"DROP TABLE {COUNTER}")
+    return value
+
+
+@contextlib.contextmanager
+def holding_global_lock(cell: Cell, **options: Any) -> Iterator[Any]:
+    """Hold Airflow's MIGRATIONS lock (locksafe's) in a thread of its own until the block ends."""
+    from fixtures.alembic_workers import DBLocks
+
+    ready, done = threading.Event(), threading.Event()
+    box: dict[str, Any] = {}
+
+    def main() -> None:
+        try:
+            with (
+                Session(cell.default_engine) as session,
+                airflow.create_global_lock(session, DBLocks.MIGRATIONS, **options) as lock,
+            ):
+                box["lock"] = lock
+                ready.set()
+                done.wait(GLOBAL_JOIN)
+        except BaseException as exc:
+            box["error"] = exc
+            ready.set()
+
+    thread = threading.Thread(target=main)
+    thread.start()
+    try:
+        assert ready.wait(GLOBAL_JOIN)
+        if "error" in box:
+            raise box["error"]
+        yield box["lock"]
+    finally:
+        done.set()
+        thread.join(GLOBAL_JOIN)
+    assert not thread.is_alive()
+
+
+def global_lock_attempt(cell: Cell, lock_timeout: float) -> tuple[BaseException | None, float]:
+    from fixtures.alembic_workers import DBLocks
+
+    with Session(cell.default_engine) as session:
+        started = time.monotonic()
+        try:
+            with airflow.create_global_lock(session, DBLocks.MIGRATIONS, lock_timeout):
+                pass
+        except locksafe.LockUnavailable as exc:
+            return exc, time.monotonic() - started
+        return None, time.monotonic() - started
+
+
+def global_lock_held_on_server(cell: Cell, key: Any) -> bool:
+    with cell.sync_engine().connect() as conn:
+        if cell.backend == "postgresql":
+            unsigned = key & 0xFFFFFFFFFFFFFFFF
+            return bool(
+                conn.execute(
+                    text(
+                        "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                        " AND classid::bigint = :hi AND objid::bigint = :lo AND objsubid = 1"
+                    ),
+                    {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF},
+                ).scalar_one()
+            )
+        return conn.execute(text("SELECT IS_USED_LOCK(:k)"), {"k": key}).scalar() is not None
+
+
+@pytest.mark.cells("sync")
+def test_create_global_lock_excludes_threads(cell: Cell) -> None:
+    from fixtures.alembic_workers import increment
+
+    make_global_counter(cell)
+    barrier = threading.Barrier(GLOBAL_THREADS, timeout=GLOBAL_JOIN)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with Session(cell.default_engine) as session:
+                barrier.wait()
+                for _ in range(GLOBAL_INCREMENTS):
+                    increment(session, GLOBAL_WINDOW)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker) for _ in range(GLOBAL_THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(GLOBAL_JOIN)
+    assert not any(t.is_alive() for t in threads)
+    if errors:
+        raise errors[0]
+    assert read_global_counter(cell) == GLOBAL_THREADS * GLOBAL_INCREMENTS
+
+
+@pytest.mark.cells("sqlite+pysqlite", "postgresql+psycopg2", "mysql+pymysql")
+def test_create_global_lock_excludes_processes(cell: Cell) -> None:
+    import concurrent.futures
+    import multiprocessing
+
+    from fixtures.alembic_workers import process_worker
+
+    make_global_counter(cell)
+    url = cell.admin_url.render_as_string(hide_password=False)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(3, mp_context=context) as pool:
+        futures = [
+            pool.submit(process_worker, url, GLOBAL_INCREMENTS, GLOBAL_WINDOW) for _ in range(3)
+        ]
+        for future in futures:
+            future.result(timeout=GLOBAL_JOIN)
+    assert read_global_counter(cell) == 3 * GLOBAL_INCREMENTS
+
+
+@pytest.mark.cells("sync")
+def test_create_global_lock_waits_seconds_on_every_database(cell: Cell) -> None:
+    """``lock_timeout=1`` is one second everywhere (Airflow's: 1 ms on PostgreSQL, 1 s on
+    MySQL, no lock on SQLite); the wait runs out with the clear error; the lock is gone after
+    its block (``pg_locks`` / ``IS_USED_LOCK``; SQLite: another holder gets it)."""
+    from locksafe.alembic import MigrationLockTimeout
+
+    with holding_global_lock(cell) as held:
+        key = held.key
+        if cell.backend != "sqlite":
+            assert global_lock_held_on_server(cell, key)
+        error, elapsed = global_lock_attempt(cell, 1)
+        print(f"\n[create_global_lock lock_timeout=1] {cell.name:28} {elapsed:.3f} s")
+        assert isinstance(error, MigrationLockTimeout)
+        assert str(error).startswith(
+            "an Airflow migration is running elsewhere: the lock 'airflow_MIGRATIONS'"
+        )
+        assert 0.95 <= elapsed < 1.0 + GLOBAL_SLACK
+        error, elapsed = global_lock_attempt(cell, 0)
+        assert isinstance(error, MigrationLockTimeout)
+        assert elapsed < GLOBAL_SLACK
+    if cell.backend != "sqlite":
+        assert not global_lock_held_on_server(cell, key)
+    assert global_lock_attempt(cell, 0)[0] is None
+
+
+@pytest.mark.cells("postgresql+psycopg2", "mysql+pymysql")
+def test_create_global_lock_names_are_namespaced(cell: Cell) -> None:
+    """Airflow's bare key (PostgreSQL ``1``, MySQL ``airflow_MIGRATIONS``), held by another
+    application or by a stock Airflow, is another lock than locksafe's."""
+    bare = (
+        "SELECT pg_advisory_lock(1)"
+        if cell.backend == "postgresql"
+        else ("SELECT GET_LOCK('airflow_MIGRATIONS', 0)")
+    )
+    with cell.sync_engine().connect() as other:
+        assert other.exec_driver_sql(bare).scalar() in (None, 1, "")  # held now
+        with holding_global_lock(cell, lock_timeout=0) as held:
+            if cell.backend == "postgresql":
+                assert held.key != 1
+            else:
+                database = other.exec_driver_sql("SELECT DATABASE()").scalar()
+                assert held.key == f"locksafe:{database}:airflow_MIGRATIONS"
+            assert global_lock_held_on_server(cell, held.key)

@@ -12,6 +12,10 @@ What changes, on purpose:
   database write lock first.
 - ``is_lock_not_available_error`` also recognises psycopg 3, asyncpg, pg8000, the MariaDB
   connector, SQLite and MySQL 8's 3572 by code, and never raises.
+- :func:`create_global_lock` (``airflow.utils.db``'s, for ``airflow db migrate`` and friends)
+  waits ``lock_timeout`` *seconds* on every database (Airflow's: milliseconds on PostgreSQL,
+  seconds on MySQL), raises when the wait runs out, namespaces its names, and excludes on
+  SQLite too (Airflow's does nothing there).
 
 ``[scheduler] use_row_level_locking = False`` (for a single scheduler) still turns row locks
 off: :func:`use_row_level_locking` reads it from Airflow's configuration when Airflow is
@@ -42,6 +46,7 @@ from locksafe.classify import is_lock_not_available_error as _is_lock_not_availa
 from locksafe.rowlocks import with_row_locks as _with_row_locks
 
 __all__ = [
+    "create_global_lock",
     "install",
     "is_lock_not_available_error",
     "set_row_level_locking",
@@ -144,6 +149,83 @@ def is_lock_not_available_error(error: object) -> bool:
     False
     """
     return _is_lock_not_available_error(error)
+
+
+# -- Airflow's global lock (airflow.utils.db.create_global_lock) ---------------------------------
+
+#: Airflow's default ``lock_timeout``, which locksafe reads as seconds (see create_global_lock).
+GLOBAL_LOCK_TIMEOUT = 1800
+
+
+def _global_lock_name(lock: object) -> str:
+    import enum
+
+    if isinstance(lock, enum.Enum):
+        name = str(lock)  # Airflow's DBLocks: "airflow_MIGRATIONS", "airflow_SCHEDULER_..."
+    elif isinstance(lock, str):
+        name = lock
+    else:
+        raise TypeError(f"lock={lock!r} must be one of Airflow's DBLocks (an enum member) or a str")
+    if not name:
+        raise ValueError("lock='' must be a non-empty name")
+    return name
+
+
+def create_global_lock(
+    session: Any,
+    lock: Any,
+    lock_timeout: float | None = GLOBAL_LOCK_TIMEOUT,
+) -> Any:
+    """Airflow's ``airflow.utils.db.create_global_lock``, with its signature, on
+    :func:`locksafe.named_lock`: a lock for the ``with`` block, one holder at a time across
+    processes and hosts::
+
+        from airflow.utils.db import DBLocks
+        from locksafe.compat.airflow import create_global_lock
+
+        with create_global_lock(session=session, lock=DBLocks.MIGRATIONS):
+            command.upgrade(config, "heads")
+
+    - ``lock_timeout`` is in **seconds on every database** (floats allowed, ``None``: no bound),
+      so the default 1800 waits 30 minutes for a migration running elsewhere. Airflow's own
+      passes the same number to PostgreSQL's ``lock_timeout``, which reads it as milliseconds
+      (1.8 s), and to MySQL's ``GET_LOCK``, which reads seconds. Seconds are what Airflow's
+      callers mean: every one (``airflow db migrate`` / ``reset`` / ``downgrade``, the
+      providers' database managers) takes the default around a whole migration, which runs
+      for minutes, and the number is 30 minutes' worth of seconds; at 1.8 s a second
+      ``airflow db migrate`` fails while the first is still at work.
+    - When the wait runs out it raises :class:`locksafe.alembic.MigrationLockTimeout` (a
+      :class:`~locksafe.LockUnavailable`) — never runs the block unlocked.
+    - ``lock`` is one of Airflow's ``DBLocks`` (its ``str()``, ``airflow_MIGRATIONS``, is the
+      name) or a name; :func:`~locksafe.named_lock` namespaces it per database (PostgreSQL: a
+      64-bit key hashed from ``locksafe:<database>:<name>``, not Airflow's bare ``1``; MySQL:
+      ``locksafe:<database>:<name>``).
+    - SQLite: a lock file next to the database (Airflow's does nothing), so two
+      ``airflow db migrate`` on one SQLite file take turns.
+    - The lock is held on a connection of its own (``session``'s engine), idle in
+      ``AUTOCOMMIT`` and closed at the end (see :func:`locksafe.alembic.migration_lock`): the
+      migration's COMMITs and DDL do not end it.
+
+    The options are checked now (``TypeError`` / ``ValueError`` naming the option). Processes
+    that still run Airflow's own ``create_global_lock`` use other keys: install locksafe on
+    every component that migrates (:func:`install` patches Airflow's).
+
+    >>> create_global_lock(None, "airflow_MIGRATIONS", lock_timeout=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: lock_timeout=-1 must be a finite number of seconds ≥ 0 (0: try once), or None to wait without a bound
+    """  # noqa: E501
+    from locksafe.alembic import MigrationLock, check_timeout
+
+    seconds = check_timeout(lock_timeout, "lock_timeout")
+    name = _global_lock_name(lock)
+    get_bind = getattr(session, "get_bind", None)
+    if not callable(get_bind):
+        raise TypeError(f"session={session!r} must be a SQLAlchemy Session (Airflow's session)")
+    bind = get_bind()
+    engine = getattr(bind, "engine", bind)  # a Session bound to a Connection: its engine
+    holder = "an Airflow migration" if name == "airflow_MIGRATIONS" else "Airflow work"
+    return MigrationLock(engine, name=name, timeout=seconds, holder=holder, session=session)
 
 
 # -- the whole deployment: install() from airflow_local_settings.py ------------------------------
@@ -294,11 +376,52 @@ def backfill_creation_one_at_a_time(module: ModuleType) -> bool:
     return True
 
 
+#: The Airflow module that defines ``create_global_lock`` (and calls it, by its global name).
+DB_MODULE = "airflow.utils.db"
+
+
+def global_lock_on_every_database(module: ModuleType) -> bool:
+    """Make ``module.create_global_lock`` (Airflow's ``airflow.utils.db``) locksafe's
+    :func:`create_global_lock`: seconds on every database, the result checked, names
+    namespaced, exclusion on SQLite — so two ``airflow db migrate`` take turns on every
+    backend. Airflow's own calls look the name up in the module at call time
+    (``_run_upgradedb``, ``initdb``, ``resetdb``, ``downgrade``; the database managers import
+    it when they run), so only that name is rebound (and in any ``airflow.*`` module that bound
+    it by ``from ... import`` before). Idempotent; Airflow's original is the wrapper's
+    ``__locksafe_original__`` (set it back to undo). Returns whether it patched."""
+    original = getattr(module, "create_global_lock", None)
+    if original is None or getattr(original, _ORIGINAL, None) is not None:
+        return False
+
+    def create_global_lock_(
+        session: Any, lock: Any, lock_timeout: float | None = GLOBAL_LOCK_TIMEOUT
+    ) -> Any:
+        return create_global_lock(session, lock, lock_timeout)
+
+    create_global_lock_.__name__ = create_global_lock_.__qualname__ = "create_global_lock"
+    create_global_lock_.__doc__ = create_global_lock.__doc__
+    create_global_lock_.__module__ = __name__
+    setattr(create_global_lock_, _ORIGINAL, original)
+    module.create_global_lock = create_global_lock_  # type: ignore[attr-defined]
+    for other in list(sys.modules.values()):  # modules that bound it before the patch
+        namespace = getattr(other, "__dict__", None)
+        name = getattr(other, "__name__", "")
+        if (
+            isinstance(namespace, dict)
+            and isinstance(name, str)
+            and name.startswith("airflow.")
+            and namespace.get("create_global_lock") is original
+        ):
+            namespace["create_global_lock"] = create_global_lock_
+    return True
+
+
 #: What install() changes in each Airflow module, as soon as that module has been executed.
 _ON_IMPORT: dict[str, Callable[[ModuleType], Any]] = {
     HELPERS_MODULE: lambda module: replace_helpers(),
     AUDIT_LOG_MODULE: audit_log_off_the_event_loop,
     BACKFILL_MODULE: backfill_creation_one_at_a_time,
+    DB_MODULE: global_lock_on_every_database,
 }
 
 
@@ -419,6 +542,9 @@ def install() -> tuple[Callable[..., Any], Callable[..., Any]]:
       :func:`is_lock_not_available_error`, names bound by ``from ... import`` included, now and
       in modules imported later (forked children inherit it; spawned ones import the local
       settings again).
+    - Airflow's ``create_global_lock`` (``airflow.utils.db``) is locksafe's
+      :func:`create_global_lock`: ``lock_timeout`` in seconds on every database, checked,
+      namespaced, and a real lock on SQLite, so two ``airflow db migrate`` take turns.
     - Airflow's configuration switches it: ``[locksafe] enabled = False``
       (``AIRFLOW__LOCKSAFE__ENABLED=False``) leaves Airflow as it is;
       ``[locksafe] sqlite_busy_timeout`` and ``sqlite_begin`` set configure()'s options.
@@ -494,7 +620,8 @@ def install() -> tuple[Callable[..., Any], Callable[..., Any]]:
                 "busy_timeout=%gs); with_row_locks / is_lock_not_available_error are "
                 "locksafe's (%d names rebound now, the rest at import); the audit log is "
                 "written off the event loop; backfills are created one at a time; PostgreSQL "
-                "and MySQL engines unchanged",
+                "and MySQL engines unchanged; create_global_lock waits seconds on every "
+                "database and excludes on SQLite",
                 begin,
                 busy_timeout,
                 replaced,
