@@ -39,6 +39,8 @@ PUBLIC_MODULES = (
     "locksafe.sqlite",
     "locksafe.starlette",
     "locksafe.testing",
+    "locksafe.alembic",
+    "locksafe.doctor",
     "locksafe.compat.airflow",
 )
 #: The packages of the ``docs`` extra, by import name.
