@@ -93,7 +93,35 @@ class MigrationLockTimeout(LockUnavailable):
     process or host holds the lock). Nothing was run; run again once it has finished, or with a
     longer ``timeout``. A :class:`~locksafe.LockUnavailable` (kind ``lock_timeout``, or
     ``lock_not_available`` for ``timeout=0``) with :attr:`lock_name`, :attr:`timeout` and
-    :attr:`elapsed` (seconds waited)."""
+    ``elapsed`` (seconds waited).
+
+    A run in another thread finds the lock held (in the thread that holds it, the lock is
+    re-entered instead: :attr:`MigrationLock.reentered`):
+
+    >>> import tempfile
+    >>> from concurrent.futures import ThreadPoolExecutor
+    >>> from sqlalchemy import create_engine
+    >>> directory = tempfile.TemporaryDirectory()
+    >>> engine = create_engine(f"sqlite:///{directory.name}/app.db")
+    >>> def second_run(timeout):
+    ...     with engine.connect() as connection, migration_lock(connection, timeout=timeout):
+    ...         return "migrated"
+    >>> with engine.connect() as connection, migration_lock(connection), ThreadPoolExecutor() as pool:
+    ...     pool.submit(second_run, 0).result()
+    Traceback (most recent call last):
+    ...
+    locksafe.alembic.MigrationLockTimeout: a migration is running elsewhere: the lock 'alembic' on this database is held by another process or connection; did not wait (timeout=0). Nothing was run: run again once it has finished, or give a longer timeout
+    >>> with engine.connect() as connection, migration_lock(connection), ThreadPoolExecutor() as pool:
+    ...     try:
+    ...         pool.submit(second_run, 0.2).result()
+    ...     except MigrationLockTimeout as error:
+    ...         print(error.kind.value, error.lock_name, error.timeout, error.elapsed >= 0.2)
+    lock_timeout alembic 0.2 True
+    >>> with ThreadPoolExecutor() as pool:  # once the first run has ended
+    ...     pool.submit(second_run, 0).result()
+    'migrated'
+    >>> engine.dispose(); directory.cleanup()
+    """  # noqa: E501
 
     def __init__(self, name: str, *, timeout: float, elapsed: float, holder: str) -> None:
         kind = LockErrorKind.LOCK_NOT_AVAILABLE if timeout == 0 else LockErrorKind.LOCK_TIMEOUT
@@ -201,7 +229,23 @@ def _held_here(key: tuple[str, str]) -> bool:
 
 class MigrationLock:
     """A lock for one migration run at a time, held for a ``with`` (``async with``) block on
-    a dedicated connection: see :func:`migration_lock`."""
+    a dedicated connection: see :func:`migration_lock`, which makes it (by default named
+    :data:`DEFAULT_NAME`, waiting up to :data:`DEFAULT_TIMEOUT` seconds).
+
+    >>> import tempfile
+    >>> from sqlalchemy import create_engine
+    >>> directory = tempfile.TemporaryDirectory()
+    >>> engine = create_engine(f"sqlite:///{directory.name}/app.db")
+    >>> with engine.connect() as connection, migration_lock(connection) as lock:
+    ...     print(lock, lock.name == DEFAULT_NAME, lock.timeout == DEFAULT_TIMEOUT)
+    ...     with engine.connect() as other, migration_lock(other) as inner:  # env.py run again
+    ...         print(inner, inner.reentered)
+    <MigrationLock 'alembic' acquired> True True
+    <MigrationLock 'alembic' acquired> True
+    >>> lock, lock.reentered
+    (<MigrationLock 'alembic' not acquired>, False)
+    >>> engine.dispose(); directory.cleanup()
+    """
 
     def __init__(
         self,
@@ -223,8 +267,9 @@ class MigrationLock:
         self.acquired = False
         #: The block runs inside a block of the same thread / task holding the same lock.
         self.reentered = False
-        #: What is locked, once held (as :attr:`locksafe.NamedLock.key`: PostgreSQL's int64
-        #: advisory key, MySQL's lock name, SQLite's lock file and name).
+        #: What is locked, once held (as the ``key`` of a :class:`locksafe.NamedLock`:
+        #: PostgreSQL's int64 advisory key, MySQL's lock name, SQLite's lock file and name);
+        #: ``None`` in a re-entered block.
         self.key: Hashable | None = None
         self._entered = False
         self._started = 0.0
