@@ -52,6 +52,7 @@ from locksafe.doctor._target import (
 from locksafe.doctor._workers import Worker, stop_all
 
 __all__ = [
+    "Advice",
     "DoctorError",
     "DoctorInterrupted",
     "ProbeResult",
@@ -78,7 +79,18 @@ _ENGINE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 class DoctorInterrupted(KeyboardInterrupt):
     """The run was interrupted (Ctrl-C); its scratch table was dropped first (``cleanup``
-    says so, or names what is left)."""
+    says so, or names what is left). A ``KeyboardInterrupt``: a program that does not catch
+    it stops, as on any Ctrl-C.
+
+    >>> class CtrlC(Progress):  # as if Ctrl-C were pressed when the first probe starts
+    ...     def probe_started(self, index, total, title):
+    ...         raise KeyboardInterrupt
+    >>> try:
+    ...     diagnose(progress=CtrlC())  # embedded SQLite
+    ... except DoctorInterrupted as interrupted:
+    ...     print(interrupted.cleanup)
+    scratch table locksafe_doctor_... dropped
+    """
 
     def __init__(self, cleanup: str) -> None:
         super().__init__(cleanup)
@@ -87,12 +99,33 @@ class DoctorInterrupted(KeyboardInterrupt):
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """How one probe ended."""
+    """How one probe ended: an item of :attr:`Report.probes`, also given to
+    :meth:`Progress.probe_finished` as soon as the probe ends.
+
+    >>> class FirstProbe(Progress):  # keeps the first result, then stops, as Ctrl-C would
+    ...     def probe_finished(self, result):
+    ...         self.result = result
+    ...         raise KeyboardInterrupt
+    >>> progress = FirstProbe()
+    >>> try:
+    ...     diagnose(progress=progress)  # embedded SQLite
+    ... except DoctorInterrupted:
+    ...     pass
+    >>> result = progress.result
+    >>> result.name, result.title, result.status
+    ('row_lock_excludes', 'row lock excludes', 'PASS')
+    >>> result.detail
+    '2 connections x 10 locked read-modify-write increments: the counter reads 20 from a third connection, no update lost'
+    >>> sorted(result.as_dict())
+    ['detail', 'name', 'seconds', 'status', 'title']
+    """  # noqa: E501
 
     #: ``"row_lock_excludes"``, ``"nowait_fails_fast"``...
     name: str
     #: For people: ``"row lock excludes"``.
     title: str
+    #: ``"PASS"``, ``"FAIL"`` (locking does not work as locksafe promises here, or the probe
+    #: failed) or ``"UNSUPPORTED"`` (locksafe refuses the feature on this database).
     status: Status
     #: Seconds the probe took.
     seconds: float
@@ -100,6 +133,8 @@ class ProbeResult:
     detail: str
 
     def as_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (an item of ``probes`` in ``locksafe doctor
+        --json``)."""
         return {
             "name": self.name,
             "title": self.title,
@@ -111,12 +146,41 @@ class ProbeResult:
 
 @dataclass
 class Report:
-    """What :func:`diagnose` found."""
+    """What :func:`diagnose` found: the server, its settings with locksafe's advice, what
+    each row-lock option does here, and the probes' results.
+
+    :func:`diagnose` returns it once every probe has run (see its example);
+    :meth:`Progress.ready` is given it before the first probe. Here a :class:`Progress` keeps
+    it and stops the run after the first probe, to stay short:
+
+    >>> class FirstProbe(Progress):
+    ...     def ready(self, report):
+    ...         self.report = report
+    ...     def probe_finished(self, result):
+    ...         raise KeyboardInterrupt  # as Ctrl-C would
+    >>> progress = FirstProbe()
+    >>> try:
+    ...     diagnose(progress=progress)  # embedded SQLite
+    ... except DoctorInterrupted:
+    ...     pass
+    >>> report = progress.report
+    >>> report.dialect, report.driver, report.embedded, report.sqlite_configured
+    ('sqlite', 'pysqlite', True, True)
+    >>> report.renders["nowait=True"]
+    'database write lock before the SELECT, failing at once if busy'
+    >>> [probe.status for probe in report.probes], report.counts()
+    (['PASS'], {'PASS': 1, 'FAIL': 0, 'UNSUPPORTED': 0})
+    >>> report.ok, report.exit_status, report.as_dict()["ok"]
+    (True, 0, True)
+    """
 
     #: The URL, password hidden.
     url: str
+    #: SQLAlchemy's backend name: ``"postgresql"``, ``"mysql"``, ``"mariadb"``, ``"sqlite"``.
     dialect: str
+    #: SQLAlchemy's driver name: ``"psycopg"``, ``"asyncpg"``, ``"pymysql"``, ``"pysqlite"``...
     driver: str
+    #: The driver is an asyncio one (the probes then run on ``AsyncConnection`` objects).
     is_async: bool
     #: No URL was given: an embedded SQLite database in a temporary directory.
     embedded: bool
@@ -126,15 +190,21 @@ class Report:
     server: str
     #: The driver and its version: ``"psycopg (psycopg 3.2.1, sync)"``.
     driver_version: str
+    #: What :func:`locksafe.lock_capabilities` says of this database.
     capabilities: LockCapabilities
     #: What ``with_row_locks`` does here per option (``"default"``, ``"nowait=True"``...): the
     #: clause it renders, SQLite's write lock, or why it refuses the option.
     renders: dict[str, str]
+    #: The settings that decide how lock waits end here, each with locksafe's advice.
     advice: list[Advice]
+    #: The name of the run's scratch table (``locksafe_doctor_<random>``).
     scratch_table: str
+    #: The probes' results, in the order they ran.
     probes: list[ProbeResult] = field(default_factory=list)
-    #: What became of the scratch table: ``"dropped"``, or what is left and why.
+    #: What became of the scratch table: ``"scratch table <name> dropped"``, or what is left
+    #: and why.
     cleanup: str = ""
+    #: Seconds the whole run took.
     seconds: float = 0.0
 
     @property
@@ -148,6 +218,7 @@ class Report:
         return 0 if self.ok else 1
 
     def counts(self) -> dict[str, int]:
+        """How many probes ended PASS, FAIL and UNSUPPORTED."""
         counts = {"PASS": 0, "FAIL": 0, "UNSUPPORTED": 0}
         for probe in self.probes:
             counts[probe.status] += 1
@@ -195,7 +266,27 @@ class Report:
 
 class Progress:
     """Receives :func:`diagnose`'s progress (the command line shows it); every method does
-    nothing unless overridden."""
+    nothing unless overridden. A method runs in the thread that called :func:`diagnose`;
+    what it raises stops the run (the scratch table is dropped first).
+
+    >>> class Printed(Progress):
+    ...     def probe_started(self, index, total, title):
+    ...         if index == 3:
+    ...             raise KeyboardInterrupt  # stop here, as Ctrl-C would: the example stays short
+    ...         print(f"[{index}/{total}] {title}:", end=" ")
+    ...     def probe_finished(self, result):
+    ...         print(result.status)
+    ...     def cleaning_up(self, table):
+    ...         print("dropping", table)
+    >>> try:
+    ...     diagnose(progress=Printed())  # embedded SQLite
+    ... except DoctorInterrupted:
+    ...     print("interrupted")
+    [1/8] row lock excludes: PASS
+    [2/8] NOWAIT fails fast: PASS
+    dropping locksafe_doctor_...
+    interrupted
+    """
 
     def ready(self, report: Report) -> None:
         """Connected and inspected: ``report`` has everything but the probes."""

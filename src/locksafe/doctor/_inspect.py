@@ -20,15 +20,38 @@ __all__ = ["Advice", "ServerFacts", "inspect_server"]
 
 @dataclass(frozen=True)
 class Advice:
-    """One setting of this database, its value, and what it means for locking here."""
+    """One setting of this database, its value, and what it means for locking here: an item
+    of :attr:`Report.advice <locksafe.doctor.Report.advice>`.
 
+    >>> from locksafe.doctor import DoctorInterrupted, Progress, diagnose
+    >>> class Inspected(Progress):  # keeps the report, then stops the run, as Ctrl-C would
+    ...     def ready(self, report):
+    ...         self.report = report
+    ...         raise KeyboardInterrupt
+    >>> progress = Inspected()
+    >>> try:
+    ...     diagnose(progress=progress)  # embedded SQLite
+    ... except DoctorInterrupted:
+    ...     pass
+    >>> journal_mode = progress.report.advice[1]
+    >>> journal_mode
+    Advice(setting='journal_mode', value='wal', advice='readers and the writer do not block each other', warning=False)
+    >>> journal_mode.as_dict()["warning"]
+    False
+    """  # noqa: E501
+
+    #: The setting, or what was looked at: ``"lock_timeout"``, ``"innodb_lock_wait_timeout"``,
+    #: ``"journal_mode"``, ``"engine set-up"``...
     setting: str
+    #: Its value here: ``"0 (no bound)"``, ``"50 s"``, ``"wal"``, ``"ON"``...
     value: str
+    #: What it means for locking on this database, and what to change if it is worth changing.
     advice: str
     #: Worth changing (shown with ``!``), not only worth knowing.
     warning: bool = False
 
     def as_dict(self) -> dict[str, Any]:
+        """The item as JSON-ready data (an item of ``advice`` in ``locksafe doctor --json``)."""
         return {
             "setting": self.setting,
             "value": self.value,

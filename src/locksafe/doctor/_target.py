@@ -32,8 +32,17 @@ __all__ = ["DoctorError", "Target", "resolve_target"]
 class DoctorError(Exception):
     """``locksafe doctor`` cannot examine this database: a bad URL, a driver that is not
     installed, a server it cannot reach, missing privileges. The message is one paragraph for
-    people, naming what to do (the extra to install, the privilege to grant): see
-    :func:`locksafe.doctor.diagnose` for an example."""
+    people, naming what to do (the extra to install, the privilege to grant).
+
+    >>> diagnose("sqlite:////no/such/directory/app.db")
+    Traceback (most recent call last):
+    ...
+    locksafe.doctor.DoctorError: there is no SQLite database at /no/such/directory/app.db (from sqlite:////no/such/directory/app.db); locksafe doctor does not create one. Check the path (sqlite:///relative/app.db, sqlite:////absolute/app.db), or run without a URL to examine a temporary database.
+    >>> diagnose("mysql+nosuchdriver://db.example.com/app")
+    Traceback (most recent call last):
+    ...
+    locksafe.doctor.DoctorError: SQLAlchemy has no driver 'nosuchdriver' for mysql (...). Drivers locksafe supports: mysql+aiomysql, mysql+asyncmy, mysql+mariadbconnector, mysql+mysqlconnector, mysql+mysqldb, mysql+pymysql.
+    """  # noqa: E501
 
 
 DoctorError.__module__ = "locksafe.doctor"  # where it is documented and imported from
