@@ -26,6 +26,7 @@ import numbers
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 
@@ -189,6 +190,29 @@ def _listen_to_pools() -> None:
             _listening_to_pools = True
 
 
+#: Session -> the blocks on it, outermost first: each bounds the connections the session takes
+#: while it is open. One ``after_begin`` listener on ``Session`` serves them all (no listener
+#: added and removed per block: ``@transactional``'s deadline opens one per attempt).
+_blocks: weakref.WeakKeyDictionary[Session, list[LockTimeout]] = weakref.WeakKeyDictionary()
+_listening_to_sessions = False
+
+
+def _listen_to_sessions() -> None:
+    global _listening_to_sessions
+    with _listening_lock:
+        if not _listening_to_sessions:
+            event.listen(Session, "after_begin", _session_began)
+            _listening_to_sessions = True
+
+
+def _session_began(session: Session, transaction: object, conn: Connection) -> None:
+    """Session ``after_begin``: the blocks open on ``session`` bound ``conn``."""
+    blocks = _blocks.get(session)
+    if blocks:
+        for block in tuple(blocks):
+            block._on_begin(session, transaction, conn)
+
+
 # -- reading and setting in one statement -----------------------------------------------------
 #
 # The generic way reads the setting, then sets it: two round trips (then one more to set it back,
@@ -327,7 +351,8 @@ class LockTimeout:
             if isinstance(target, Session):
                 # every connection the session takes inside the block, in every transaction
                 self._session = target
-                event.listen(target, "after_begin", self._on_begin)
+                _listen_to_sessions()
+                _blocks.setdefault(target, []).append(self)
                 root = target.get_transaction()
                 if root is not None:
                     for conn in _connections_of(root):
@@ -420,7 +445,11 @@ class LockTimeout:
     def _finish(self, *, failed: bool) -> None:
         session, self._session = self._session, None
         if session is not None:
-            event.remove(session, "after_begin", self._on_begin)
+            blocks = _blocks.get(session, [])
+            if self in blocks:
+                blocks.remove(self)
+            if not blocks:
+                _blocks.pop(session, None)
         applied, self._applied = self._applied, []
         self._entered = False
         error: BaseException | None = None

@@ -911,6 +911,7 @@ def _track_caller_work() -> None:
     if _tracking:
         return
     event.listen(Session, "after_begin", _serve)
+    event.listen(Session, "after_commit", _count_commit)
     event.listen(Engine, "before_execute", _note_statement)
     _tracking = True
 
@@ -968,23 +969,38 @@ def _join_callers(session: Any, operation: str) -> bool | None:
 class _Commits:
     """Counts the COMMITs of one session while the decorated function runs: a transaction the
     function ended is ``CLOSED`` whether it committed or rolled back, and only a commit makes
-    running the function again unsafe."""
+    running the function again unsafe. (One ``after_commit`` listener on ``Session`` serves
+    every count: no listener is added and removed per call.)"""
 
     def __init__(self, session: object) -> None:
         self.session = session if isinstance(session, Session) else None
         self.count = 0
-
-    def _seen(self, session: Session) -> None:
-        self.count += 1
+        self._outer: _Commits | None = None
 
     def __enter__(self) -> _Commits:
         if self.session is not None:
-            event.listen(self.session, "after_commit", self._seen)
+            self._outer = _counting.get(self.session)
+            _counting[self.session] = self
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.session is not None:
-            event.remove(self.session, "after_commit", self._seen)
+        if self.session is None:
+            return
+        if self._outer is not None:
+            _counting[self.session] = self._outer
+        else:
+            _counting.pop(self.session, None)
+
+
+#: Session -> the count of the call whose function runs in it now.
+_counting: weakref.WeakKeyDictionary[Session, _Commits] = weakref.WeakKeyDictionary()
+
+
+def _count_commit(session: Session) -> None:
+    """Session ``after_commit``."""
+    commits = _counting.get(session)
+    if commits is not None:
+        commits.count += 1
 
 
 def _state(tx: object) -> object:
