@@ -849,10 +849,10 @@ def _check_session(
 #: Autobegun session transactions in which a statement other than a plain SELECT ran (a
 #: flush's INSERT/UPDATE/DELETE, a Core or text write, a locked SELECT, a SAVEPOINT...).
 _worked: weakref.WeakSet[SessionTransaction] = weakref.WeakSet()
-#: Connection -> the autobegun session transaction it serves (both weakly).
-_serving: weakref.WeakKeyDictionary[Connection, weakref.ref[SessionTransaction]] = (
-    weakref.WeakKeyDictionary()
-)
+#: id(Connection) -> the autobegun session transaction it serves (weakly, with the Connection,
+#: which the lookup checks). Keyed by id(), not a WeakKeyDictionary: it is read for every
+#: statement of every engine, and a weak-keyed lookup costs about 0.3 µs more there.
+_serving: dict[int, tuple[weakref.ref[Connection], weakref.ref[SessionTransaction]]] = {}
 _tracking = False
 
 _SELECT: Final = re.compile(r"\s*(\(\s*)*select\b", re.IGNORECASE)
@@ -887,7 +887,14 @@ def _serve(session: Session, transaction: SessionTransaction, connection: Connec
     root = session.get_transaction()
     if root is None or root.origin is not SessionTransactionOrigin.AUTOBEGIN:
         return
-    _serving[connection] = weakref.ref(root)
+    key = id(connection)
+
+    def gone(_: object, key: int = key) -> None:
+        entry = _serving.get(key)
+        if entry is not None and entry[0]() is None:
+            del _serving[key]
+
+    _serving[key] = (weakref.ref(connection, gone), weakref.ref(root))
 
 
 def _note_statement(
@@ -895,10 +902,10 @@ def _note_statement(
 ) -> None:
     """Engine ``before_execute``: a statement that is not a plain SELECT, on a connection that
     serves an autobegun session transaction, marks that transaction as holding work."""
-    served = _serving.get(conn)
-    if served is None:
+    entry = _serving.get(id(conn))
+    if entry is None or entry[0]() is not conn:
         return  # the common case: an explicit or decorator-owned transaction, or no session
-    root = served()
+    root = entry[1]()
     if root is None or root in _worked or _reads_only(clauseelement):
         return
     _worked.add(root)
