@@ -61,7 +61,8 @@ RESTORE_KEY: Final = "locksafe.lock_timeout.restore"
 #: pick the cheaper way next time; never taken for the value).
 SEEN_KEY: Final = "locksafe.lock_timeout.seen"
 
-_listening_to_pools = False
+#: The class-level listeners installed (each once, on first use).
+_listening: set[str] = set()
 _listening_lock = threading.Lock()
 
 
@@ -182,27 +183,24 @@ def _set_back_before_checkin(
         cursor.close()
 
 
-def _listen_to_pools() -> None:
-    global _listening_to_pools
+def _listen_once(target: type, name: str, listener: Callable[..., Any]) -> None:
+    key = f"{target.__name__}.{name}"
+    if key in _listening:
+        return
     with _listening_lock:
-        if not _listening_to_pools:
-            event.listen(Pool, "reset", _set_back_before_checkin)
-            _listening_to_pools = True
+        if key not in _listening:
+            event.listen(target, name, listener)
+            _listening.add(key)
+
+
+def _listen_to_pools() -> None:
+    _listen_once(Pool, "reset", _set_back_before_checkin)
 
 
 #: Session -> the blocks on it, outermost first: each bounds the connections the session takes
 #: while it is open. One ``after_begin`` listener on ``Session`` serves them all (no listener
 #: added and removed per block: ``@transactional``'s deadline opens one per attempt).
 _blocks: weakref.WeakKeyDictionary[Session, list[LockTimeout]] = weakref.WeakKeyDictionary()
-_listening_to_sessions = False
-
-
-def _listen_to_sessions() -> None:
-    global _listening_to_sessions
-    with _listening_lock:
-        if not _listening_to_sessions:
-            event.listen(Session, "after_begin", _session_began)
-            _listening_to_sessions = True
 
 
 def _session_began(session: Session, transaction: object, conn: Connection) -> None:
@@ -351,7 +349,7 @@ class LockTimeout:
             if isinstance(target, Session):
                 # every connection the session takes inside the block, in every transaction
                 self._session = target
-                _listen_to_sessions()
+                _listen_once(Session, "after_begin", _session_began)
                 _blocks.setdefault(target, []).append(self)
                 root = target.get_transaction()
                 if root is not None:
