@@ -490,7 +490,7 @@ class _Call:
                 error = exc
             # decided outside the except block, as tenacity did: what a retry_on or on_retry
             # callback raises is not chained to the error
-            if not self.retried(error):
+            if not self.retries(error):
                 raise error
             wait = policy.wait(self.attempts)
             if self.attempts >= policy.attempts or self.elapsed() + wait >= policy.timeout:
@@ -501,7 +501,9 @@ class _Call:
             self.before_sleep(error, wait)
             await self.steps.sleep(wait)
 
-    def retried(self, error: Exception) -> bool:
+    def retries(self, error: Exception) -> bool:
+        """Whether the call runs again after ``error``: never an error this attempt settled,
+        nor what no rule may retry (:func:`_never_retried`); else the policy's rule decides."""
         return (
             error is not self.settled
             and not _never_retried(error)
