@@ -484,3 +484,128 @@ def test_transactional_sets_nothing_in_autocommit(cell: Cell) -> None:
     assert (
         cell.run_session(lambda s: inside(session=s), engine=engine) == 30.0
     )  # the server's, untouched
+
+
+# -- what the deadline costs, and that it reads the bound a connection has now ---------------
+
+
+def set_own_bound(cell: Cell, engine: Any, seconds: int) -> None:
+    """Give the pooled connection of ``engine`` its own bound (the session's setting), as an
+    application would, behind locksafe's back."""
+    sql = (
+        f"SET lock_timeout = '{seconds}s'"
+        if cell.backend == "postgresql"
+        else f"SET SESSION innodb_lock_wait_timeout = {seconds}"
+    )
+
+    def run(conn: Connection) -> None:
+        conn.exec_driver_sql(sql)
+        conn.commit()
+
+    cell.run(run, engine=engine)
+
+
+def deadline_calls(cell: Cell, engine: Any, timeout: float, calls: int) -> list[float]:
+    """``calls`` calls of a ``@transactional(timeout=timeout)`` function (the ``async def`` one
+    on async cells), each in a new session, one attempt each; the bound each saw inside."""
+    setting = setting_of(cell)
+
+    @locksafe.transactional(timeout=timeout)
+    def inside(*, session: Session) -> float:
+        return current(session, setting)
+
+    @locksafe.transactional(timeout=timeout)
+    async def inside_async(*, session: AsyncSession) -> float:
+        return await session.run_sync(current, setting)
+
+    if not cell.is_async:
+        return [cell.run_session(lambda s: inside(session=s), engine=engine) for _ in range(calls)]
+
+    async def main() -> list[float]:
+        seen = []
+        for _ in range(calls):
+            async with AsyncSession(engine) as session:
+                seen.append(await inside_async(session=session))
+        return seen
+
+    return cell.run_async(main)
+
+
+class Received:
+    """Statements a server received: on PostgreSQL every statement of the engine (locksafe's
+    go through SQLAlchemy there), on MariaDB the server's own count (``Questions``: whatever
+    path a statement took: SQLAlchemy, the bare DB-API cursor, the pool), read on a
+    connection of its own; the test session's servers serve this test alone."""
+
+    def __init__(self, cell: Cell, engine: Any) -> None:
+        self.cell = cell
+        self.seen = 0
+        if cell.backend == "postgresql":
+            sync = engine.sync_engine if cell.is_async else engine
+            event.listen(sync, "before_cursor_execute", self._count)
+        else:
+            self.admin = cell.sync_engine().connect()
+            self.probe = self._questions() - self._questions()  # what one read adds: -1
+
+    def _count(self, *args: Any) -> None:
+        self.seen += 1
+
+    def _questions(self) -> int:
+        return int(self.admin.exec_driver_sql("SHOW GLOBAL STATUS LIKE 'Questions'").one()[1])
+
+    def close(self) -> None:
+        if self.cell.backend != "postgresql":
+            self.admin.close()
+
+    def during(self, work: Callable[[], object]) -> int:
+        if self.cell.backend == "postgresql":
+            before = self.seen
+            work()
+            return self.seen - before
+        before = self._questions()
+        work()
+        return self._questions() - before + self.probe
+
+
+@pytest.mark.cells("postgresql", "mariadb")
+@pytest.mark.parametrize("own_bound", [100, 5])
+def test_the_deadline_costs_one_statement_or_two(cell: Cell, own_bound: int) -> None:
+    """What ``@transactional(timeout=30)`` sends beyond the same call without a deadline
+    (``timeout=inf``), per attempt: PostgreSQL one statement (the value read and
+    ``lock_timeout`` set in one); MySQL / MariaDB two where the deadline lowers the
+    connection's own bound (saved and set in one, set back at check-in), one where the
+    connection's bound is tighter already (read: nothing to change)."""
+    engine = pooled_engine(cell)
+    set_own_bound(cell, engine, own_bound)
+    received = Received(cell, engine)
+    for timeout in (math.inf, 30):
+        deadline_calls(cell, engine, timeout, 1)  # warm: connected, the bound seen once
+    calls = 3
+    try:
+        plain = received.during(lambda: deadline_calls(cell, engine, math.inf, calls))
+        bounded = received.during(lambda: deadline_calls(cell, engine, 30, calls))
+    finally:
+        received.close()
+    lowers = own_bound > 30
+    expected = 1 if cell.backend == "postgresql" or not lowers else 2
+    assert (bounded - plain) == expected * calls, (
+        f"{cell.name}: {plain / calls} statements per call without the deadline, "
+        f"{bounded / calls} with it"
+    )
+    seen = deadline_calls(cell, engine, 30, 1)[0]
+    assert (29 < seen <= 30) if lowers else seen == own_bound
+    print(f"\n{cell.name}, own bound {own_bound}s: the deadline costs {expected} per attempt")
+
+
+@pytest.mark.cells("postgresql", "mariadb")
+def test_the_deadline_reads_the_bound_a_connection_has_now(cell: Cell) -> None:
+    """The connection's own bound changes between calls, behind locksafe's back, looser and
+    tighter: each call bounds its waits by the lower of the deadline and the bound the
+    connection has then, and leaves that bound as it found it."""
+    engine = pooled_engine(cell)
+    setting = setting_of(cell)
+    for own in (100, 1, 100, 100, 2, 2, 100):
+        set_own_bound(cell, engine, own)
+        inside = deadline_calls(cell, engine, 30, 1)[0]
+        assert (29 < inside <= 30) if own > 30 else inside == own, (own, inside)
+        assert cell.run(lambda conn: current(conn, setting), engine=engine) == own

@@ -26,6 +26,7 @@ import numbers
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 
@@ -56,7 +57,12 @@ log = logging.getLogger("locksafe.timeouts")
 #: the SQL that sets it back (the value before the outermost block).
 RESTORE_KEY: Final = "locksafe.lock_timeout.restore"
 
-_listening_to_pools = False
+#: In the pool's ``info``: a connection-scoped setting as locksafe last read it, in seconds (to
+#: pick the cheaper way next time; never taken for the value).
+SEEN_KEY: Final = "locksafe.lock_timeout.seen"
+
+#: The class-level listeners installed (each once, on first use).
+_listening: set[str] = set()
 _listening_lock = threading.Lock()
 
 
@@ -111,22 +117,26 @@ def _resolve(bind: Any) -> tuple[Session | Connection | None, Any]:
     )
 
 
-class _Applied:
-    """One connection whose setting a block changed, and what to set back."""
+#: The SQL that sets a setting back, and its bound parameters.
+_Restore: TypeAlias = tuple[str, dict[str, Any]]
 
-    __slots__ = ("connection", "owns_key", "previous", "setting", "transaction")
+
+class _Applied:
+    """One connection whose setting a block changed, and the SQL that sets it back."""
+
+    __slots__ = ("connection", "owns_key", "restore", "setting", "transaction")
 
     def __init__(
         self,
         connection: Connection,
         setting: LockWaitSetting,
-        previous: Any,
+        restore: _Restore,
         transaction: Transaction | None,
         owns_key: bool,
     ) -> None:
         self.connection = connection
         self.setting = setting
-        self.previous = previous
+        self.restore = restore
         self.transaction = transaction
         self.owns_key = owns_key
 
@@ -173,12 +183,94 @@ def _set_back_before_checkin(
         cursor.close()
 
 
-def _listen_to_pools() -> None:
-    global _listening_to_pools
+def _listen_once(target: type, name: str, listener: Callable[..., Any]) -> None:
+    key = f"{target.__name__}.{name}"
+    if key in _listening:
+        return
     with _listening_lock:
-        if not _listening_to_pools:
-            event.listen(Pool, "reset", _set_back_before_checkin)
-            _listening_to_pools = True
+        if key not in _listening:
+            event.listen(target, name, listener)
+            _listening.add(key)
+
+
+def _listen_to_pools() -> None:
+    _listen_once(Pool, "reset", _set_back_before_checkin)
+
+
+#: Session -> the blocks on it, outermost first: each bounds the connections the session takes
+#: while it is open. One ``after_begin`` listener on ``Session`` serves them all (no listener
+#: added and removed per block: ``@transactional``'s deadline opens one per attempt).
+_blocks: weakref.WeakKeyDictionary[Session, list[LockTimeout]] = weakref.WeakKeyDictionary()
+
+
+def _session_began(session: Session, transaction: object, conn: Connection) -> None:
+    """Session ``after_begin``: the blocks open on ``session`` bound ``conn``."""
+    blocks = _blocks.get(session)
+    if blocks:
+        for block in tuple(blocks):
+            block._on_begin(session, transaction, conn)
+
+
+# -- reading and setting in one statement -----------------------------------------------------
+#
+# The generic way reads the setting, then sets it: two round trips (then one more to set it back,
+# for a connection-scoped setting). Where the server can do both in one statement, it does.
+# (Per dialect: with the dialect's LockWaitSetting, once the dialect packages hold such forms.)
+
+#: PostgreSQL: the value before (returned), and ``lock_timeout`` set for the transaction; with
+#: ``only_lower``, to the value asked for only where that is tighter (0 is no bound at all).
+#: ``OFFSET 0`` keeps the read in its own step, before ``set_config``.
+_PG_READ_AND_SET: Final = (
+    "SELECT lt.previous, set_config('lock_timeout', {value}, true) "
+    "FROM (SELECT current_setting('lock_timeout') AS previous OFFSET 0) AS lt"
+)
+_PG_LOWER: Final = (
+    "CASE WHEN lt.previous::interval > interval '0' "
+    "AND lt.previous::interval <= make_interval(secs => :bound) "
+    "THEN lt.previous ELSE :value END"
+)
+
+#: MySQL / MariaDB: ``innodb_lock_wait_timeout`` saved in a user variable of the connection and
+#: set (with ``only_lower``, to the lower of the two), in one statement; set back from that
+#: variable, at the block's end or by the pool. A connection-scoped form keeps the value in one
+#: place on the server, so only the outermost block on a connection uses it (a block inside
+#: another, which is rare, reads and sets the generic way).
+_MYSQL_SAVED: Final = "@locksafe_innodb_lock_wait_timeout"
+_MYSQL_SAVE_AND_SET: Final = (
+    f"SET {_MYSQL_SAVED} = @@SESSION.innodb_lock_wait_timeout, "
+    "SESSION innodb_lock_wait_timeout = {value}"
+)
+
+
+def _postgresql_in_one(
+    conn: Connection, setting: LockWaitSetting, wanted: Any, only_lower: bool
+) -> _Restore | None:
+    sql = _PG_READ_AND_SET.format(value=_PG_LOWER if only_lower else ":value")
+    params: dict[str, Any] = {"value": str(wanted)}
+    if only_lower:
+        params["bound"] = setting.seconds(wanted)
+    previous = conn.execute(text(sql), params).one()[0]
+    if only_lower and setting.seconds(previous) <= setting.seconds(wanted):
+        return None  # already bounded at least as tightly: left as it was
+    return setting.write(previous)
+
+
+def _mysql_in_one(
+    conn: Connection, setting: LockWaitSetting, wanted: Any, only_lower: bool
+) -> _Restore:
+    number = float(wanted)
+    value = f"{int(number):d}" if number.is_integer() else repr(number)
+    if only_lower:
+        value = f"LEAST(@@SESSION.innodb_lock_wait_timeout, {value})"
+    _on_dbapi(conn, _MYSQL_SAVE_AND_SET.format(value=value))
+    return f"SET SESSION innodb_lock_wait_timeout = {_MYSQL_SAVED}", {}
+
+
+#: Dialect name -> how to read and set in one statement; it returns what sets the value back,
+#: ``None`` when it changed nothing.
+_IN_ONE_STATEMENT: Final[
+    dict[str, Callable[[Connection, LockWaitSetting, Any, bool], _Restore | None]]
+] = {"postgresql": _postgresql_in_one, "mysql": _mysql_in_one, "mariadb": _mysql_in_one}
 
 
 def _autocommit(conn: Connection) -> bool:
@@ -234,6 +326,9 @@ class LockTimeout:
     async def __aenter__(self) -> None:
         if self._async is None:
             raise TypeError("lock_timeout() on a Session or Connection: use `with`")
+        if isinstance(self._sync, Session) and self._sync.get_transaction() is None:
+            self._start(self._sync)  # nothing to send before its transaction: no greenlet
+            return
         await self._async.run_sync(self._start)
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -254,7 +349,8 @@ class LockTimeout:
             if isinstance(target, Session):
                 # every connection the session takes inside the block, in every transaction
                 self._session = target
-                event.listen(target, "after_begin", self._on_begin)
+                _listen_once(Session, "after_begin", _session_began)
+                _blocks.setdefault(target, []).append(self)
                 root = target.get_transaction()
                 if root is not None:
                     for conn in _connections_of(root):
@@ -292,31 +388,66 @@ class LockTimeout:
         assert setting is not None
         seconds = self._seconds() if callable(self._seconds) else self._seconds
         wanted = setting.value(max(0.0, seconds), conn.dialect)
+        in_one = _IN_ONE_STATEMENT.get(conn.dialect.name)
+        if in_one is not None and self._in_one_statement(conn, setting, wanted):
+            restore = in_one(conn, setting, wanted, self._only_lower)
+            if restore is not None:
+                self._record(conn, setting, restore)
+            return
         if scoped:
             previous = conn.execute(text(setting.read_sql)).scalar()
         else:
             previous = _on_dbapi(conn, setting.read_sql, fetch=True)
+            conn.info[SEEN_KEY] = setting.seconds(previous)
         if self._only_lower and setting.seconds(previous) <= setting.seconds(wanted):
             return  # already bounded at least as tightly
-        owns_key = False
-        if not scoped:
-            owns_key = RESTORE_KEY not in conn.info
-            if owns_key:  # the outermost block's value, for the pool to set back if need be
-                _listen_to_pools()
-                conn.info[RESTORE_KEY] = setting.write(previous)[0]
-        self._applied.append(
-            _Applied(conn, setting, previous, conn.get_transaction() if scoped else None, owns_key)
-        )
+        self._record(conn, setting, setting.write(previous))
         sql, params = setting.write(wanted)
         if scoped:
             conn.execute(text(sql), params)
         else:
             _on_dbapi(conn, sql)
 
+    def _in_one_statement(self, conn: Connection, setting: LockWaitSetting, wanted: Any) -> bool:
+        """Whether to read and set in one statement, where the dialect has a form for that:
+        always for a transaction-scoped setting. A connection-scoped form keeps the value in one
+        place on the server: only the outermost block on a connection uses it; and with
+        ``only_lower`` only where the connection's bound, as last read, was looser than
+        ``wanted``. Otherwise reading alone (one round trip) is likely to find nothing to
+        change, where saving and setting costs one more to set back. A guess of which way is
+        cheaper, never of the value: both ways leave a tighter bound as it is."""
+        if setting.transaction_scoped:
+            return True
+        if RESTORE_KEY in conn.info:
+            return False
+        if not self._only_lower:
+            return True
+        seen = conn.info.get(SEEN_KEY)
+        return isinstance(seen, float) and seen > setting.seconds(wanted)
+
+    def _record(self, conn: Connection, setting: LockWaitSetting, restore: _Restore) -> None:
+        """Remember to set ``conn``'s setting back with ``restore``: at the block's end, and
+        for a connection-scoped setting changed by the outermost block, before the pool takes
+        the connection back if that end does not come."""
+        scoped = setting.transaction_scoped
+        owns_key = False
+        if not scoped:
+            owns_key = RESTORE_KEY not in conn.info
+            if owns_key:  # the outermost block's value, for the pool to set back if need be
+                _listen_to_pools()
+                conn.info[RESTORE_KEY] = restore[0]
+        self._applied.append(
+            _Applied(conn, setting, restore, conn.get_transaction() if scoped else None, owns_key)
+        )
+
     def _finish(self, *, failed: bool) -> None:
         session, self._session = self._session, None
         if session is not None:
-            event.remove(session, "after_begin", self._on_begin)
+            blocks = _blocks.get(session, [])
+            if self in blocks:
+                blocks.remove(self)
+            if not blocks:
+                _blocks.pop(session, None)
         applied, self._applied = self._applied, []
         self._entered = False
         error: BaseException | None = None
@@ -333,7 +464,7 @@ class LockTimeout:
         if not applied.live():
             return
         conn, setting = applied.connection, applied.setting
-        sql, params = setting.write(applied.previous)
+        sql, params = applied.restore
         if setting.transaction_scoped:
             try:
                 conn.execute(text(sql), params)

@@ -1,29 +1,34 @@
 """One atomic transaction, retried on lock errors: :func:`transactional`.
 
-The retry schedule is tenacity's (exponential backoff with full jitter, bounded by attempts
-and by total time); what locksafe adds is *what* is retried and *how*: only errors that
-:func:`~locksafe.is_retryable_lock_error` calls retryable (the error itself reports a lock
-error, and nothing may have been committed), always the whole transaction from its ``BEGIN``,
-never a transaction the decorator did not begin,
-never after a ``COMMIT`` whose outcome is unknown, and never an interruption
-(``KeyboardInterrupt``, a cancelled task) or a :class:`~locksafe.LockUnavailable` (an inner
-:func:`transactional` already gave up).
+The retry schedule is tenacity's (``wait_random_exponential``: exponential backoff with full
+jitter; bounded by attempts and, as ``stop_before_delay``, by total time); what locksafe adds
+is *what* is retried and *how*: only errors that :func:`~locksafe.is_retryable_lock_error`
+calls retryable (the error itself reports a lock error, and nothing may have been committed),
+always the whole transaction from its ``BEGIN``, never a transaction the decorator did not
+begin, never after a ``COMMIT`` whose outcome is unknown (the rules: :class:`_CommitOutcome`),
+and never an interruption (``KeyboardInterrupt``, a cancelled task) or a
+:class:`~locksafe.LockUnavailable` (an inner :func:`transactional` already gave up).
+
+One loop serves sync and ``async def`` functions (:class:`_Call`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import enum
 import functools
 import inspect
 import logging
 import math
 import numbers
+import random
 import re
 import sys
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
@@ -120,6 +125,7 @@ def _is_retryable(exc: BaseException) -> bool:
 #: so (the exception itself reports a retryable lock error, and nothing may have been
 #: committed), as :func:`transactional` does; never an interruption, never a
 #: :class:`~locksafe.LockUnavailable`, never an application error raised while handling a lock
+
 #: error (``except OperationalError: raise Conflict()``).
 #:
 #: >>> import tenacity
@@ -160,6 +166,57 @@ class RetryDetails:
     exception: BaseException
     #: The decorated function's qualified name.
     operation: str
+
+
+# -- whether work may be committed: the rules -------------------------------------------------
+#
+# After a failure inside the decorator's transaction, one question decides whether running the
+# function again is safe: may anything have been committed? The answers, from what is known at
+# that point (where the error came from, the state SQLAlchemy left the transaction in, whether
+# the function committed itself, what the error reports), and nothing else:
+
+
+class _CommitOutcome(enum.Enum):
+    """What is known about a failed transaction's work (:func:`_outcome_of_body_error`,
+    :func:`_outcome_of_commit_error`)."""
+
+    #: Nothing was committed: the error is judged like any other (the retry rule decides).
+    NOT_COMMITTED = "not committed"
+    #: A COMMIT was sent and failed with something else than a lock error the server reported
+    #: (a lost connection, a timeout...): it may have happened. Never retried.
+    UNKNOWN = "unknown"
+    #: The function committed the transaction itself: running it again would redo that work.
+    #: Never retried.
+    COMMITTED = "committed"
+
+
+def _outcome_of_body_error(
+    error: BaseException, state: object, *, function_committed: bool
+) -> _CommitOutcome:
+    """The function raised ``error`` inside the decorator's transaction, which SQLAlchemy left
+    in ``state`` (a ``SessionTransactionState``; ``None`` when unknown); ``function_committed``:
+    the function committed it itself (a session ``after_commit`` was seen).
+
+    - ``PREPARED``: the function's own ``commit()`` flushed and sent the COMMIT, which failed.
+      As for the decorator's COMMIT, only a lock error the server reported proves nothing
+      was committed.
+    - it committed (the transaction is ``CLOSED`` after a commit as after a rollback, hence
+      ``function_committed``): whatever it raised after that comes after committed work.
+    - otherwise (active, deactivated by a failed flush, rolled back or closed by the function:
+      ``except OperationalError: session.rollback(); raise``): nothing was committed.
+    """
+    if state is SessionTransactionState.PREPARED:
+        return _CommitOutcome.NOT_COMMITTED if _is_retryable(error) else _CommitOutcome.UNKNOWN
+    if function_committed or state is SessionTransactionState.COMMITTED:
+        return _CommitOutcome.COMMITTED
+    return _CommitOutcome.NOT_COMMITTED
+
+
+def _outcome_of_commit_error(error: BaseException) -> _CommitOutcome:
+    """The function returned and the decorator's COMMIT (with the flush before it) raised
+    ``error``: only a lock error the server reported proves the COMMIT did not happen; anything
+    else (a lost connection...) may hide a successful commit."""
+    return _CommitOutcome.NOT_COMMITTED if _is_retryable(error) else _CommitOutcome.UNKNOWN
 
 
 # -- validation of the options ----------------------------------------------------------------
@@ -249,77 +306,345 @@ class _Policy:
             if retry_after is not None
             else float(max(1, math.ceil(wait_max)))
         )
-        self._jitter = tenacity.wait_random_exponential(multiplier=wait_initial, max=wait_max)
+        self.wait_initial = wait_initial
+        self.wait_max = wait_max
 
-    def wait(self, state: tenacity.RetryCallState) -> float:
-        return 0.0 if _testing else float(self._jitter(state))
+    def wait(self, attempt: int) -> float:
+        """Seconds to sleep after attempt number ``attempt`` failed: full jitter, uniform
+        between 0 and ``wait_initial * 2 ** (attempt - 1)``, at most ``wait_max`` (tenacity's
+        ``wait_random_exponential``); 0 under :func:`set_testing`."""
+        if _testing:
+            return 0.0
+        try:
+            high = min(self.wait_max, self.wait_initial * 2.0 ** (attempt - 1))
+        except OverflowError:
+            high = self.wait_max
+        return random.uniform(0.0, high)
+
+
+# -- one call: the attempt loop, written once for sync and async functions -------------------
+#
+# The loop and each attempt are coroutines. The async wrapper awaits them; the sync wrapper runs
+# them to their end in one go (``_run_sync``), which it can because every step it awaits is
+# done when it is created: the only difference between the two wrappers is in their steps
+# (``_SyncSteps``, ``_AsyncSteps``): calling the function, entering the session's blocks,
+# settling what a session method returned (an AsyncSession's coroutines are awaited), sleeping.
+
+
+async def _done(value: T) -> T:
+    return value
+
+
+class _Leaked(Exception):
+    """A ``StopIteration`` that the sync function raised, carried through the steps: raised
+    as it is out of a coroutine, it would become a ``RuntimeError`` (PEP 479). :func:`_run_sync`
+    raises the ``StopIteration`` itself, as the decorated function did."""
+
+    def __init__(self, stop: StopIteration) -> None:
+        super().__init__(stop)
+        self.stop = stop
+
+
+class _Entered:
+    """A sync context manager, entered and exited with ``async with`` by the one loop."""
+
+    __slots__ = ("manager",)
+
+    def __init__(self, manager: contextlib.AbstractContextManager[Any]) -> None:
+        self.manager = manager
+
+    async def __aenter__(self) -> Any:
+        return self.manager.__enter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return self.manager.__exit__(*exc_info)
+
+
+class _SyncSteps:
+    """The steps of a sync function's call: each does its work when called and returns it
+    done, so that nothing the loop awaits suspends."""
+
+    is_async = False
+
+    def call(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return _done(func(*args, **kwargs))
+        except StopIteration as stop:
+            raise _Leaked(stop) from stop
+
+    def settle(self, value: Any) -> Awaitable[Any]:
+        return _done(value)
+
+    def block(self, manager: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+        return _Entered(manager)
+
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        time.sleep(seconds)
+        return _done(None)
+
+
+class _AsyncSteps(_SyncSteps):
+    """The steps of an ``async def`` function's call: awaited."""
+
+    is_async = True
+
+    async def call(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        return await func(*args, **kwargs)
+
+    async def settle(self, value: Any) -> Any:
+        return await value if inspect.isawaitable(value) else value
+
+    def block(self, manager: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+        return cast(contextlib.AbstractAsyncContextManager[Any], manager)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+_SYNC: Final = _SyncSteps()
+_ASYNC: Final = _AsyncSteps()
+
+
+def _run_sync(call: Coroutine[Any, Any, T]) -> T:
+    """Run the coroutine of a sync function's call to its end: it never suspends (its steps
+    are done when created)."""
+    try:
+        call.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    except _Leaked as leaked:
+        stop = leaked.stop
+    else:
+        call.close()
+        raise RuntimeError("@transactional: a sync call suspended (a step awaited something)")
+    raise stop
+
+
+class _Decorated:
+    """What the decorator resolved for one function, shared by all its calls."""
+
+    __slots__ = ("func", "policy", "position", "sessionmaker", "steps")
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        policy: _Policy,
+        position: int,
+        sessionmaker: Callable[[], Any] | None,
+    ) -> None:
+        self.func = func
+        self.policy = policy
+        self.position = position
+        self.sessionmaker = sessionmaker
+        self.steps = _ASYNC if inspect.iscoroutinefunction(func) else _SYNC
 
 
 class _Call:
-    """One call of a decorated function: its attempts, and what each failure means.
+    """One call of a decorated function: its attempts, and what each failure means."""
 
-    Shared by the sync and the async wrapper; only running the function and its transaction
-    differs between them.
-    """
-
-    def __init__(self, policy: _Policy) -> None:
-        self.policy = policy
+    def __init__(self, decorated: _Decorated, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        self.decorated = decorated
+        self.policy = decorated.policy
+        self.steps = decorated.steps
+        self.args = args
+        self.kwargs = kwargs
         self.started = time.monotonic()
         self.attempts = 0
-        #: Errors that must go up as they are: a COMMIT with an unknown outcome, misuse.
-        self.final: set[int] = set()
-        #: The last failure the policy chose to retry (when it is also the last error,
-        #: attempts or time ran out: "giving up").
-        self.retried: BaseException | None = None
+        #: The error of the current attempt that goes up as it is, whatever the retry rule
+        #: says: a COMMIT with an unknown outcome, work after a commit, misuse, an error of a
+        #: call that joined its caller's transaction.
+        self.settled: BaseException | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def settle(self, error: BaseException) -> BaseException:
+        self.settled = error
+        return error
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> Any:
+        decorated, policy = self.decorated, self.policy
+        given = _find_session(decorated.position, self.args, self.kwargs)
+        if given is None and decorated.sessionmaker is None:
+            raise _no_session(policy)
+        session = _current(given)
+        if given is not None:
+            _check_session(
+                session, given, policy.operation, is_async=self.steps.is_async, made=False
+            )
+            join = _join_callers(session, policy.operation)
+            if join:
+                return await self.joined(self.args, self.kwargs)
+            if join is None:
+                await self.steps.settle(session.commit())  # the caller's autobegun one only read
+        while True:
+            self.attempts += 1
+            self.settled = None
+            try:
+                return await self.attempt(session)
+            except Exception as exc:
+                error = exc
+            # decided outside the except block, as tenacity did: what a retry_on or on_retry
+            # callback raises is not chained to the error
+            if not self.retries(error):
+                raise error
+            wait = policy.wait(self.attempts)
+            if self.attempts >= policy.attempts or self.elapsed() + wait >= policy.timeout:
+                unavailable = self.gave_up(error)
+                if unavailable is error:
+                    raise error
+                raise unavailable from error
+            self.before_sleep(error, wait)
+            await self.steps.sleep(wait)
+
+    def retries(self, error: Exception) -> bool:
+        """Whether the call runs again after ``error``: never an error this attempt settled,
+        nor what no rule may retry (:func:`_never_retried`); else the policy's rule decides."""
+        return (
+            error is not self.settled
+            and not _never_retried(error)
+            and bool(self.policy.should_retry(error))
+        )
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    async def attempt(self, session: Any) -> Any:
+        if session is not None:
+            return await self.owned(session, self.args, self.kwargs)
+        decorated = self.decorated
+        sessionmaker = decorated.sessionmaker
+        assert sessionmaker is not None
+        registry = _registry(sessionmaker)
+        created = registry is not None and not registry.has()
+        made = sessionmaker()
+        try:
+            _check_session(
+                made, made, self.policy.operation, is_async=self.steps.is_async, made=True
+            )
+        except TypeError as error:
+            self.settle(error)
+            raise
+        args, kwargs = _with_session(decorated.position, self.args, self.kwargs, made)
+        join = _join_callers(made, self.policy.operation)  # a scoped session in use?
+        if join:
+            return await self.joined(args, kwargs)
+        if join is None:
+            await self.steps.settle(made.commit())  # its caller's autobegun one only read
+        if registry is None:
+            async with self.steps.block(made):
+                return await self.owned(made, args, kwargs)
+        try:
+            return await self.owned(made, args, kwargs)
+        finally:
+            if created:  # only the session this call created is closed, and forgotten
+                await self.steps.settle(sessionmaker.remove())  # type: ignore[attr-defined]
+
+    async def joined(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The session is in a transaction its caller began (explicitly, or an outer
+        @transactional): run once; the owner commits, rolls back and retries."""
+        try:
+            result = await self.steps.call(self.decorated.func, args, kwargs)
+            self.refuse_awaitable(result)
+        except BaseException as exc:
+            self.settle(exc)
+            raise
+        return result
+
+    async def owned(self, session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The function in a transaction of the decorator's on ``session``: begun, committed
+        when the function returns, rolled back when it raises; its lock waits bounded by the
+        call's deadline (its flush at the commit included)."""
+        steps, operation = self.steps, self.policy.operation
+        body_error: BaseException | None = None
+        try:
+            async with steps.block(self.lock_waits(session)), steps.block(session.begin()) as begun:
+                tx = getattr(begun, "sync_transaction", begun)
+                sync = getattr(session, "sync_session", session)
+                commits = _Commits(sync)
+                try:
+                    with commits:
+                        result = await steps.call(self.decorated.func, args, kwargs)
+                    self.refuse_awaitable(result)
+                    swallowed = _swallowed(sync, tx, operation)
+                    if swallowed is not None:
+                        raise swallowed
+                except BaseException as exc:
+                    body_error = exc
+                    outcome = _outcome_of_body_error(
+                        exc, _state(tx), function_committed=commits.count > 0
+                    )
+                    if outcome is not _CommitOutcome.NOT_COMMITTED:
+                        self.may_have_committed(exc)
+                    raise
+        except BaseException as exc:
+            error = self.exit_error(exc, body_error)
+            if error is exc:
+                raise
+        else:
+            return result
+        raise error  # the function's error, not the rollback's (logged)
+
     def lock_waits(self, session: Any) -> Any:
-        """The deadline, for one attempt on ``session`` (its flush at the commit included):
-        its lock waits end when the call's ``timeout`` does (:func:`~locksafe.lock_timeout`,
-        where that is tighter than the connection's own bound)."""
+        """The deadline, for one attempt on ``session``: its lock waits end when the call's
+        ``timeout`` does (:func:`~locksafe.lock_timeout`, where that is tighter than the
+        connection's own bound)."""
         if not math.isfinite(self.policy.timeout):
             return contextlib.nullcontext()
         return lock_waits_until(session, self.started + self.policy.timeout)
 
-    def retrying_kwargs(self) -> dict[str, Any]:
-        stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(self.policy.attempts)
-        if math.isfinite(self.policy.timeout):
-            stop = stop | tenacity.stop_before_delay(self.policy.timeout)
-        return {
-            "stop": stop,
-            "wait": self.policy.wait,
-            "retry": self._retry,
-            "before_sleep": self._before_sleep,
-            "reraise": True,
-        }
-
-    def _retry(self, state: tenacity.RetryCallState) -> bool:
-        outcome = state.outcome
-        exc = outcome.exception() if outcome is not None and outcome.failed else None
-        retry = (
-            exc is not None
-            and id(exc) not in self.final
-            and not _never_retried(exc)
-            and bool(self.policy.should_retry(exc))
+    def exit_error(self, exc: BaseException, body_error: BaseException | None) -> BaseException:
+        """What to raise when the transaction block raised ``exc``; ``body_error`` is what the
+        function itself raised, ``None`` if it returned (then the COMMIT at exit failed)."""
+        if body_error is None:
+            if _outcome_of_commit_error(exc) is not _CommitOutcome.NOT_COMMITTED:
+                self.may_have_committed(exc)
+            return exc
+        if exc is body_error or not isinstance(exc, Exception):
+            return exc  # an interruption during the rollback wins
+        log.error(
+            "%s: rollback after a failed transaction failed too",
+            self.policy.operation,
+            exc_info=exc,
         )
-        self.retried = exc if retry else None
-        return retry
+        return body_error
 
-    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
-        outcome = state.outcome
-        exc = outcome.exception() if outcome is not None else None
-        assert exc is not None
+    def may_have_committed(self, exc: BaseException) -> None:
+        """``exc`` goes up as it is, from this call and from any call around it."""
+        self.settle(exc)
+        _mark_may_have_committed(exc)
+
+    def refuse_awaitable(self, result: object) -> None:
+        """A sync-decorated function returned an awaitable: its work would run after the
+        decorator committed, outside the transaction."""
+        if self.steps.is_async or not inspect.isawaitable(result):
+            return
+        close = getattr(result, "close", None)
+        if callable(close):
+            close()  # no "coroutine ... was never awaited" warning
+        raise self.settle(
+            TypeError(
+                f"@transactional: {self.policy.operation}() returned an awaitable; the "
+                "decorator saw a sync function, so the awaited work would run outside its "
+                "transaction (decorate an `async def` function)"
+            )
+        )
+
+    # -- telling ----------------------------------------------------------------------------
+
+    def before_sleep(self, error: Exception, wait: float) -> None:
         details = RetryDetails(
-            attempt=state.attempt_number,
-            kind=classify_raised(exc),
-            wait=state.upcoming_sleep,
+            attempt=self.attempts,
+            kind=classify_raised(error),
+            wait=wait,
             elapsed=self.elapsed(),
-            exception=exc,
+            exception=error,
             operation=self.policy.operation,
         )
-        what = details.kind.value if details.kind is not None else type(exc).__name__
+        what = details.kind.value if details.kind is not None else type(error).__name__
         log.warning(
             "%s: attempt %d failed with %s after %.3fs; retrying in %.3fs",
             details.operation,
@@ -338,83 +663,19 @@ class _Call:
         if self.policy.on_retry is not None:
             self.policy.on_retry(details)
 
-    def body_failed(self, exc: BaseException, tx: object, *, committed: bool) -> None:
-        """The function raised ``exc`` inside the decorator's transaction ``tx``;
-        ``committed``: the function committed it itself. Then ``exc`` is final: after its own
-        COMMIT was sent, as for the decorator's COMMIT, only a lock error the server reported
-        proves nothing was committed; after it committed, running it again would redo
-        committed work. A transaction the function only rolled back or closed (``except
-        OperationalError: session.rollback(); raise``) committed nothing: ``exc`` is judged
-        like any other."""
-        state = _state(tx)
-        if state is SessionTransactionState.PREPARED:
-            if not _is_retryable(exc):
-                self.may_have_committed(exc)
-        elif committed or state is SessionTransactionState.COMMITTED:
-            self.may_have_committed(exc)
-
-    def may_have_committed(self, exc: BaseException) -> None:
-        """``exc`` goes up as it is, from this call and from any call around it."""
-        self.final.add(id(exc))
-        _mark_may_have_committed(exc)
-
-    def exit_error(self, exc: BaseException, body_error: BaseException | None) -> BaseException:
-        """What to raise when the transaction block raised ``exc``; ``body_error`` is what the
-        function itself raised, ``None`` if it returned (then the COMMIT at exit failed)."""
-        if body_error is None:
-            if not _is_retryable(exc):
-                # Only a lock error the server reported for the COMMIT proves it did not
-                # happen; anything else (a lost connection...) may hide a successful commit.
-                self.may_have_committed(exc)
-            return exc
-        if exc is body_error or not isinstance(exc, Exception):
-            return exc  # an interruption during the rollback wins
-        log.error(
-            "%s: rollback after a failed transaction failed too",
-            self.policy.operation,
-            exc_info=exc,
-        )
-        return body_error
-
-    def checked(self, made: object, *, is_async: bool) -> None:
-        """``made`` (what ``sessionmaker=`` returned) must be a session of the function's
-        kind; a ``TypeError`` otherwise, never retried."""
-        try:
-            _check_session(made, made, self.policy.operation, is_async=is_async, made=True)
-        except TypeError as error:
-            self.final.add(id(error))
-            raise
-
-    def refuse_awaitable(self, result: object) -> None:
-        """A sync-decorated function returned an awaitable: its work would run after the
-        decorator committed, outside the transaction."""
-        if not inspect.isawaitable(result):
-            return
-        close = getattr(result, "close", None)
-        if callable(close):
-            close()  # no "coroutine ... was never awaited" warning
-        error = TypeError(
-            f"@transactional: {self.policy.operation}() returned an awaitable; the decorator saw a "
-            "sync function, so the awaited work would run outside its transaction (decorate "
-            "an `async def` function)"
-        )
-        self.final.add(id(error))
-        raise error
-
-    def final_error(self, exc: Exception) -> BaseException:
-        """What to raise when the last attempt failed with ``exc``: ``exc`` itself unless it
-        was a retryable lock error that ran out of attempts or time."""
-        if exc is not self.retried:
-            return exc
+    def gave_up(self, error: Exception) -> BaseException:
+        """What to raise when attempts or time ran out on ``error``, which the policy retries:
+        :class:`~locksafe.LockUnavailable` from it, or for an error a custom ``retry_on``
+        retried that is no lock error, ``error`` itself."""
         elapsed = self.elapsed()
-        kind = classify_raised(exc)
+        kind = classify_raised(error)
         log.warning(
             "%s: giving up after %d attempt%s in %.3fs, failing with %s",
             self.policy.operation,
             self.attempts,
             "" if self.attempts == 1 else "s",
             elapsed,
-            kind.value if kind is not None else type(exc).__name__,
+            kind.value if kind is not None else type(error).__name__,
             extra={
                 "locksafe_attempts": self.attempts,
                 "locksafe_kind": kind.value if kind is not None else None,
@@ -423,16 +684,16 @@ class _Call:
             },
         )
         if kind is None:
-            return exc  # a custom retry_on retried another error: it goes up as it is
-        error = LockUnavailable(
+            return error
+        unavailable = LockUnavailable(
             kind,
             attempts=self.attempts,
             elapsed=elapsed,
             retry_after=self.policy.retry_after,
             operation=self.policy.operation,
         )
-        error.__cause__ = exc
-        return error
+        unavailable.__context__ = error  # as if raised while handling it
+        return unavailable
 
 
 # -- the session parameter --------------------------------------------------------------------
@@ -590,7 +851,9 @@ def _check_session(
 #: Autobegun session transactions in which a statement other than a plain SELECT ran (a
 #: flush's INSERT/UPDATE/DELETE, a Core or text write, a locked SELECT, a SAVEPOINT...).
 _worked: weakref.WeakSet[SessionTransaction] = weakref.WeakSet()
-#: id(Connection) -> the autobegun session transaction it serves (weakly, with the Connection).
+#: id(Connection) -> the autobegun session transaction it serves (weakly, with the Connection,
+#: which the lookup checks). Keyed by id(), not a WeakKeyDictionary: it is read for every
+#: statement of every engine, and a weak-keyed lookup costs about 0.3 µs more there.
 _serving: dict[int, tuple[weakref.ref[Connection], weakref.ref[SessionTransaction]]] = {}
 _tracking = False
 
@@ -657,6 +920,7 @@ def _track_caller_work() -> None:
     if _tracking:
         return
     event.listen(Session, "after_begin", _serve)
+    event.listen(Session, "after_commit", _count_commit)
     event.listen(Engine, "before_execute", _note_statement)
     _tracking = True
 
@@ -710,26 +974,42 @@ def _join_callers(session: Any, operation: str) -> bool | None:
 
 # -- the state of the decorator's transaction -------------------------------------------------
 
+
 class _Commits:
     """Counts the COMMITs of one session while the decorated function runs: a transaction the
     function ended is ``CLOSED`` whether it committed or rolled back, and only a commit makes
-    running the function again unsafe."""
+    running the function again unsafe. (One ``after_commit`` listener on ``Session`` serves
+    every count: no listener is added and removed per call.)"""
 
     def __init__(self, session: object) -> None:
         self.session = session if isinstance(session, Session) else None
         self.count = 0
-
-    def _seen(self, session: Session) -> None:
-        self.count += 1
+        self._outer: _Commits | None = None
 
     def __enter__(self) -> _Commits:
         if self.session is not None:
-            event.listen(self.session, "after_commit", self._seen)
+            self._outer = _counting.get(self.session)
+            _counting[self.session] = self
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.session is not None:
-            event.remove(self.session, "after_commit", self._seen)
+        if self.session is None:
+            return
+        if self._outer is not None:
+            _counting[self.session] = self._outer
+        else:
+            _counting.pop(self.session, None)
+
+
+#: Session -> the count of the call whose function runs in it now.
+_counting: weakref.WeakKeyDictionary[Session, _Commits] = weakref.WeakKeyDictionary()
+
+
+def _count_commit(session: Session) -> None:
+    """Session ``after_commit``."""
+    commits = _counting.get(session)
+    if commits is not None:
+        commits.count += 1
 
 
 def _state(tx: object) -> object:
@@ -912,9 +1192,7 @@ def transactional(
         policy.operation = name
         _check_sessionmaker(sessionmaker, name, is_async=inspect.iscoroutinefunction(func))
         _track_caller_work()
-        if inspect.iscoroutinefunction(func):
-            return _async_wrapper(func, policy, position, sessionmaker)
-        return _sync_wrapper(func, policy, position, sessionmaker)
+        return _wrap(_Decorated(func, policy, position, sessionmaker))
 
     if fn is not None:
         return decorate(fn)
@@ -925,187 +1203,19 @@ def _no_session(policy: _Policy) -> TypeError:
     return TypeError(f"{policy.operation}() got no session, and @transactional has no sessionmaker")
 
 
-def _sync_wrapper(
-    func: Callable[..., T],
-    policy: _Policy,
-    position: int,
-    sessionmaker: Callable[[], Any] | None,
-) -> Callable[..., T]:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        given = _find_session(position, args, kwargs)
-        if given is None and sessionmaker is None:
-            raise _no_session(policy)
-        call = _Call(policy)
-        session = _current(given)
-        if given is not None:
-            _check_session(session, given, policy.operation, is_async=False, made=False)
+def _wrap(decorated: _Decorated) -> Callable[..., Any]:
+    """The wrapper: a sync function for a sync function, an ``async def`` one for an ``async
+    def`` one; both run the same :class:`_Call`."""
+    if decorated.steps.is_async:
 
-        def nested(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
-            """The session is in a transaction its caller began (explicitly, or an outer
-            @transactional): run once; the owner commits, rolls back and retries."""
-            try:
-                result = func(*call_args, **call_kwargs)
-                call.refuse_awaitable(result)
-            except BaseException as exc:
-                call.final.add(id(exc))
-                raise
-            return result
+        @functools.wraps(decorated.func)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            return await _Call(decorated, args, kwargs).run()
 
-        def attempt_once() -> T:
-            call.attempts += 1
-            if session is not None:
-                return run_in(session, args, kwargs)
-            assert sessionmaker is not None
-            registry = _registry(sessionmaker)
-            created = registry is not None and not registry.has()
-            made = sessionmaker()
-            call.checked(made, is_async=False)
-            call_args, call_kwargs = _with_session(position, args, kwargs, made)
-            join = _join_callers(made, policy.operation)  # a scoped session in use?
-            if join:
-                return nested(call_args, call_kwargs)
-            if join is None:
-                made.commit()  # its caller's autobegun transaction only read
-            if registry is None:
-                with made:
-                    return run_in(made, call_args, call_kwargs)
-            try:
-                return run_in(made, call_args, call_kwargs)
-            finally:
-                if created:  # only the session this call created is closed, and forgotten
-                    sessionmaker.remove()  # type: ignore[attr-defined]
+        return async_wrapper
 
-        def run_in(owned: Any, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
-            body_error: BaseException | None = None
-            try:
-                with call.lock_waits(owned), owned.begin() as tx:
-                    commits = _Commits(owned)
-                    try:
-                        with commits:
-                            result = func(*call_args, **call_kwargs)
-                        call.refuse_awaitable(result)
-                        swallowed = _swallowed(owned, tx, policy.operation)
-                        if swallowed is not None:
-                            raise swallowed
-                    except BaseException as exc:
-                        body_error = exc
-                        call.body_failed(exc, tx, committed=commits.count > 0)
-                        raise
-            except BaseException as exc:
-                error = call.exit_error(exc, body_error)
-                if error is exc:
-                    raise
-            else:
-                return result
-            raise error  # the function's error, not the rollback's (logged)
-
-        if session is not None:
-            join = _join_callers(session, policy.operation)
-            if join:
-                return nested(args, kwargs)
-            if join is None:
-                session.commit()  # the caller's autobegun transaction only read
-        try:
-            return tenacity.Retrying(**call.retrying_kwargs())(attempt_once)
-        except Exception as exc:
-            error = call.final_error(exc)
-            if error is exc:
-                raise
-            raise error from exc
+    @functools.wraps(decorated.func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return _run_sync(_Call(decorated, args, kwargs).run())
 
     return wrapper
-
-
-def _async_wrapper(
-    func: Callable[..., Awaitable[T]],
-    policy: _Policy,
-    position: int,
-    sessionmaker: Callable[[], Any] | None,
-) -> Callable[..., Awaitable[T]]:
-    @functools.wraps(func)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
-        given = _find_session(position, args, kwargs)
-        if given is None and sessionmaker is None:
-            raise _no_session(policy)
-        call = _Call(policy)
-        session = _current(given)
-        if given is not None:
-            _check_session(session, given, policy.operation, is_async=True, made=False)
-
-        async def nested(call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
-            """The session is in a transaction its caller began (explicitly, or an outer
-            @transactional): run once; the owner commits, rolls back and retries."""
-            try:
-                return await func(*call_args, **call_kwargs)
-            except BaseException as exc:
-                call.final.add(id(exc))
-                raise
-
-        async def attempt_once() -> T:
-            call.attempts += 1
-            if session is not None:
-                return await run_in(session, args, kwargs)
-            assert sessionmaker is not None
-            registry = _registry(sessionmaker)
-            created = registry is not None and not registry.has()
-            made = sessionmaker()
-            call.checked(made, is_async=True)
-            call_args, call_kwargs = _with_session(position, args, kwargs, made)
-            join = _join_callers(made, policy.operation)  # a scoped session in use?
-            if join:
-                return await nested(call_args, call_kwargs)
-            if join is None:
-                await made.commit()  # its caller's autobegun transaction only read
-            if registry is None:
-                async with made:
-                    return await run_in(made, call_args, call_kwargs)
-            try:
-                return await run_in(made, call_args, call_kwargs)
-            finally:
-                if created:  # only the session this call created is closed, and forgotten
-                    removed = sessionmaker.remove()  # type: ignore[attr-defined]
-                    if inspect.isawaitable(removed):
-                        await removed
-
-        async def run_in(owned: Any, call_args: tuple[Any, ...], call_kwargs: dict[str, Any]) -> T:
-            body_error: BaseException | None = None
-            try:
-                async with call.lock_waits(owned), owned.begin() as async_tx:
-                    tx = getattr(async_tx, "sync_transaction", None)
-                    commits = _Commits(getattr(owned, "sync_session", None))
-                    try:
-                        with commits:
-                            result = await func(*call_args, **call_kwargs)
-                        swallowed = _swallowed(
-                            getattr(owned, "sync_session", None), tx, policy.operation
-                        )
-                        if swallowed is not None:
-                            raise swallowed
-                    except BaseException as exc:
-                        body_error = exc
-                        call.body_failed(exc, tx, committed=commits.count > 0)
-                        raise
-            except BaseException as exc:
-                error = call.exit_error(exc, body_error)
-                if error is exc:
-                    raise
-            else:
-                return result
-            raise error  # the function's error, not the rollback's (logged)
-
-        if session is not None:
-            join = _join_callers(session, policy.operation)
-            if join:
-                return await nested(args, kwargs)
-            if join is None:
-                await session.commit()  # the caller's autobegun transaction only read
-        try:
-            return await tenacity.AsyncRetrying(**call.retrying_kwargs())(attempt_once)
-        except Exception as exc:
-            error = call.final_error(exc)
-            if error is exc:
-                raise
-            raise error from exc
-
-    return cast(Callable[..., Awaitable[T]], wrapper)
