@@ -65,6 +65,7 @@ _EXTERNAL = (
 # Type hints that stay strings (imported under TYPE_CHECKING) keep their bare SQLAlchemy names.
 _BARE_SQLALCHEMY = ("URL", "Engine", "AsyncEngine", "Connection", "Session", "AsyncSession")
 _BARE_SQLALCHEMY += ("AsyncConnection", "Table", "Executable", "Dialect", "Select")
+_BARE_SQLALCHEMY += ("scoped_session", "async_scoped_session")
 nitpick_ignore_regex = [
     (r"py:.*", rf"({'|'.join(_EXTERNAL)})(\..+)?"),
     (r"py:class", rf"({'|'.join(_BARE_SQLALCHEMY)})"),

@@ -39,7 +39,7 @@ from locksafe.named_locks import (
 )
 from locksafe.options import LockOptions
 from locksafe.rowlocks import RowLockPlan, plan_row_locks, with_row_locks
-from locksafe.timeouts import lock_timeout
+from locksafe.timeouts import LockTimeout, lock_timeout
 from locksafe.transactions import (
     NEW_SESSION,
     RetryDetails,
@@ -57,6 +57,7 @@ __all__ = [
     "LockDegradedWarning",
     "LockErrorKind",
     "LockOptions",
+    "LockTimeout",
     "LockUnavailable",
     "LocksafeError",
     "NamedLock",

@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine, Transaction
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, SessionTransaction, scoped_session
+from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.pool import Pool, PoolResetState
 
+from locksafe._sa import is_autocommit_isolation, transaction_connections
 from locksafe.capabilities import version_of
 from locksafe.dialects import LockWaitSetting, support_for
 from locksafe.kinds import UnsupportedLockOption
@@ -211,88 +212,25 @@ def _session_began(session: Session, transaction: object, conn: Connection) -> N
             block._on_begin(session, transaction, conn)
 
 
-# -- reading and setting in one statement -----------------------------------------------------
-#
-# The generic way reads the setting, then sets it: two round trips (then one more to set it back,
-# for a connection-scoped setting). Where the server can do both in one statement, it does.
-# (Per dialect: with the dialect's LockWaitSetting, once the dialect packages hold such forms.)
-
-#: PostgreSQL: the value before (returned), and ``lock_timeout`` set for the transaction; with
-#: ``only_lower``, to the value asked for only where that is tighter (0 is no bound at all).
-#: ``OFFSET 0`` keeps the read in its own step, before ``set_config``.
-_PG_READ_AND_SET: Final = (
-    "SELECT lt.previous, set_config('lock_timeout', {value}, true) "
-    "FROM (SELECT current_setting('lock_timeout') AS previous OFFSET 0) AS lt"
-)
-_PG_LOWER: Final = (
-    "CASE WHEN lt.previous::interval > interval '0' "
-    "AND lt.previous::interval <= make_interval(secs => :bound) "
-    "THEN lt.previous ELSE :value END"
-)
-
-#: MySQL / MariaDB: ``innodb_lock_wait_timeout`` saved in a user variable of the connection and
-#: set (with ``only_lower``, to the lower of the two), in one statement; set back from that
-#: variable, at the block's end or by the pool. A connection-scoped form keeps the value in one
-#: place on the server, so only the outermost block on a connection uses it (a block inside
-#: another, which is rare, reads and sets the generic way).
-_MYSQL_SAVED: Final = "@locksafe_innodb_lock_wait_timeout"
-_MYSQL_SAVE_AND_SET: Final = (
-    f"SET {_MYSQL_SAVED} = @@SESSION.innodb_lock_wait_timeout, "
-    "SESSION innodb_lock_wait_timeout = {value}"
-)
-
-
-def _postgresql_in_one(
-    conn: Connection, setting: LockWaitSetting, wanted: Any, only_lower: bool
-) -> _Restore | None:
-    sql = _PG_READ_AND_SET.format(value=_PG_LOWER if only_lower else ":value")
-    params: dict[str, Any] = {"value": str(wanted)}
-    if only_lower:
-        params["bound"] = setting.seconds(wanted)
-    previous = conn.execute(text(sql), params).one()[0]
-    if only_lower and setting.seconds(previous) <= setting.seconds(wanted):
-        return None  # already bounded at least as tightly: left as it was
-    return setting.write(previous)
-
-
-def _mysql_in_one(
-    conn: Connection, setting: LockWaitSetting, wanted: Any, only_lower: bool
-) -> _Restore:
-    number = float(wanted)
-    value = f"{int(number):d}" if number.is_integer() else repr(number)
-    if only_lower:
-        value = f"LEAST(@@SESSION.innodb_lock_wait_timeout, {value})"
-    _on_dbapi(conn, _MYSQL_SAVE_AND_SET.format(value=value))
-    return f"SET SESSION innodb_lock_wait_timeout = {_MYSQL_SAVED}", {}
-
-
-#: Dialect name -> how to read and set in one statement; it returns what sets the value back,
-#: ``None`` when it changed nothing.
-_IN_ONE_STATEMENT: Final[
-    dict[str, Callable[[Connection, LockWaitSetting, Any, bool], _Restore | None]]
-] = {"postgresql": _postgresql_in_one, "mysql": _mysql_in_one, "mariadb": _mysql_in_one}
-
-
 def _autocommit(conn: Connection) -> bool:
     """Whether ``conn`` runs each statement in a transaction of its own (``isolation_level=
     "AUTOCOMMIT"``, on the engine or the connection)."""
-    check = getattr(conn, "_is_autocommit_isolation", None)
-    return bool(check()) if callable(check) else False
-
-
-def _connections_of(transaction: SessionTransaction) -> list[Connection]:
-    """The connections a session transaction already uses (each once)."""
-    found: list[Connection] = []
-    for entry in transaction._connections.values():
-        conn = entry[0]
-        if isinstance(conn, Connection) and all(conn is not seen for seen in found):
-            found.append(conn)
-    return found
+    return is_autocommit_isolation(conn)
 
 
 class LockTimeout:
     """What :func:`lock_timeout` returns: a context manager, ``with`` for a Session or a
-    Connection, ``async with`` for an AsyncSession or an AsyncConnection."""
+    Connection, ``async with`` for an AsyncSession or an AsyncConnection.
+
+    >>> from sqlalchemy import create_engine
+    >>> import locksafe
+    >>> with create_engine("sqlite://").connect() as conn:
+    ...     block = locksafe.lock_timeout(conn, 1.5)
+    ...     with block:
+    ...         pass
+    >>> isinstance(block, LockTimeout)
+    True
+    """
 
     def __init__(
         self,
@@ -353,7 +291,7 @@ class LockTimeout:
                 _blocks.setdefault(target, []).append(self)
                 root = target.get_transaction()
                 if root is not None:
-                    for conn in _connections_of(root):
+                    for conn in transaction_connections(root):
                         self._apply(conn)
             else:
                 self._apply(target)
@@ -388,9 +326,9 @@ class LockTimeout:
         assert setting is not None
         seconds = self._seconds() if callable(self._seconds) else self._seconds
         wanted = setting.value(max(0.0, seconds), conn.dialect)
-        in_one = _IN_ONE_STATEMENT.get(conn.dialect.name)
+        in_one = setting.read_and_set
         if in_one is not None and self._in_one_statement(conn, setting, wanted):
-            restore = in_one(conn, setting, wanted, self._only_lower)
+            restore = in_one(conn, setting, wanted, self._only_lower, _on_dbapi)
             if restore is not None:
                 self._record(conn, setting, restore)
             return
@@ -484,7 +422,15 @@ class LockTimeout:
             conn.info.pop(RESTORE_KEY, None)
 
 
-def lock_timeout(session_or_connection: Target, seconds: float) -> LockTimeout:
+def lock_timeout(
+    session_or_connection: Session
+    | Connection
+    | scoped_session[Any]
+    | AsyncSession
+    | AsyncConnection
+    | async_scoped_session[Any],
+    seconds: float,
+) -> LockTimeout:
     """Bound how long the statements of a block wait for a lock, in seconds (floats allowed):
 
     .. code-block:: python
@@ -516,6 +462,30 @@ def lock_timeout(session_or_connection: Target, seconds: float) -> LockTimeout:
     Raises :class:`~locksafe.UnsupportedLockOption` when the block would bound a connection
     where it cannot (never a silent no-op): a dialect locksafe has no setting for, or a
     PostgreSQL connection in ``AUTOCOMMIT`` (no transaction for ``SET LOCAL`` to last).
+
+    Two connections to one SQLite file: the second waits 0.2 s for the write lock the first
+    holds, then fails with an error :func:`~locksafe.classify` names:
+
+    >>> import os, sqlite3, tempfile, time
+    >>> from sqlalchemy import create_engine, text
+    >>> from sqlalchemy.exc import OperationalError
+    >>> import locksafe, locksafe.sqlite
+    >>> path = os.path.join(tempfile.mkdtemp(), "app.db")
+    >>> engine = locksafe.sqlite.configure(create_engine(f"sqlite:///{path}"), busy_timeout=30)
+    >>> with engine.begin() as conn:
+    ...     _ = conn.execute(text("CREATE TABLE t (x INTEGER)"))
+    >>> holder = sqlite3.connect(path, isolation_level=None)   # another process, say
+    >>> _ = holder.execute("BEGIN IMMEDIATE")                  # holds the write lock
+    >>> with engine.connect() as other, other.begin():
+    ...     started = time.monotonic()
+    ...     try:
+    ...         with locksafe.lock_timeout(other, 0.2):
+    ...             _ = other.execute(text("INSERT INTO t VALUES (2)"))
+    ...     except OperationalError as error:
+    ...         waited = time.monotonic() - started
+    ...         print(locksafe.classify(error).value, 0.2 <= waited < 5)
+    database_busy True
+    >>> _ = holder.execute("ROLLBACK"); holder.close(); engine.dispose()
     """
     return LockTimeout(session_or_connection, _check_seconds(seconds))
 

@@ -10,6 +10,30 @@ and never an interruption (``KeyboardInterrupt``, a cancelled task) or a
 :class:`~locksafe.LockUnavailable` (an inner :func:`transactional` already gave up).
 
 One loop serves sync and ``async def`` functions (:class:`_Call`).
+
+:data:`retry_if_lock_error` is the same rule for a tenacity policy of your own: lock errors
+are retried, anything else goes up at once.
+
+>>> import sqlite3, tenacity
+>>> attempts = []
+>>> @tenacity.retry(retry=retry_if_lock_error, stop=tenacity.stop_after_attempt(3))
+... def write() -> int:
+...     attempts.append(1)
+...     if len(attempts) < 3:
+...         raise sqlite3.OperationalError("database is locked")
+...     return len(attempts)
+>>> write()
+3
+>>> @tenacity.retry(retry=retry_if_lock_error, stop=tenacity.stop_after_attempt(3))
+... def broken() -> None:
+...     attempts.append(1)
+...     raise ValueError("a bug, not a lock error")
+>>> attempts.clear()
+>>> broken()
+Traceback (most recent call last):
+ValueError: a bug, not a lock error
+>>> len(attempts)
+1
 """
 
 from __future__ import annotations
@@ -22,7 +46,6 @@ import functools
 import inspect
 import logging
 import math
-import numbers
 import random
 import re
 import sys
@@ -49,12 +72,14 @@ from sqlalchemy.orm.session import SessionTransactionState
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.util import ScopedRegistry
 
+from locksafe._sa import for_update_arg, rollback_exception, session_transaction_state
 from locksafe.classify import (
     MAY_HAVE_COMMITTED,
     classify_raised,
     is_retryable_lock_error,
 )
 from locksafe.kinds import CallerTransactionError, LockErrorKind, LockUnavailable
+from locksafe.options import check_number, check_seconds
 from locksafe.timeouts import lock_waits_until
 
 __all__ = [
@@ -128,8 +153,12 @@ def _is_retryable(exc: BaseException) -> bool:
 
 #: error (``except OperationalError: raise Conflict()``).
 #:
-#: >>> import tenacity
-#: >>> policy = tenacity.Retrying(retry=retry_if_lock_error, stop=tenacity.stop_after_attempt(3))
+#: In a tenacity policy of your own (an example that runs is in this module's docstring):
+#:
+#: .. code-block:: python
+#:
+#:     @tenacity.retry(retry=locksafe.retry_if_lock_error, stop=tenacity.stop_after_attempt(3))
+#:     def write(): ...
 retry_if_lock_error: Final = tenacity.retry_if_exception(_is_retryable)
 
 #: The default for the ``session`` parameter of a function decorated with
@@ -146,6 +175,24 @@ def set_testing(testing: bool) -> None:
     """Make every :func:`transactional` backoff wait zero seconds (for test suites).
 
     Attempts and the ``timeout`` still apply; only the sleeping goes.
+
+    >>> import sqlite3
+    >>> from sqlalchemy import create_engine
+    >>> from sqlalchemy.orm import Session, sessionmaker
+    >>> waits: list[float] = []
+    >>> @transactional(
+    ...     attempts=3, wait_initial=1.0, wait_max=5.0,
+    ...     on_retry=lambda details: waits.append(details.wait),
+    ...     sessionmaker=sessionmaker(create_engine("sqlite://")),
+    ... )
+    ... def busy_twice(*, session: Session = NEW_SESSION) -> int:
+    ...     if len(waits) < 2:
+    ...         raise sqlite3.OperationalError("database is locked")
+    ...     return len(waits)
+    >>> set_testing(True)
+    >>> busy_twice(), waits   # two retries, and no backoff sleep
+    (2, [0.0, 0.0])
+    >>> set_testing(False)
     """
     global _testing
     _testing = testing
@@ -153,7 +200,25 @@ def set_testing(testing: bool) -> None:
 
 @dataclass(frozen=True)
 class RetryDetails:
-    """What :func:`transactional` tells ``on_retry`` (and the log) before it sleeps."""
+    """What :func:`transactional` tells ``on_retry`` (and the log) before it sleeps.
+
+    >>> import sqlite3
+    >>> from sqlalchemy import create_engine
+    >>> from sqlalchemy.orm import Session, sessionmaker
+    >>> seen: list[RetryDetails] = []
+    >>> @transactional(
+    ...     attempts=2, wait_initial=0.0, on_retry=seen.append,
+    ...     sessionmaker=sessionmaker(create_engine("sqlite://")),
+    ... )
+    ... def once_busy(*, session: Session = NEW_SESSION) -> str:
+    ...     if not seen:
+    ...         raise sqlite3.OperationalError("database is locked")
+    ...     return "done"
+    >>> once_busy()
+    'done'
+    >>> seen[0].attempt, seen[0].kind.value, seen[0].operation.endswith("once_busy")
+    (1, 'database_busy', True)
+    """
 
     #: The attempt that just failed (1 for the first).
     attempt: int
@@ -222,18 +287,8 @@ def _outcome_of_commit_error(error: BaseException) -> _CommitOutcome:
 # -- validation of the options ----------------------------------------------------------------
 
 
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}={value!r} must be a number of seconds (int or float)")
-    return float(value)
-
-
-def _seconds(name: str, value: object) -> float:
-    """A finite number of seconds ≥ 0 (waits, ``retry_after``)."""
-    seconds = _number(name, value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{name}={value!r} must be a finite number of seconds ≥ 0")
-    return seconds
+_number = check_number
+_seconds = check_seconds
 
 
 def _attempts(value: object) -> int:
@@ -873,7 +928,7 @@ def _reads_only(statement: object) -> bool:
     elif isinstance(statement, TextClause):
         text = statement.text
     elif getattr(statement, "is_select", False) is True:
-        if getattr(statement, "_for_update_arg", None) is not None:
+        if for_update_arg(statement) is not None:
             return False  # a locked SELECT (with_row_locks, with_for_update)
         element = getattr(statement, "element", None)  # text().columns(): its text
         if not isinstance(element, TextClause):
@@ -1016,7 +1071,7 @@ def _state(tx: object) -> object:
     # SQLAlchemy's own ``with session.begin()`` decides on this state too
     # (``_transaction_is_active`` / ``_transaction_is_closed``); no public attribute tells a
     # transaction deactivated by a failed flush from one closed or being committed.
-    return getattr(tx, "_state", None) if isinstance(tx, SessionTransaction) else None
+    return session_transaction_state(tx) if isinstance(tx, SessionTransaction) else None
 
 
 def _swallowed(session: object, tx: object, operation: str) -> PendingRollbackError | None:
@@ -1035,7 +1090,7 @@ def _swallowed(session: object, tx: object, operation: str) -> PendingRollbackEr
     for transaction in chain:
         if _state(transaction) is not SessionTransactionState.DEACTIVE:
             continue
-        original = getattr(transaction, "_rollback_exception", None)
+        original = rollback_exception(transaction)
         what = type(original).__name__ if original is not None else "a database error"
         error = PendingRollbackError(
             f"@transactional: {operation}() returned, but its transaction had been rolled back "

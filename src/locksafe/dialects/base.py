@@ -151,6 +151,18 @@ class LockWaitSetting:
     value: Callable[[float, Dialect], Any]
     write: Callable[[Any], tuple[str, dict[str, Any]]]
     transaction_scoped: bool = False
+    #: ``read_and_set(connection, setting, value, only_lower, on_dbapi)``: read the setting and
+    #: set it to ``value`` (with ``only_lower``: only where that is tighter) in one statement
+    #: where the server can (``on_dbapi(connection, sql)`` runs SQL on the DB-API connection,
+    #: for a connection-scoped setting); returns what sets it back (``write``'s form), or
+    #: ``None`` when nothing changed. ``None`` (the default): read, then set.
+    read_and_set: (
+        Callable[
+            [Connection, LockWaitSetting, Any, bool, Callable[[Connection, str], Any]],
+            tuple[str, dict[str, Any]] | None,
+        ]
+        | None
+    ) = None
 
 
 @dataclass(frozen=True)

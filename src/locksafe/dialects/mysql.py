@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Final
 from typing import Any as _Any
 
 from sqlalchemy.engine import Connection
@@ -181,11 +181,41 @@ def _set_lock_wait_timeout(value: Any) -> tuple[str, dict[str, Any]]:
 
 
 #: A session variable: saved, set, and set back (also before the pool takes the connection).
+#: MySQL / MariaDB: ``innodb_lock_wait_timeout`` saved in a user variable of the connection and
+#: set (with ``only_lower``, to the lower of the two), in one statement; set back from that
+#: variable, at the block's end or by the pool. A connection-scoped form keeps the value in one
+#: place on the server, so only the outermost block on a connection uses it (a block inside
+#: another, which is rare, reads and sets the generic way).
+_MYSQL_SAVED: Final = "@locksafe_innodb_lock_wait_timeout"
+_MYSQL_SAVE_AND_SET: Final = (
+    f"SET {_MYSQL_SAVED} = @@SESSION.innodb_lock_wait_timeout, "
+    "SESSION innodb_lock_wait_timeout = {value}"
+)
+
+
+
+
+def _read_and_set(
+    conn: Connection,
+    setting: LockWaitSetting,
+    wanted: _Any,
+    only_lower: bool,
+    on_dbapi: Callable[[Connection, str], _Any],
+) -> tuple[str, dict[str, _Any]] | None:
+    number = float(wanted)
+    value = f"{int(number):d}" if number.is_integer() else repr(number)
+    if only_lower:
+        value = f"LEAST(@@SESSION.innodb_lock_wait_timeout, {value})"
+    on_dbapi(conn, _MYSQL_SAVE_AND_SET.format(value=value))
+    return f"SET SESSION innodb_lock_wait_timeout = {_MYSQL_SAVED}", {}
+
+
 LOCK_WAIT = LockWaitSetting(
     read_sql="SELECT @@SESSION.innodb_lock_wait_timeout",
     seconds=float,
     value=_lock_wait_timeout_value,
     write=_set_lock_wait_timeout,
+    read_and_set=_read_and_set,
 )
 
 

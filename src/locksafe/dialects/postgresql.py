@@ -10,10 +10,11 @@ import hashlib
 import math
 import math as _math
 import re
-from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Final
 from typing import Any as _Any
 
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
@@ -215,12 +216,45 @@ def _set_lock_timeout(value: Any) -> tuple[str, dict[str, Any]]:
     return "SELECT set_config('lock_timeout', :value, true)", {"value": str(value)}
 
 
+#: PostgreSQL: the value before (returned), and ``lock_timeout`` set for the transaction; with
+#: ``only_lower``, to the value asked for only where that is tighter (0 is no bound at all).
+#: ``OFFSET 0`` keeps the read in its own step, before ``set_config``.
+_PG_READ_AND_SET: Final = (
+    "SELECT lt.previous, set_config('lock_timeout', {value}, true) "
+    "FROM (SELECT current_setting('lock_timeout') AS previous OFFSET 0) AS lt"
+)
+_PG_LOWER: Final = (
+    "CASE WHEN lt.previous::interval > interval '0' "
+    "AND lt.previous::interval <= make_interval(secs => :bound) "
+    "THEN lt.previous ELSE :value END"
+)
+
+
+
+def _read_and_set(
+    conn: Connection,
+    setting: LockWaitSetting,
+    wanted: _Any,
+    only_lower: bool,
+    on_dbapi: Callable[[Connection, str], _Any],
+) -> tuple[str, dict[str, _Any]] | None:
+    sql = _PG_READ_AND_SET.format(value=_PG_LOWER if only_lower else ":value")
+    params: dict[str, _Any] = {"value": str(wanted)}
+    if only_lower:
+        params["bound"] = setting.seconds(wanted)
+    previous = conn.execute(text(sql), params).one()[0]
+    if only_lower and setting.seconds(previous) <= setting.seconds(wanted):
+        return None  # already bounded at least as tightly: left as it was
+    return setting.write(previous)
+
+
 LOCK_WAIT = LockWaitSetting(
     read_sql="SELECT current_setting('lock_timeout')",
     seconds=lock_timeout_seconds,
     value=_lock_timeout_value,
     write=_set_lock_timeout,
     transaction_scoped=True,
+    read_and_set=_read_and_set,
 )
 
 
