@@ -61,7 +61,7 @@ class Handle:
 
     def wait(self, awaitable: Awaitable[T]) -> T:
         """Run a coroutine to its end in the worker's event loop (asyncio drivers)."""
-        loop = self._worker._loop
+        loop = self._worker._event_loop
         assert loop is not None
         return loop.run_until_complete(awaitable)
 
@@ -88,7 +88,7 @@ class Worker:
         self._engine: Engine | AsyncEngine | None = None
         self._conn: Connection | None = None
         self._aconn: AsyncConnection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._handle = Handle(self)
         #: The server's id of this connection (PostgreSQL backend pid, MySQL connection id),
         #: to cancel a statement that still waits when the doctor is interrupted.
@@ -166,19 +166,19 @@ class Worker:
 
     def _call(self, fn: Callable[[Connection], T]) -> T:
         if self._aconn is not None:
-            assert self._loop is not None
-            return self._loop.run_until_complete(self._aconn.run_sync(fn))
+            assert self._event_loop is not None
+            return self._event_loop.run_until_complete(self._aconn.run_sync(fn))
         assert self._conn is not None
         return fn(self._conn)
 
     def _main(self) -> None:
         try:
             if self.target.is_async:
-                self._loop = asyncio.new_event_loop()
-                asyncio.set_event_loop(self._loop)
+                self._event_loop = asyncio.new_event_loop()
+                asyncio.set_event_loop(self._event_loop)
             self._engine = self.target.make_engine(bounded=self.bounded)
-            if self._loop is not None:
-                self._aconn = self._loop.run_until_complete(
+            if self._event_loop is not None:
+                self._aconn = self._event_loop.run_until_complete(
                     self._engine.connect().start()  # type: ignore[union-attr]
                 )
             else:
@@ -216,7 +216,7 @@ class Worker:
                 future.set_result(value)
 
     def _close(self) -> None:
-        loop = self._loop
+        loop = self._event_loop
         with contextlib.suppress(Exception):
             if self._aconn is not None and loop is not None:
                 loop.run_until_complete(self._aconn.rollback())
