@@ -4,7 +4,7 @@ write to the same database.
 The seed bug (Airflow on SQLite): ``POST /backfills`` answers 500, and can leave a backfill
 committed without its runs — it is committed before its runs are created — after which every
 retry answers "already running" with nothing behind it. The fix under test
-(``tests/backfill_app.py``, ``naive=False``): the whole creation is one transaction run by
+(``tests/harness/apps/backfill.py``, ``naive=False``): the whole creation is one transaction run by
 ``@locksafe.transactional`` (retried with backoff on lock errors), the check-then-insert is
 guarded by ``locksafe.with_row_locks`` on the DAG's row, and what still fails after the retries
 is a 503 with ``Retry-After`` (``locksafe.starlette``), never a 500 nor half a record.
@@ -48,7 +48,7 @@ from sqlalchemy.pool import QueuePool
 
 import locksafe
 import locksafe.sqlite
-from backfill_app import (
+from harness.apps.backfill import (
     check_invariants,
     create_app,
     dag_processor_step,
@@ -57,7 +57,7 @@ from backfill_app import (
     scheduler_step,
     seed_dags,
 )
-from conftest import Cell
+from harness.cells import Cell
 from locksafe.starlette import BODY
 
 try:  # the test extra installs httpx2 on Python >= 3.11 and httpx before (same API)

@@ -51,8 +51,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 import locksafe
-from conftest import Cell
-from fixtures import mysql8_errors
+from harness import mysql8_errors
+from harness.cells import Cell
 from locksafe import LockErrorKind as Kind
 from locksafe import classify
 from locksafe.testing import OtherConnection, hold_write_lock
@@ -156,7 +156,7 @@ def mysql_message(cell: Cell, orig: BaseException) -> str:
 def assert_built_like_the_recorded_fixtures(
     cell: Cell, exc: DBAPIError, orig: BaseException, code: int
 ) -> None:
-    """tests/fixtures/mysql8_errors.py builds MySQL 8's errors for each driver; built from the
+    """tests/harness/mysql8_errors.py builds MySQL 8's errors for each driver; built from the
     same number, SQLSTATE and message, they must equal what the driver really raised."""
     sqlstate = MARIADB_SQLSTATE[code]
     if hasattr(orig, "sqlstate"):

@@ -22,8 +22,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Query, Session, mapped_colum
 from starlette.requests import Request
 
 import locksafe
-from conftest import Cell
-from fixtures.fake_airflow.install_probe import call_dependency
+from harness.cells import Cell
+from harness.fake_airflow.install_probe import call_dependency
 from locksafe.compat import airflow
 from locksafe.testing import hold_row_lock
 
@@ -320,7 +320,7 @@ def test_postgresql_renders_what_airflows_helper_renders_at_its_call_sites(
 
 # -- install(), end to end, against a fake Airflow in a subprocess -----------------------------
 
-FAKE_AIRFLOW = Path(__file__).parent / "fixtures" / "fake_airflow"
+FAKE_AIRFLOW = Path(__file__).parent / "harness" / "fake_airflow"
 EXAMPLES = Path(__file__).parents[1] / "examples"
 EARLY = "airflow.models.early"  # binds the helpers by name, so imports airflow.utils.sqlalchemy
 DECORATORS = "airflow.api_fastapi.logging.decorators"

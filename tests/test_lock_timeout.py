@@ -34,7 +34,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 import locksafe
 import locksafe.timeouts
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import LockErrorKind, LockUnavailable
 from locksafe.dialects import LockWaitSetting, support_for
 from locksafe.testing import hold_row_lock

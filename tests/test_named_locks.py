@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, QueuePool
 
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import (
     LockErrorKind,
     LockUnavailable,

@@ -35,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import with_row_locks
 from locksafe.dialects import support_for
 
