@@ -480,6 +480,10 @@ def engines(
 # -- the tests --------------------------------------------------------------------------------
 
 
+# slow (not in the compat leg): HTTP clients against a live server, background writers; the
+# locksafe parts (@transactional, with_row_locks, the Starlette handlers) run there in
+# test_transactions.py, test_rowlocks_real.py and test_starlette.py.
+@pytest.mark.slow
 @pytest.mark.cells("sqlite+pysqlite", "postgresql+psycopg2", "mysql+pymysql")
 def test_backfill_creation_is_atomic_and_never_500(
     cell: Cell, record_property: Callable[[str, object], None]
@@ -497,6 +501,8 @@ def test_backfill_creation_is_atomic_and_never_500(
     assert_safe(outcome)
 
 
+# slow (not in the compat leg): the control, Airflow's code without locksafe.
+@pytest.mark.slow
 @pytest.mark.cells("sqlite+pysqlite")
 def test_naive_backfill_creation_breaks_an_invariant(
     cell: Cell, record_property: Callable[[str, object], None]
@@ -516,6 +522,8 @@ def test_naive_backfill_creation_breaks_an_invariant(
     assert outcome.violations, "the naive app broke no invariant:\n" + outcome.summary()
 
 
+# slow (not in the compat leg): as test_backfill_creation_is_atomic_and_never_500.
+@pytest.mark.slow
 @pytest.mark.cells("sqlite+pysqlite")
 def test_backfill_overload_answers_503_never_500(
     cell: Cell, record_property: Callable[[str, object], None]

@@ -350,6 +350,11 @@ LOCK_TIMEOUT_SQL = {
 }
 
 
+# slow (not in the compat leg): the server's lock-wait timeout run out per case; classifying
+# the error SQLAlchemy raised (orig, code, statement; MariaDB's 1205 told apart by the
+# statement) runs there in test_nowait_on_a_held_row_is_lock_not_available and the recorded
+# errors of test_classify_unit.py.
+@pytest.mark.slow
 @pytest.mark.cells("postgresql", "mariadb")
 def test_lock_wait_that_times_out_is_lock_timeout(cell: Cell, table: Table) -> None:
     def steps(conn: Connection) -> None:
@@ -365,6 +370,8 @@ def test_lock_wait_that_times_out_is_lock_timeout(cell: Cell, table: Table) -> N
     assert 0.15 < waited < 5.0  # it really waited for the lock, and gave up
 
 
+# slow (not in the compat leg): as test_lock_wait_that_times_out_is_lock_timeout.
+@pytest.mark.slow
 @pytest.mark.cells("postgresql", "mariadb")
 def test_lock_timeout_on_an_update(cell: Cell, table: Table) -> None:
     """A plain UPDATE waiting on a held row. It sets a column named ``nowait``: a statement
