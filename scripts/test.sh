@@ -4,10 +4,12 @@
 #   bash scripts/test.sh [pytest arguments...]
 #
 # On a fresh Debian 12 machine (as root, or with sudo) it installs what is missing (MariaDB
-# server and client development files, the tools to build the database drivers), creates a
-# virtual environment (${LOCKSAFE_VENV:-.venv}), installs the project with its test extras, then
-# runs ruff, mypy and pytest, stopping at the first failure. The tests start their own
-# throw-away PostgreSQL and MariaDB servers (tests/servers.py); nothing needs to be running.
+# server and client development files, the tools to build the database drivers), creates the
+# virtual environments (${LOCKSAFE_VENV:-.venv}; .venv-compat with Python 3.10 and
+# SQLAlchemy 2.0; .venv-py313) and installs the project with its test extras into them, then
+# runs ruff and mypy, then the three legs of the test suite at once (main, compat, py313: see
+# "the tests" below), stopping at the first failure. The tests start their own throw-away
+# PostgreSQL and MariaDB servers (tests/harness/servers.py); nothing needs to be running.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,6 +41,9 @@ end_phase() {
 summary() {
     local status=$?
     rm -f "${PIP_LOG:-}"
+    if declare -F stop_legs >/dev/null; then
+        stop_legs
+    fi
     # A phase still open here is the one that failed (or was interrupted).
     if [[ -n $phase_name ]]; then
         local failed=$phase_name
@@ -53,6 +58,8 @@ summary() {
     exit "$status"
 }
 trap summary EXIT
+trap 'exit 130' INT # so that the EXIT trap runs (and stops the test legs) on Ctrl-C
+trap 'exit 143' TERM
 
 # --- system packages ---------------------------------------------------------------------------
 as_root() {
@@ -115,7 +122,6 @@ fi
 
 # pip prints many harmless "Location ... is ignored" warnings on these machines: keep its
 # output in a log and show it (without them) only when pip fails.
-PIP_LOG=$(mktemp "${TMPDIR:-/tmp}/locksafe-pip.XXXXXX")
 pip_quietly() {
     if ! "$PY" -m pip "$@" >"$PIP_LOG" 2>&1; then
         echo "scripts/test.sh: pip $* failed; last lines of its output:" >&2
@@ -124,9 +130,87 @@ pip_quietly() {
         return 1
     fi
 }
-pip_quietly install --quiet --upgrade pip
-pip_quietly install --quiet -e '.[test]'
-rm -f "$PIP_LOG"
+# install_into PACKAGES...: into $PY's environment. LOCKSAFE_INSTALL=0 uses the environments as
+# they are (a developer's, already set up); under CI=true everything is always installed.
+install_into() {
+    if [[ ${LOCKSAFE_INSTALL:-1} == 0 && ${CI:-} != true ]]; then
+        return 0
+    fi
+    PIP_LOG=$(mktemp "${TMPDIR:-/tmp}/locksafe-pip.XXXXXX")
+    pip_quietly install --quiet --upgrade pip
+    pip_quietly install --quiet "$@"
+    rm -f "$PIP_LOG"
+}
+install_into -e '.[test]'
+MAIN_PY=$PY
+
+# find_python MAJOR MINOR: the first Python MAJOR.MINOR that really runs (a pyenv shim may exist
+# and refuse to); nothing if there is none.
+find_python() {
+    local candidate
+    for candidate in "python$1.$2" /root/.pyenv/versions/"$1.$2".*/bin/python "/usr/bin/python$1.$2"; do
+        if "$candidate" -c "import sys, venv, sqlite3; sys.exit(sys.version_info[:2] != ($1, $2))" \
+            >/dev/null 2>&1; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 0
+}
+
+# make_venv DIR PYTHON: DIR's python, the virtual environment created with PYTHON if missing.
+make_venv() {
+    if [[ ! -x $1/bin/python ]]; then
+        "$2" -m venv "$1" >&2
+    fi
+    echo "$1/bin/python"
+}
+
+# --- the oldest supported stack: Python 3.10 with SQLAlchemy 2.0 -------------------------------
+# Its own environment (${LOCKSAFE_COMPAT_VENV:-.venv-compat}). Set LOCKSAFE_COMPAT=0 to leave it
+# out; under CI=true a missing Python 3.10 is a failure.
+COMPAT_PY=""
+if [[ ${LOCKSAFE_COMPAT:-1} != 0 ]]; then
+    PY310=$(find_python 3 10)
+    if [[ -z $PY310 ]]; then
+        if [[ ${CI:-} == true ]]; then
+            echo "scripts/test.sh: CI=true and no Python 3.10 for the compatibility run" >&2
+            exit 1
+        fi
+        echo "    no Python 3.10 here: compatibility run (Python 3.10, SQLAlchemy 2.0) not done"
+    else
+        PY=$(make_venv "${LOCKSAFE_COMPAT_VENV:-.venv-compat}" "$PY310")
+        install_into -e '.[test]' 'SQLAlchemy>=2.0.50,<2.1'
+        "$PY" -c 'import sqlalchemy, sys; print("    compat: Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__)'
+        COMPAT_PY=$PY
+    fi
+fi
+
+# --- Python 3.13: sqlite3's autocommit (Python >= 3.12) ----------------------------------------
+# Python 3.12 changed sqlite3's transaction control (the autocommit attribute); the SQLite-only
+# tests (no server, no server driver) run again on Python 3.13 in their own environment
+# (${LOCKSAFE_PY313_VENV:-.venv-py313}). Set LOCKSAFE_PY313=0 to leave it out; under CI=true a
+# missing Python 3.13 is a failure.
+PY313_PY=""
+if [[ ${LOCKSAFE_PY313:-1} != 0 ]]; then
+    PY313=$(find_python 3 13)
+    if [[ -z $PY313 ]]; then
+        if [[ ${CI:-} == true ]]; then
+            echo "scripts/test.sh: CI=true and no Python 3.13 for the SQLite run" >&2
+            exit 1
+        fi
+        echo "    no Python 3.13 here: SQLite run on Python 3.13 not done"
+    else
+        PY=$(make_venv "${LOCKSAFE_PY313_VENV:-.venv-py313}" "$PY313")
+        # PyMySQL and aiomysql (pure Python) for the tests whose SQLite cells also build a
+        # MySQL engine that never connects (a Session's other bind).
+        install_into -e '.[aiosqlite]' 'pytest>=8' 'pytest-timeout>=2.3' 'pymysql>=1.1' \
+            'aiomysql>=0.2'
+        "$PY" -c 'import sqlalchemy, sqlite3, sys; print("    py313: Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "SQLite", sqlite3.sqlite_version)'
+        PY313_PY=$PY
+    fi
+fi
+PY=$MAIN_PY
 
 # --- checks ------------------------------------------------------------------------------------
 begin_phase lint
@@ -135,97 +219,137 @@ begin_phase lint
 begin_phase typecheck
 "$PY" -m mypy # files and options come from pyproject.toml (src/locksafe, strict)
 
-run_pytest() {
-    local status=0
-    "$1" -m pytest "${@:2}" || status=$?
-    if ((status == 5)); then
-        echo "scripts/test.sh: pytest collected no tests: that is a failure" >&2
+# --- the tests: three legs ---------------------------------------------------------------------
+# main    Python of .venv, SQLAlchemy 2.1: the whole suite (pytest arguments given to this
+#         script go here and to compat).
+# compat  Python 3.10 + SQLAlchemy 2.0: the whole suite except the tests marked `slow`
+#         (pyproject.toml). The leg is there for what differs between SQLAlchemy 2.0 and 2.1 and
+#         between Python 3.10 and 3.11+, i.e. locksafe's own SQLAlchemy-facing code. A `slow`
+#         test spends its time waiting (a lock wait run out on the server, a timer, worker
+#         threads or processes taking turns) for what the server or the OS decides, and the
+#         locksafe code it runs is run in this leg by faster tests; each marked test names those
+#         tests in a comment above its marker. Left out here, they still run on main.
+#         Deselected (issue 10): test_lock_timeout.py (the waits of lock_timeout and of
+#         @transactional(timeout=)), test_named_locks.py (threads and processes excluding each
+#         other; timeouts and waits), test_rowlocks_concurrency.py (threads racing for rows),
+#         test_rowlocks_nested.py::test_sqlite_nested_fail_fast_options (a 3 s holder), the
+#         lock-wait timeouts of test_classify_real.py and test_silent_loss_rowlocks.py, and
+#         test_backfill_scenario.py (clients against a live server); `pytest --co -q -m slow`
+#         lists them.
+# py313   Python 3.13 (sqlite3's autocommit, Python >= 3.12): the SQLite-only tests (no server,
+#         no server driver): tests/test_sqlite_*.py and the SQLite cells of the row-lock and
+#         transaction tests.
+# The legs run at the same time (each with its own throw-away servers, output kept in a log and
+# shown when the leg ends): most of a leg's time is spent waiting on servers, locks and timers,
+# not computing, so two cores run them side by side at little cost to each (measured: see
+# the commit that made them parallel). LOCKSAFE_PARALLEL=0 runs them one after another, output
+# streamed.
+LEG_NAMES=()
+LEG_PIDS=()
+LEG_STARTED=()
+LEG_DIR=""
+
+# leg NAME PYTHON PYTEST_ARGS...: start one leg in the background, its output in a log
+# (LOCKSAFE_PARALLEL=0: run it now, output streamed, as its own phase).
+leg() {
+    local name=$1 py=$2
+    shift 2
+    if [[ ${LOCKSAFE_PARALLEL:-1} == 0 ]]; then
+        begin_phase "$name"
+        local status=0
+        "$py" -m pytest "$@" || status=$?
+        no_tests_is_a_failure "$status"
+        return "$status"
     fi
-    return "$status"
+    if [[ -z $LEG_DIR ]]; then
+        LEG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/locksafe-legs.XXXXXX")
+    fi
+    LEG_STARTED+=("$(now)")
+    "$py" -m pytest "$@" >"$LEG_DIR/$name.log" 2>&1 &
+    LEG_PIDS+=("$!")
+    LEG_NAMES+=("$name")
 }
 
-begin_phase tests
-run_pytest "$PY" "$@"
+no_tests_is_a_failure() {
+    if (($1 == 5)); then
+        echo "scripts/test.sh: pytest collected no tests: that is a failure" >&2
+    fi
+}
 
-# --- the oldest supported stack: Python 3.10 with SQLAlchemy 2.0 -------------------------------
-# Same suite, second environment (${LOCKSAFE_COMPAT_VENV:-.venv-compat}). Set
-# LOCKSAFE_COMPAT=0 to leave it out; under CI=true a missing Python 3.10 is a failure.
-if [[ ${LOCKSAFE_COMPAT:-1} != 0 ]]; then
-    begin_phase compat
-    # The first Python 3.10 that really runs (a pyenv shim may exist and refuse to).
-    PY310=""
-    for candidate in python3.10 /root/.pyenv/versions/3.10*/bin/python /usr/bin/python3.10; do
-        if "$candidate" -c 'import sys, venv; sys.exit(sys.version_info[:2] != (3, 10))' \
-            >/dev/null 2>&1; then
-            PY310=$candidate
-            break
+# Wait for the legs started in the background (noting when each ends), then show each leg's
+# output and time; fail if one failed.
+finish_legs() {
+    local i pid status failed=()
+    local -a ended=() statuses=() running=("${LEG_PIDS[@]}")
+    echo "    running: ${LEG_NAMES[*]}"
+    while ((${#running[@]})); do
+        pid=""
+        status=0
+        wait -n -p pid "${running[@]}" || status=$?
+        running=()
+        for i in "${!LEG_PIDS[@]}"; do
+            if [[ ${LEG_PIDS[$i]} == "$pid" ]]; then
+                ended[i]=$(now)
+                statuses[i]=$status
+            elif [[ -z ${statuses[$i]:-} ]]; then
+                running+=("${LEG_PIDS[$i]}")
+            fi
+        done
+    done
+    end_phase # the tests phase: until the last leg ended; each leg's own time below it
+    for i in "${!LEG_NAMES[@]}"; do
+        echo "==> tests: ${LEG_NAMES[$i]}"
+        cat "$LEG_DIR/${LEG_NAMES[$i]}.log"
+        no_tests_is_a_failure "${statuses[$i]}"
+        PHASES+=("$(printf '  %-8s %7.1f s' "${LEG_NAMES[$i]}" \
+            "$(echo "${LEG_STARTED[$i]} ${ended[$i]}" | awk '{print $2 - $1}')")")
+        if ((statuses[i] != 0)); then
+            PHASES[-1]+="  (failed, exit ${statuses[$i]})"
+            failed+=("${LEG_NAMES[$i]}")
         fi
     done
-    if [[ -z $PY310 ]]; then
-        if [[ ${CI:-} == true ]]; then
-            echo "scripts/test.sh: CI=true and no Python 3.10 for the compatibility run" >&2
-            exit 1
-        fi
-        echo "    no Python 3.10 here: compatibility run (Python 3.10, SQLAlchemy 2.0) not done"
-    else
-        COMPAT_VENV=${LOCKSAFE_COMPAT_VENV:-.venv-compat}
-        if [[ ! -x $COMPAT_VENV/bin/python ]]; then
-            "$PY310" -m venv "$COMPAT_VENV"
-        fi
-        PY=$COMPAT_VENV/bin/python
-        PIP_LOG=$(mktemp "${TMPDIR:-/tmp}/locksafe-pip.XXXXXX")
-        pip_quietly install --quiet --upgrade pip
-        pip_quietly install --quiet -e '.[test]' 'SQLAlchemy>=2.0.50,<2.1'
-        rm -f "$PIP_LOG"
-        "$PY" -c 'import sqlalchemy, sys; print("    Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__)'
-        run_pytest "$PY" "$@"
+    LEG_PIDS=()
+    rm -rf "$LEG_DIR"
+    if ((${#failed[@]})); then
+        echo "scripts/test.sh: failed test legs: ${failed[*]}" >&2
+        return 1
     fi
+}
+
+# On an interruption or a failure of this script, the legs still running are stopped by pid
+# (background jobs ignore the terminal's Ctrl-C); the test harness stops its servers on SIGTERM.
+stop_legs() {
+    local pid
+    for pid in "${LEG_PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${LEG_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ -n $LEG_DIR ]]; then
+        rm -rf "$LEG_DIR"
+    fi
+}
+
+if [[ ${LOCKSAFE_PARALLEL:-1} != 0 ]]; then
+    begin_phase tests
+    echo "    the legs run at once; the output of each follows when the last has ended"
 fi
-
-# --- Python 3.13: sqlite3's autocommit (Python >= 3.12) ----------------------------------------
-# Python 3.12 changed sqlite3's transaction control (the autocommit attribute); the SQLite-only
-# tests (no server, no server driver) run again on Python 3.13 in their own environment
-# (${LOCKSAFE_PY313_VENV:-.venv-py313}): tests/test_sqlite_*.py and the SQLite cells of the
-# row-lock and transaction tests. Set LOCKSAFE_PY313=0 to leave it out; under CI=true a missing Python 3.13 is
-# a failure.
-if [[ ${LOCKSAFE_PY313:-1} != 0 ]]; then
-    begin_phase py313
-    # The first Python 3.13 that really runs (a pyenv shim may exist and refuse to).
-    PY313=""
-    for candidate in python3.13 /root/.pyenv/versions/3.13*/bin/python /usr/bin/python3.13; do
-        if "$candidate" -c 'import sys, venv, sqlite3; sys.exit(sys.version_info[:2] != (3, 13))' \
-            >/dev/null 2>&1; then
-            PY313=$candidate
-            break
-        fi
-    done
-    if [[ -z $PY313 ]]; then
-        if [[ ${CI:-} == true ]]; then
-            echo "scripts/test.sh: CI=true and no Python 3.13 for the SQLite run" >&2
-            exit 1
-        fi
-        echo "    no Python 3.13 here: SQLite run on Python 3.13 not done"
-    else
-        PY313_VENV=${LOCKSAFE_PY313_VENV:-.venv-py313}
-        if [[ ! -x $PY313_VENV/bin/python ]]; then
-            "$PY313" -m venv "$PY313_VENV"
-        fi
-        PY=$PY313_VENV/bin/python
-        PIP_LOG=$(mktemp "${TMPDIR:-/tmp}/locksafe-pip.XXXXXX")
-        pip_quietly install --quiet --upgrade pip
-        # PyMySQL and aiomysql (pure Python) for the tests whose SQLite cells also build a
-        # MySQL engine that never connects (a Session's other bind).
-        pip_quietly install --quiet -e '.[aiosqlite]' 'pytest>=8' 'pytest-timeout>=2.3' \
-            'pymysql>=1.1' 'aiomysql>=0.2'
-        rm -f "$PIP_LOG"
-        "$PY" -c 'import sqlalchemy, sqlite3, sys; print("    Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__, "SQLite", sqlite3.sqlite_version)'
-        # Only SQLite cells and cell-less SQLite tests: no PostgreSQL or MariaDB server starts.
-        run_pytest "$PY" tests/test_sqlite_configure.py tests/test_sqlite_locking.py \
-            tests/test_sqlite_app_shapes.py \
-            tests/test_rowlocks_real.py tests/test_rowlocks_concurrency.py \
-            tests/test_rowlocks_nested.py tests/test_transactions.py \
-            -k 'sqlite+pysqlite or sqlite+aiosqlite or test_sqlite_configure or test_sqlite_locking or test_sqlite_app_shapes or test_sqlite_busy_is_recognised'
-    fi
+leg main "$MAIN_PY" "$@"
+if [[ -n $COMPAT_PY ]]; then
+    leg compat "$COMPAT_PY" -p no:cacheprovider -m "not slow" "$@"
+fi
+if [[ -n $PY313_PY ]]; then
+    # Only SQLite cells and cell-less SQLite tests: no PostgreSQL or MariaDB server starts.
+    leg py313 "$PY313_PY" -p no:cacheprovider \
+        tests/test_sqlite_configure.py tests/test_sqlite_locking.py \
+        tests/test_sqlite_app_shapes.py \
+        tests/test_rowlocks_real.py tests/test_rowlocks_concurrency.py \
+        tests/test_rowlocks_nested.py tests/test_transactions.py \
+        -k 'sqlite+pysqlite or sqlite+aiosqlite or test_sqlite_configure or test_sqlite_locking or test_sqlite_app_shapes or test_sqlite_busy_is_recognised'
+fi
+if [[ ${LOCKSAFE_PARALLEL:-1} != 0 ]]; then
+    finish_legs
 fi
 end_phase
 echo "==> all checks passed ($ROOT)"

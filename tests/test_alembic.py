@@ -48,13 +48,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool, StaticPool
 
 import locksafe
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import CallerTransactionError, LockErrorKind, LockUnavailable
 from locksafe.alembic import MigrationLock, MigrationLockTimeout, migration_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "migrations.md"
-PROJECT = Path(__file__).parent / "fixtures" / "alembic_project"
+PROJECT = Path(__file__).parent / "harness" / "alembic_project"
 PROCESSES = 4
 #: Upper bounds of timing checks: generous, the machine is a loaded 2-core box.
 SLACK = 3.0

@@ -4,7 +4,7 @@ write to the same database.
 The seed bug (Airflow on SQLite): ``POST /backfills`` answers 500, and can leave a backfill
 committed without its runs — it is committed before its runs are created — after which every
 retry answers "already running" with nothing behind it. The fix under test
-(``tests/backfill_app.py``, ``naive=False``): the whole creation is one transaction run by
+(``tests/harness/apps/backfill.py``, ``naive=False``): the whole creation is one transaction run by
 ``@locksafe.transactional`` (retried with backoff on lock errors), the check-then-insert is
 guarded by ``locksafe.with_row_locks`` on the DAG's row, and what still fails after the retries
 is a 503 with ``Retry-After`` (``locksafe.starlette``), never a 500 nor half a record.
@@ -48,7 +48,7 @@ from sqlalchemy.pool import QueuePool
 
 import locksafe
 import locksafe.sqlite
-from backfill_app import (
+from harness.apps.backfill import (
     check_invariants,
     create_app,
     dag_processor_step,
@@ -57,7 +57,7 @@ from backfill_app import (
     scheduler_step,
     seed_dags,
 )
-from conftest import Cell
+from harness.cells import Cell
 from locksafe.starlette import BODY
 
 try:  # the test extra installs httpx2 on Python >= 3.11 and httpx before (same API)
@@ -480,6 +480,10 @@ def engines(
 # -- the tests --------------------------------------------------------------------------------
 
 
+# slow (not in the compat leg): HTTP clients against a live server, background writers; the
+# locksafe parts (@transactional, with_row_locks, the Starlette handlers) run there in
+# test_transactions.py, test_rowlocks_real.py and test_starlette.py.
+@pytest.mark.slow
 @pytest.mark.cells("sqlite+pysqlite", "postgresql+psycopg2", "mysql+pymysql")
 def test_backfill_creation_is_atomic_and_never_500(
     cell: Cell, record_property: Callable[[str, object], None]
@@ -497,6 +501,8 @@ def test_backfill_creation_is_atomic_and_never_500(
     assert_safe(outcome)
 
 
+# slow (not in the compat leg): the control, Airflow's code without locksafe.
+@pytest.mark.slow
 @pytest.mark.cells("sqlite+pysqlite")
 def test_naive_backfill_creation_breaks_an_invariant(
     cell: Cell, record_property: Callable[[str, object], None]
@@ -516,6 +522,8 @@ def test_naive_backfill_creation_breaks_an_invariant(
     assert outcome.violations, "the naive app broke no invariant:\n" + outcome.summary()
 
 
+# slow (not in the compat leg): as test_backfill_creation_is_atomic_and_never_500.
+@pytest.mark.slow
 @pytest.mark.cells("sqlite+pysqlite")
 def test_backfill_overload_answers_503_never_500(
     cell: Cell, record_property: Callable[[str, object], None]

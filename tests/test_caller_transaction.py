@@ -35,7 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Session
 import locksafe
 import locksafe.sqlite
 import locksafe.starlette
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import CallerTransactionError, LockErrorKind, RetryDetails, transactional
 
 with warnings.catch_warnings():

@@ -3,7 +3,7 @@ each driver carries them, recorded MySQL 8 errors, and property tests (it never 
 
 Every error the servers of the harness can raise is provoked for real in
 ``test_classify_real.py``; the exceptions built here are the driver's own classes, built with the
-driver's own code where it is Python (tests/fixtures/mysql8_errors.py), or the way the driver's
+driver's own code where it is Python (tests/harness/mysql8_errors.py), or the way the driver's
 C code builds them.
 """
 
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 
 import locksafe
-from fixtures import mysql8_errors
+from harness import mysql8_errors
 from locksafe import LockErrorKind as Kind
 from locksafe import LockUnavailable, classify
 from locksafe.classify import classify_raised

@@ -36,8 +36,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Query, Session, mapped_colum
 from starlette.requests import Request
 
 import locksafe
-from conftest import Cell
-from fixtures.fake_airflow.install_probe import call_dependency
+from harness.cells import Cell
+from harness.fake_airflow.install_probe import call_dependency
 from locksafe.compat import airflow
 from locksafe.testing import hold_row_lock
 
@@ -334,7 +334,7 @@ def test_postgresql_renders_what_airflows_helper_renders_at_its_call_sites(
 
 # -- install(), end to end, against a fake Airflow in a subprocess -----------------------------
 
-FAKE_AIRFLOW = Path(__file__).parent / "fixtures" / "fake_airflow"
+FAKE_AIRFLOW = Path(__file__).parent / "harness" / "fake_airflow"
 EXAMPLES = Path(__file__).parents[1] / "examples"
 EARLY = "airflow.models.early"  # binds the helpers by name, so imports airflow.utils.sqlalchemy
 DECORATORS = "airflow.api_fastapi.logging.decorators"
@@ -652,7 +652,7 @@ def test_create_global_lock_options_are_checked(
 ) -> None:
     from sqlalchemy import create_engine
 
-    from fixtures.alembic_workers import DBLocks
+    from harness.alembic_workers import DBLocks
 
     with Session(create_engine("sqlite://")) as session:
         call = {"session": session, "lock": DBLocks.MIGRATIONS, **arguments}
@@ -661,7 +661,7 @@ def test_create_global_lock_options_are_checked(
 
 
 def make_global_counter(cell: Cell) -> None:
-    from fixtures.alembic_workers import COUNTER
+    from harness.alembic_workers import COUNTER
 
     with cell.sync_engine().begin() as conn:
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {COUNTER}")
@@ -670,7 +670,7 @@ def make_global_counter(cell: Cell) -> None:
 
 
 def read_global_counter(cell: Cell) -> int:
-    from fixtures.alembic_workers import COUNTER
+    from harness.alembic_workers import COUNTER
 
     with cell.sync_engine().begin() as conn:
         value = int(conn.exec_driver_sql(f"SELECT n FROM {COUNTER} WHERE id = 1").scalar_one())
@@ -681,7 +681,7 @@ def read_global_counter(cell: Cell) -> int:
 @contextlib.contextmanager
 def holding_global_lock(cell: Cell, **options: Any) -> Iterator[Any]:
     """Hold Airflow's MIGRATIONS lock (locksafe's) in a thread of its own until the block ends."""
-    from fixtures.alembic_workers import DBLocks
+    from harness.alembic_workers import DBLocks
 
     ready, done = threading.Event(), threading.Event()
     box: dict[str, Any] = {}
@@ -713,7 +713,7 @@ def holding_global_lock(cell: Cell, **options: Any) -> Iterator[Any]:
 
 
 def global_lock_attempt(cell: Cell, lock_timeout: float) -> tuple[BaseException | None, float]:
-    from fixtures.alembic_workers import DBLocks
+    from harness.alembic_workers import DBLocks
 
     with Session(cell.default_engine) as session:
         started = time.monotonic()
@@ -743,7 +743,7 @@ def global_lock_held_on_server(cell: Cell, key: Any) -> bool:
 
 @pytest.mark.cells("sync")
 def test_create_global_lock_excludes_threads(cell: Cell) -> None:
-    from fixtures.alembic_workers import increment
+    from harness.alembic_workers import increment
 
     make_global_counter(cell)
     barrier = threading.Barrier(GLOBAL_THREADS, timeout=GLOBAL_JOIN)
@@ -775,7 +775,7 @@ def test_create_global_lock_excludes_processes(cell: Cell) -> None:
     import concurrent.futures
     import multiprocessing
 
-    from fixtures.alembic_workers import process_worker
+    from harness.alembic_workers import process_worker
 
     make_global_counter(cell)
     url = cell.admin_url.render_as_string(hide_password=False)

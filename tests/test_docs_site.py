@@ -27,7 +27,7 @@ from types import ModuleType
 
 import pytest
 
-from conftest import unavailable
+from harness.cells import unavailable
 from locksafe.matrix import render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -37,7 +37,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select,
 from sqlalchemy.engine import URL
 
 import locksafe.doctor
-from conftest import Cell
+from harness.cells import Cell
 from locksafe.doctor import DoctorError, Report, diagnose, main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text
 from sqlalchemy.engine import Connection
 
-from conftest import Cell
+from harness.cells import Cell
 
 metadata = MetaData()
 notes = Table(
@@ -106,3 +106,87 @@ def test_suite_runs_against_servers_given_by_url(cell: Cell, tmp_path: Path) -> 
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "1 passed" in result.stdout
+
+
+# -- the harness's own shape ---------------------------------------------------------------------
+
+TESTS = Path(__file__).parent
+#: The top-level helper modules the harness package replaced: importing one by its old name
+#: would only work by accident of sys.path.
+OLD_HELPERS = ("conftest", "servers", "options", "sqlite_probe", "backfill_app", "shapes_app")
+
+
+def python_files() -> list[Path]:
+    return sorted(p for p in TESTS.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_no_module_imports_conftest_or_an_old_helper_module() -> None:
+    """conftest.py is pytest's, not a module to import; helpers come from the harness package."""
+    import ast
+
+    found = []
+    for path in python_files():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in OLD_HELPERS or top == "fixtures":
+                    found.append(f"{path.relative_to(TESTS)}:{node.lineno}: {name}")
+    assert python_files(), TESTS
+    assert found == []
+
+
+def test_the_check_above_sees_a_conftest_import(tmp_path: Path) -> None:
+    """The control: the scan does catch the forms it forbids."""
+    import ast
+
+    source = "from conftest import Cell\nimport servers\nfrom harness.cells import Cell\n"
+    tops = [
+        (n.module if isinstance(n, ast.ImportFrom) else n.names[0].name).split(".")[0]
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.Import | ast.ImportFrom)
+    ]
+    assert [t for t in tops if t in OLD_HELPERS] == ["conftest", "servers"]
+
+
+def test_conftest_holds_only_fixtures_and_hooks() -> None:
+    import ast
+
+    tree = ast.parse((TESTS / "conftest.py").read_text())
+    others = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            fixture = any("fixture" in ast.unparse(d) for d in node.decorator_list)
+            if fixture or node.name.startswith("pytest_"):
+                continue
+            others.append(node.name)
+        elif isinstance(node, ast.ClassDef | ast.AsyncFunctionDef):
+            others.append(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            others.append(ast.unparse(node))
+    assert others == []
+
+
+def test_markers_are_registered_once_in_pyproject() -> None:
+    """Every marker the tests use is declared in pyproject.toml (--strict-markers), and nothing
+    registers markers a second time from code."""
+    import re
+
+    pyproject = (TESTS.parent / "pyproject.toml").read_text()
+    block = re.search(r"^markers = \[(.*?)^\]", pyproject, re.S | re.M)
+    assert block is not None
+    declared = re.findall(r'^\s*"(\w+)[(:]', block.group(1), re.M)
+    assert len(declared) == len(set(declared)), declared
+    registering = "addinivalue_line(" + '"markers"'  # split: this file must not match itself
+    used = set()
+    for path in python_files():
+        text = path.read_text()
+        assert registering not in text, path
+        used |= set(re.findall(r"pytest\.mark\.(\w+)", text))
+    builtin = {"parametrize", "skipif", "skip", "xfail", "filterwarnings", "usefixtures", "timeout"}
+    assert used - builtin <= set(declared), used - builtin - set(declared)

@@ -34,7 +34,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 import locksafe
 import locksafe.timeouts
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import LockErrorKind, LockUnavailable
 from locksafe.dialects import LockWaitSetting, support_for
 from locksafe.testing import hold_row_lock
@@ -143,6 +143,10 @@ def timed_bump(target: Session | Connection) -> tuple[float, BaseException | Non
 # -- the wait ends near the requested time ---------------------------------------------------
 
 
+# slow (not in the compat leg): a 0.3 s lock wait run out on the server per case; the block's
+# setting and its reading back run there in test_the_previous_setting_is_back_after_the_block
+# and test_the_setting_is_back_after_a_lock_error_left_the_block.
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["session", "connection"])
 def test_a_wait_ends_near_the_requested_time(cell: Cell, kind: str) -> None:
     seed(cell)
@@ -380,6 +384,11 @@ def bounded_engine(cell: Cell, seconds: int | None) -> Any:
     return cell.warm_up(engine)
 
 
+# slow (not in the compat leg): 1 s lock waits run out on the server (two per async cell); the
+# deadline's bound set on the session's connection and reset for the pool runs there in
+# test_transactional_never_loosens_a_tighter_bound and
+# test_transactional_leaves_a_pooled_connection_as_it_was.
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["statement", "flush"])
 def test_transactional_timeout_is_a_deadline_for_a_blocked_lock_wait(cell: Cell, how: str) -> None:
     """Blocked in a statement of the function, or in the flush of the decorator's commit (an

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, QueuePool
 
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import (
     LockErrorKind,
     LockUnavailable,
@@ -378,6 +378,11 @@ def run_workers(cell: Cell, name: str | None, scope: str) -> int:
     return read_counter(cell)
 
 
+# slow (not in the compat leg): worker threads taking turns on the lock (sleeps under it);
+# taking and releasing it on a Connection / Session / AsyncSession runs there in
+# test_released_when_the_block_raises, test_a_session_holds_the_lock_on_its_connection,
+# test_no_lock_outlives_its_scope and test_hostile_names.
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["transaction", "session"])
 def test_threads_exclude_each_other(cell: Cell, scope: str) -> None:
     final = run_workers(cell, unique(), scope)
@@ -385,6 +390,8 @@ def test_threads_exclude_each_other(cell: Cell, scope: str) -> None:
     assert final == THREADS * INCREMENTS
 
 
+# slow (not in the compat leg): the control of test_threads_exclude_each_other, no locksafe code.
+@pytest.mark.slow
 @pytest.mark.cells("sqlite+pysqlite", "postgresql+psycopg2", "mysql+pymysql")
 def test_without_the_lock_updates_are_lost(cell: Cell) -> None:
     """The control: the counter check can fail."""
@@ -404,6 +411,9 @@ def process_worker(url: str, name: str, scope: str) -> None:
         engine.dispose()
 
 
+# slow (not in the compat leg): spawned processes taking turns (sync admin driver); the same
+# lock calls run there in the thread-free tests named above test_threads_exclude_each_other.
+@pytest.mark.slow
 @pytest.mark.cells("sqlite+pysqlite", "postgresql+psycopg2", "mysql+pymysql")
 @pytest.mark.parametrize("scope", ["transaction", "session"])
 def test_processes_exclude_each_other(cell: Cell, scope: str) -> None:
@@ -456,6 +466,11 @@ def test_mysql_refuses_shared(cell: Cell) -> None:
 # -- timeouts -----------------------------------------------------------------------------------
 
 
+# slow (not in the compat leg): 0.5 s and 0.2 s waits run out per case; bounded waits that
+# time out run there in test_shared_holders_at_once_exclusive_waits (SQLite, PostgreSQL) and
+# test_postgresql_timeout_inside_a_transaction_keeps_it_usable, tries that fail in
+# test_hostile_names.
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["transaction", "session"])
 def test_timeouts(cell: Cell, scope: str) -> None:
     name = unique()

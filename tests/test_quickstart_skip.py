@@ -16,7 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Session
 
 import locksafe
 import locksafe.sqlite
-from conftest import Cell
+from harness.cells import Cell
 from locksafe.testing import hold_row_lock
 
 ROOT = Path(__file__).resolve().parent.parent

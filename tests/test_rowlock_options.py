@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, select, union_all
 from sqlalchemy.orm import DeclarativeBase, Session, aliased
 
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import (
     LockOptions,
     UnsupportedLockOption,

@@ -40,6 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Query, mapped_column
 from sqlalchemy.sql.selectable import Select
 
 import locksafe
+from harness.options import option_combinations
 from locksafe import (
     LockDegradedWarning,
     UnsupportedLockOption,
@@ -48,7 +49,6 @@ from locksafe import (
     plan_row_locks,
     with_row_locks,
 )
-from options import option_combinations
 
 # -- an "offline" dialect: initialised as on first connect, without a server ------------------
 

@@ -35,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import with_row_locks
 from locksafe.dialects import support_for
 
@@ -192,6 +192,10 @@ def test_no_lost_update_with_row_locks_sqlite(cell: Cell, journal: str, transact
     check_no_lost_update(cell, f"{journal}/{transactions}", engine)
 
 
+# slow (not in the compat leg): server cells' threads taking turns on a row; with_row_locks on
+# each of these drivers locks for real there in test_rowlocks_real.py, and the SQLite race runs
+# there in test_no_lost_update_with_row_locks_sqlite.
+@pytest.mark.slow
 @pytest.mark.cells("postgresql", "mariadb")
 def test_no_lost_update_with_row_locks(cell: Cell) -> None:
     check_no_lost_update(cell, "-")
@@ -204,6 +208,8 @@ def test_updates_are_lost_without_row_locks_sqlite(cell: Cell, journal: str) -> 
     check_updates_are_lost(cell, journal)
 
 
+# slow (not in the compat leg): a control, no locksafe code.
+@pytest.mark.slow
 @pytest.mark.cells("postgresql+psycopg2", "postgresql+asyncpg", "mysql+pymysql", "mysql+aiomysql")
 def test_updates_are_lost_without_row_locks(cell: Cell) -> None:
     check_updates_are_lost(cell, "-")
@@ -286,6 +292,8 @@ def test_skip_locked_workers_never_claim_a_job_twice(cell: Cell) -> None:
         assert sum(1 for own in result.claimed.values() if own) >= 2, result.claimed
 
 
+# slow (not in the compat leg): a control, no locksafe code.
+@pytest.mark.slow
 @pytest.mark.cells("sqlite+pysqlite", "postgresql+psycopg2", "mysql+pymysql")
 def test_claims_collide_without_row_locks(cell: Cell) -> None:
     """The control: the same claim loop without with_row_locks claims jobs twice."""

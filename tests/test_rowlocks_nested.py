@@ -58,12 +58,12 @@ from sqlalchemy.orm import (
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.selectable import Select
 
-from conftest import Cell
+from harness.cells import Cell
+from harness.probes import sqlite_write_locked
 from locksafe import LockErrorKind, UnsupportedLockOption, classify, rowlocks, with_row_locks
 from locksafe.binds import offline_dialect
 from locksafe.dialects import support_for
 from locksafe.testing import OtherConnection
-from sqlite_probe import sqlite_write_locked
 
 metadata = MetaData()
 items = Table(

@@ -44,7 +44,9 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.selectable import Select
 
 import locksafe
-from conftest import Cell
+from harness.cells import Cell
+from harness.options import option_combinations
+from harness.probes import sqlite_write_locked
 from locksafe import (
     LockErrorKind,
     UnsupportedLockOption,
@@ -55,8 +57,6 @@ from locksafe import (
 )
 from locksafe.dialects import support_for
 from locksafe.testing import OtherConnection, hold_write_lock
-from options import option_combinations
-from sqlite_probe import sqlite_write_locked
 
 metadata = MetaData()
 owners = Table(

@@ -36,7 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session
 
 import locksafe
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import (
     LockErrorKind,
     TransactionAborted,

@@ -38,9 +38,9 @@ from sqlalchemy.pool import StaticPool
 
 import locksafe
 import locksafe.sqlite
-from conftest import Cell
+from harness.cells import Cell
+from harness.probes import sqlite_write_locked
 from locksafe import with_row_locks
-from sqlite_probe import sqlite_write_locked
 
 pytestmark = pytest.mark.cells("sqlite")
 
@@ -521,7 +521,7 @@ def test_a_multi_process_app_keeps_working(
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    import shapes_app
+    from harness.apps import shapes as shapes_app
 
     url = f"sqlite:///{tmp_path / 'app.db'}"
     items, per_item, workers, calls = 4, 30, 4, 40

@@ -34,8 +34,8 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 import locksafe
 import locksafe.sqlite
-from conftest import Cell
-from sqlite_probe import sqlite_write_locked as write_lock_held
+from harness.cells import Cell
+from harness.probes import sqlite_write_locked as write_lock_held
 
 pytestmark = pytest.mark.cells("sqlite")
 

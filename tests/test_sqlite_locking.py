@@ -28,10 +28,10 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 import locksafe.sqlite
-from conftest import Cell
+from harness.cells import Cell
+from harness.probes import sqlite_write_locked as write_lock_held
 from locksafe import LockErrorKind, classify, with_row_locks
 from locksafe.dialects import sqlite as sqlite_support
-from sqlite_probe import sqlite_write_locked as write_lock_held
 
 pytestmark = pytest.mark.cells("sqlite")
 

@@ -23,7 +23,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import locksafe
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import LockErrorKind, LockUnavailable
 from locksafe.classify import RETRYABLE_KINDS
 from locksafe.starlette import BODY, install_lock_error_handlers, lock_error_response

@@ -23,7 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmake
 
 import locksafe
 import locksafe.sqlite
-from conftest import Cell
+from harness.cells import Cell
 from locksafe import LockErrorKind, LockUnavailable, RetryDetails, transactional
 from locksafe.classify import RETRYABLE_KINDS
 

@@ -5,7 +5,7 @@ directory on a free TCP port of 127.0.0.1 and return a :class:`Server`; ``Server
 it by its own pid (never by process name) and removes the directory.  ``stop()`` is idempotent,
 and every server still running is also stopped at interpreter exit and on SIGTERM/SIGHUP.
 
-Run ``python tests/servers.py [--hold SECONDS]`` for a quick manual check.
+Run ``python tests/harness/servers.py [--hold SECONDS]`` for a quick manual check.
 """
 
 from __future__ import annotations

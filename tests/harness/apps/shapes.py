@@ -3,7 +3,8 @@
 ``PRAGMA busy_timeout`` as each session's first statement, a multi-step call whose steps commit
 in their own sessions (an audit row committed by a nested session while the outer session has
 read and will write), and no retry of "database is locked" anywhere — every writer relies on
-the busy timeout to wait. Run by tests/test_sqlite_app_shapes.py in a process pool."""
+the busy timeout to wait. Run by tests/test_sqlite_app_shapes.py in a process pool
+(spawned workers import it as ``harness.apps.shapes``)."""
 
 from __future__ import annotations
 
