@@ -10,12 +10,22 @@ Markers are registered in pyproject.toml (``--strict-markers``).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from harness.cells import Cell, CellSpec, Servers, make_cell, select_cells
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C raises ``KeyboardInterrupt`` in this run and in the processes it starts, as in a
+    terminal: a shell that starts pytest in the background (``scripts/test.sh`` runs its legs
+    at once) hands it SIGINT *ignored*, which Python then leaves ignored, and children inherit
+    (the tests that interrupt a wait would see nothing arrive)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
