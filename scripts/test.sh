@@ -229,21 +229,31 @@ begin_phase typecheck
 #         threads or processes taking turns) for what the server or the OS decides, and the
 #         locksafe code it runs is run in this leg by faster tests; each marked test names those
 #         tests in a comment above its marker. Left out here, they still run on main.
-#         Deselected (issue 10): test_lock_timeout.py (the waits of lock_timeout and of
-#         @transactional(timeout=)), test_named_locks.py (threads and processes excluding each
-#         other; timeouts and waits), test_rowlocks_concurrency.py (threads racing for rows),
-#         test_rowlocks_nested.py::test_sqlite_nested_fail_fast_options (a 3 s holder), the
-#         lock-wait timeouts of test_classify_real.py and test_silent_loss_rowlocks.py, and
-#         test_backfill_scenario.py (clients against a live server); `pytest --co -q -m slow`
-#         lists them.
+#         Deselected here (158 tests; 157 of the main leg's 514 s of test time, measured):
+#           test_lock_timeout.py: test_a_wait_ends_near_the_requested_time,
+#             test_transactional_timeout_is_a_deadline_for_a_blocked_lock_wait (lock waits run
+#             out on the server);
+#           test_named_locks.py: test_threads_exclude_each_other (+ its control
+#             test_without_the_lock_updates_are_lost), test_processes_exclude_each_other,
+#             test_timeouts (workers taking turns; waits run out);
+#           test_classify_real.py: test_lock_wait_that_times_out_is_lock_timeout,
+#             test_lock_timeout_on_an_update (the server's lock-wait timeout);
+#           test_rowlocks_concurrency.py: test_no_lost_update_with_row_locks (server cells; the
+#             SQLite race stays), and the controls test_updates_are_lost_without_row_locks,
+#             test_claims_collide_without_row_locks (no locksafe code);
+#           test_backfill_scenario.py: test_backfill_creation_is_atomic_and_never_500,
+#             test_backfill_overload_answers_503_never_500, and the control
+#             test_naive_backfill_creation_breaks_an_invariant (HTTP clients against a live app).
+#         `pytest --co -q -m slow` lists them.
 # py313   Python 3.13 (sqlite3's autocommit, Python >= 3.12): the SQLite-only tests (no server,
 #         no server driver): tests/test_sqlite_*.py and the SQLite cells of the row-lock and
 #         transaction tests.
-# The legs run at the same time (each with its own throw-away servers, output kept in a log and
-# shown when the leg ends): most of a leg's time is spent waiting on servers, locks and timers,
-# not computing, so two cores run them side by side at little cost to each (measured: see
-# the commit that made them parallel). LOCKSAFE_PARALLEL=0 runs them one after another, output
-# streamed.
+# The legs run at the same time, each with its own throw-away servers, output kept in a log and
+# shown when the last leg has ended: a leg spends most of its time waiting (on servers, lock
+# waits, timers, other threads), not computing. Measured (issue 10, 2-core machine): main used
+# 238 s of CPU (its servers included) in 672 s, compat 213 s in 533 s, py313 26 s in 133 s,
+# i.e. 0.2-0.4 of a core each, so two cores run the three side by side.
+# LOCKSAFE_PARALLEL=0 runs them one after another, output streamed.
 LEG_NAMES=()
 LEG_PIDS=()
 LEG_STARTED=()

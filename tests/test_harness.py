@@ -190,3 +190,26 @@ def test_markers_are_registered_once_in_pyproject() -> None:
         used |= set(re.findall(r"pytest\.mark\.(\w+)", text))
     builtin = {"parametrize", "skipif", "skip", "xfail", "filterwarnings", "usefixtures", "timeout"}
     assert used - builtin <= set(declared), used - builtin - set(declared)
+
+
+def test_the_tests_left_out_of_the_compat_leg_are_the_ones_scripts_test_sh_names() -> None:
+    """scripts/test.sh says which tests the compat leg leaves out (``-m "not slow"``) and why:
+    that list and the ``slow`` markers stay the same set."""
+    import ast
+    import re
+
+    marked = set()
+    for path in sorted(TESTS.glob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and any(
+                ast.unparse(d) == "pytest.mark.slow" for d in node.decorator_list
+            ):
+                marked.add(node.name)
+    script = (TESTS.parent / "scripts" / "test.sh").read_text()
+    listed = re.search(
+        r"^#\s+Deselected here(.*?)^#\s+`pytest --co -q -m slow`", script, re.S | re.M
+    )
+    assert listed is not None
+    assert 'leg compat "$COMPAT_PY" -p no:cacheprovider -m "not slow"' in script
+    assert set(re.findall(r"\b(test_\w+)\b(?!\.py)", listed.group(1))) == marked
+    assert marked
