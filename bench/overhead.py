@@ -9,7 +9,9 @@ through SQLAlchemy and locksafe, not a lock wait):
   locksafe (SQLAlchemy switches its event dispatch on for good once any listener exists, so a
   baseline measured after locksafe's hooks were installed would pay part of their cost);
 - ``locksafe``: ``with_row_locks(select(...), connection)``, built once, in another fresh
-  process.
+  process;
+- ``noop``: raw, with no-op listeners on the two events locksafe's row locks use: the share of
+  SQLAlchemy's own event dispatch, which any listener switches on.
 
 And the same with the statement built anew before every execution (``build + execute``), as an
 application does. SQLite in memory (``locksafe.sqlite.configure()`` in both modes: the
@@ -50,7 +52,8 @@ def _per_call_us(fn: Callable[[], object], seconds: float, repeats: int = 5) -> 
             break
         number *= 2
     number = max(1, int(number * seconds / max(took, 1e-9)))
-    return statistics.median(timer.repeat(repeat=repeats, number=number)) / number * 1e6
+    # the fastest repeat: on a shared machine the others measure the neighbours too
+    return min(timer.repeat(repeat=repeats, number=number)) / number * 1e6
 
 
 def child(mode: str, url: str, seconds: float) -> dict[str, Any]:
@@ -81,6 +84,22 @@ def child(mode: str, url: str, seconds: float) -> dict[str, Any]:
 
         def build(conn: Any) -> Any:
             return locksafe.with_row_locks(base, conn)
+    elif mode == "noop":
+        # plain SQLAlchemy with no-op listeners on the two events locksafe's row locks use:
+        # what SQLAlchemy's event dispatch costs, switched on for every engine by any listener
+        from sqlalchemy.engine import Engine
+
+        def before_execute(conn: Any, elem: Any, multi: Any, params: Any, opts: Any) -> Any:
+            return elem, multi, params
+
+        def before_cursor_execute(conn: Any, cur: Any, sql: str, params: Any, *rest: Any) -> Any:
+            return sql, params
+
+        event.listen(Engine, "before_execute", before_execute, retval=True)
+        event.listen(Engine, "before_cursor_execute", before_cursor_execute, retval=True)
+
+        def build(conn: Any) -> Any:
+            return base.with_for_update()
     elif mode == "raw":
         if "locksafe" in sys.modules and not sqlite:
             raise SystemExit("raw mode must not import locksafe")
@@ -125,9 +144,10 @@ def child(mode: str, url: str, seconds: float) -> dict[str, Any]:
 
 def measure_execute(url: str, *, rounds: int, seconds: float) -> dict[str, Any]:
     """Each mode in ``rounds`` fresh processes, interleaved; medians."""
-    runs: dict[str, list[dict[str, Any]]] = {"raw": [], "locksafe": []}
+    modes = ("raw", "noop", "locksafe")
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for round_ in range(rounds):
-        order = ("raw", "locksafe") if round_ % 2 == 0 else ("locksafe", "raw")
+        order = modes[round_ % 3 :] + modes[: round_ % 3]
         for mode in order:
             done = subprocess.run(
                 [sys.executable, __file__, "--child", mode, url, str(seconds)],

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 import locksafe
-from _common import Result, RetryCounter, WorkerOutcome, error_name, merge, run_threads
+from _common import (
+    Result,
+    RetryCounter,
+    WorkerOutcome,
+    error_name,
+    merge,
+    run_processes,
+    run_threads,
+)
 
 metadata = MetaData()
 jobs = Table(
@@ -89,15 +98,13 @@ def reset_jobs(url: URL, count: int) -> None:
         engine.dispose()
 
 
-def run_queue(
-    url: URL, *, workers: int, count: int, skip_locked: bool, key: str, label: str
-) -> Result:
-    reset_jobs(url, count)
-    engine = engine_for(url, workers + 2)
+def _queue_worker(
+    url: URL, skip_locked: bool, pool_size: int
+) -> tuple[Engine, Callable[[int], int | None], RetryCounter]:
+    """An engine and the claim transaction (``@transactional`` + ``with_row_locks``)."""
+    engine = engine_for(url, pool_size)
     factory = sessionmaker(engine)
     retries = RetryCounter()
-    empty = [0]
-    claimed: list[list[int]] = [[] for _ in range(workers)]
 
     @locksafe.transactional(sessionmaker=factory, attempts=20, on_retry=retries)
     def claim_one(worker: int, *, session: Session = locksafe.NEW_SESSION) -> int | None:
@@ -114,37 +121,79 @@ def run_queue(
         )
         return job
 
-    remaining = select(func.count()).select_from(jobs).where(jobs.c.state == "queued")
+    return engine, claim_one, retries
 
-    def work(index: int, barrier: Any) -> WorkerOutcome:
-        outcome = WorkerOutcome()
-        barrier.wait()
-        outcome.started = time.monotonic()
-        while True:
-            began = time.monotonic()
+
+_REMAINING = select(func.count()).select_from(jobs).where(jobs.c.state == "queued")
+
+
+def _claim_loop(
+    engine: Engine, claim_one: Callable[[int], int | None], index: int, barrier: Any
+) -> WorkerOutcome:
+    outcome = WorkerOutcome()
+    barrier.wait()
+    outcome.started = time.monotonic()
+    while True:
+        began = time.monotonic()
+        try:
+            job = claim_one(index)
+        except Exception as exc:
+            outcome.errors[error_name(exc)] += 1
+            continue
+        if job is None:
+            with engine.connect() as conn:
+                if not conn.execute(_REMAINING).scalar():
+                    break
+            outcome.empty += 1
+            continue
+        outcome.items.append(job)
+        outcome.done += 1
+        outcome.latencies.append(time.monotonic() - began)
+    outcome.ended = time.monotonic()
+    return outcome
+
+
+def run_queue(
+    url: URL,
+    *,
+    workers: int,
+    count: int,
+    skip_locked: bool,
+    key: str,
+    label: str,
+    processes: bool = False,
+) -> Result:
+    """``workers`` workers (threads of this process, or forked processes) until the queue of
+    ``count`` jobs is empty."""
+    reset_jobs(url, count)
+    if processes:
+
+        def in_process(index: int, barrier: Any) -> WorkerOutcome:
+            engine, claim_one, own = _queue_worker(url, skip_locked, 2)
             try:
-                job = claim_one(index)
-            except Exception as exc:
-                outcome.errors[error_name(exc)] += 1
-                continue
-            if job is None:
-                with engine.connect() as conn:
-                    if not conn.execute(remaining).scalar():
-                        break
-                empty[0] += 1
-                continue
-            claimed[index].append(job)
-            outcome.done += 1
-            outcome.latencies.append(time.monotonic() - began)
-        outcome.ended = time.monotonic()
-        return outcome
+                outcome = _claim_loop(engine, claim_one, index, barrier)
+            finally:
+                engine.dispose()
+            outcome.retries = own.count
+            outcome.kinds = dict(own.kinds)
+            return outcome
 
-    try:
-        result = merge(key, label, run_threads(workers, work))
-    finally:
-        engine.dispose()
-    result.retries = retries.count
-    every = [job for one in claimed for job in one]
+        outcomes = run_processes(workers, in_process)
+        result = merge(key, label, outcomes)
+        kinds: dict[str, int] = {}
+        for outcome in outcomes:
+            for k, n in outcome.kinds.items():
+                kinds[k] = kinds.get(k, 0) + n
+    else:
+        engine, claim_one, retries = _queue_worker(url, skip_locked, workers + 2)
+        try:
+            outcomes = run_threads(workers, lambda i, b: _claim_loop(engine, claim_one, i, b))
+        finally:
+            engine.dispose()
+        result = merge(key, label, outcomes)
+        result.retries = retries.count
+        kinds = dict(retries.kinds)
+    every = [job for outcome in outcomes for job in outcome.items]
     check = create_engine(url, poolclass=NullPool)
     try:
         with check.connect() as conn:
@@ -161,10 +210,10 @@ def run_queue(
         done=done,
         double_claims=twice,
         returned_twice=len(every) - len(set(every)),
-        empty_claims=empty[0],
+        empty_claims=sum(outcome.empty for outcome in outcomes),
     )
-    if retries.kinds:
-        result.checks["retried"] = dict(retries.kinds)
+    if kinds:
+        result.checks["retried"] = kinds
     return result
 
 
@@ -192,8 +241,12 @@ class StormVariant:
     key: str
     label: str
     ordered: bool
-    #: seconds, for ``locksafe.lock_timeout(session, ...)`` around the transfer; None: none.
+    #: seconds, for ``locksafe.lock_timeout(session, ...)``; None: none.
     lock_timeout: float | None = None
+    #: where the lock_timeout applies: ``"both"`` locks, or only the ``"second"`` (a
+    #: transaction that holds no lock yet cannot be part of a deadlock: its first wait is an
+    #: ordinary queue, and only a wait while holding a lock may be one).
+    scope: str = "both"
     wait_initial: float = 0.05
     wait_max: float = 2.0
     #: connect_args for the engine (a server setting per connection, for contrast rows).
@@ -216,10 +269,16 @@ def run_storm(url: URL, variant: StormVariant, *, threads: int, seconds: float) 
         balance: int = session.execute(stmt).scalar_one()
         return balance
 
+    bound = variant.lock_timeout
+
     def body(session: Session, first: int, second: int, source: int, amount: int) -> None:
         lock(session, first)
         time.sleep(GAP_SECONDS)
-        lock(session, second)
+        if bound is not None and variant.scope == "second":
+            with locksafe.lock_timeout(session, bound):
+                lock(session, second)
+        else:
+            lock(session, second)
         target = second if source == first else first
         session.execute(
             update(accounts)
@@ -231,8 +290,6 @@ def run_storm(url: URL, variant: StormVariant, *, threads: int, seconds: float) 
             .where(accounts.c.id == target)
             .values(balance=accounts.c.balance + amount)
         )
-
-    bound = variant.lock_timeout
 
     @locksafe.transactional(
         sessionmaker=factory,
@@ -250,7 +307,7 @@ def run_storm(url: URL, variant: StormVariant, *, threads: int, seconds: float) 
         *,
         session: Session = locksafe.NEW_SESSION,
     ) -> None:
-        if bound is None:
+        if bound is None or variant.scope == "second":
             body(session, first, second, source, amount)
         else:
             with locksafe.lock_timeout(session, bound):

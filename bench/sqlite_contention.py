@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
@@ -133,14 +134,24 @@ def naive_transaction(engine: Engine) -> Callable[[int], int]:
     return bump
 
 
-def _loop(bump: Callable[[int], int], writer: int, count: int, barrier: Any) -> WorkerOutcome:
+def _loop(
+    bump: Callable[[int], int],
+    writer: int,
+    count: int,
+    barrier: Any,
+    gate: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
+) -> WorkerOutcome:
     outcome = WorkerOutcome()
     barrier.wait()
     outcome.started = time.monotonic()
     for _ in range(count):
         began = time.monotonic()
         try:
-            bump(writer)
+            if gate is not None:
+                with gate():
+                    bump(writer)
+            else:
+                bump(writer)
         except Exception as exc:
             outcome.errors[error_name(exc)] += 1
         else:
@@ -175,16 +186,48 @@ def _scratch() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def run_writers(directory: Path, *, mode: str, writers: int, total: int, key: str) -> Result:
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """The diagnostic's gate: a blocking ``flock`` on a file beside the database, so waiting
+    writers sleep in the kernel and the next one wakes when the lock is released (no polling).
+    Held around the whole transaction: it stands for a write-lock queue across processes."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def run_writers(
+    directory: Path,
+    *,
+    mode: str,
+    writers: int,
+    total: int,
+    key: str,
+    switch_interval: float | None = None,
+    process_queue: bool = False,
+    label: str | None = None,
+) -> Result:
     """``writers`` writers (``mode``: ``"threads"``, ``"processes"``, ``"naive"`` = stock
-    pysqlite threads) doing ``total`` transactions in all on a fresh database."""
+    pysqlite threads) doing ``total`` transactions in all on a fresh database.
+
+    Diagnostics (not locksafe's defaults): ``switch_interval`` sets ``sys.setswitchinterval``
+    for the run (threads); ``process_queue`` makes each process's transaction wait on a
+    blocking ``flock`` beside the database first (processes)."""
     path = make_database(directory, key)
     per_writer = [total // writers + (1 if i < total % writers else 0) for i in range(writers)]
-    label = {
-        "threads": f"locksafe, {writers} thread{'s' if writers > 1 else ''}",
-        "processes": f"locksafe, {writers} processes",
-        "naive": f"B: stock pysqlite, {writers} threads",
-    }[mode]
+    label = (
+        label
+        or {
+            "threads": f"locksafe, {writers} thread{'s' if writers > 1 else ''}",
+            "processes": f"locksafe, {writers} processes",
+            "naive": f"B: stock pysqlite, {writers} threads",
+        }[mode]
+    )
     if mode == "processes":
 
         def in_process(index: int, barrier: Any) -> WorkerOutcome:
@@ -208,9 +251,13 @@ def run_writers(directory: Path, *, mode: str, writers: int, total: int, key: st
         else:
             engine = locksafe_engine(path, writers + 4)
             bump = locksafe_transaction(engine, retries)
+        previous = sys.getswitchinterval()
+        if switch_interval is not None:
+            sys.setswitchinterval(switch_interval)
         try:
             outcomes = run_threads(writers, lambda i, b: _loop(bump, i, per_writer[i], b))
         finally:
+            sys.setswitchinterval(previous)
             engine.dispose()
         result = merge(key, label, outcomes)
         result.retries = retries.count
@@ -284,7 +331,13 @@ def _writer_process(path: Path, seconds: float, ready: Any, go: Any, out: Any) -
 
 
 def run_readers(
-    directory: Path, *, readers: int, writers: int, seconds: float, key: str
+    directory: Path,
+    *,
+    readers: int,
+    writers: int,
+    seconds: float,
+    key: str,
+    other_file: bool = False,
 ) -> tuple[Result, Result | None]:
     """Reader threads for ``seconds`` in a process of their own on one CPU, with ``writers``
     writer processes on the other CPU meanwhile. Returns (readers, writers or None)."""
@@ -297,7 +350,14 @@ def run_readers(
         try:
             _pin(0)
             out.put(
-                _run_readers(directory, readers=readers, writers=writers, seconds=seconds, key=key)
+                _run_readers(
+                    directory,
+                    readers=readers,
+                    writers=writers,
+                    seconds=seconds,
+                    key=key,
+                    other_file=other_file,
+                )
             )
         except BaseException as exc:
             out.put(f"{type(exc).__name__}: {exc}")
@@ -312,11 +372,18 @@ def run_readers(
 
 
 def _run_readers(
-    directory: Path, *, readers: int, writers: int, seconds: float, key: str
+    directory: Path,
+    *,
+    readers: int,
+    writers: int,
+    seconds: float,
+    key: str,
+    other_file: bool = False,
 ) -> tuple[Result, Result | None]:
     import multiprocessing
 
     path = make_database(directory, key)
+    target = make_database(directory, key + "_other") if other_file and writers else path
     engine = locksafe_engine(path, readers + 4)
     ctx = multiprocessing.get_context("fork")
     procs = []
@@ -324,7 +391,7 @@ def _run_readers(
     ready = ctx.Semaphore(0)
     out = ctx.SimpleQueue()
     for _ in range(writers):
-        proc = ctx.Process(target=_writer_process, args=(path, seconds, ready, go, out))
+        proc = ctx.Process(target=_writer_process, args=(target, seconds, ready, go, out))
         proc.daemon = True
         proc.start()
         procs.append(proc)
@@ -335,7 +402,11 @@ def _run_readers(
         outcomes = run_threads(readers, lambda i, b: _reader_loop(engine, seconds, barrier, i))
     finally:
         engine.dispose()
-    label = f"{readers} readers" + (f" beside {writers} writer processes" if writers else " alone")
+    label = f"{readers} readers" + (
+        f" beside {writers} writer processes" + (" on another file" if other_file else "")
+        if writers
+        else " alone"
+    )
     result = merge(key, label, outcomes)
     written = None
     if writers:
@@ -343,9 +414,10 @@ def _run_readers(
         for proc in procs:
             proc.join(30)
         written = merge(key + "_writers", f"{writers} writer processes", writer_outcomes)
-        check(path, written, expect_exact=True)
+        check(target, written, expect_exact=True)
         result.checks["writes_beside"] = written.done
-    path.unlink()
+    for used in {path, target}:
+        used.unlink()
     return result, written
 
 
