@@ -509,6 +509,34 @@ def queue_section(report: Report, backend: str, url: URL) -> None:
             ),
         ),
     ]
+    if not report.quick:
+        inf = float("inf")
+        plan += [
+            (
+                "one_inf",
+                lambda: ss.run_queue(
+                    url,
+                    workers=1,
+                    count=s.queue_single,
+                    skip_locked=True,
+                    key="one_inf",
+                    timeout=inf,
+                    label="diagnostic: 1 worker, @transactional(timeout=inf)",
+                ),
+            ),
+            (
+                "eight_inf",
+                lambda: ss.run_queue(
+                    url,
+                    workers=8,
+                    count=s.queue_jobs,
+                    skip_locked=True,
+                    key="eight_inf",
+                    timeout=inf,
+                    label="diagnostic: 8 workers, @transactional(timeout=inf)",
+                ),
+            ),
+        ]
     got = rounds_of(s, plan, f"{title} queue")
     r8 = ratios(got["eight"], got["one"], 8)
     rp = ratios(got["plain"], got["one"], 8)
@@ -518,10 +546,23 @@ def queue_section(report: Report, backend: str, url: URL) -> None:
             ("8 workers, SKIP LOCKED", got["eight"], fmt_ratio(r8)),
             ("8 workers, plain FOR UPDATE", got["plain"], fmt_ratio(rp)),
         ]
+        + (
+            [
+                (got["one_inf"][0].label, got["one_inf"], "1/8 of its own target"),
+                (
+                    got["eight_inf"][0].label,
+                    got["eight_inf"],
+                    fmt_ratio(ratios(got["eight_inf"], got["one_inf"], 8))
+                    + " of 8 × its own one worker",
+                ),
+            ]
+            if "eight_inf" in got
+            else []
+        )
     )
     checks = []
-    for key in ("one", "eight", "plain"):
-        for i, r in enumerate(got[key], 1):
+    for key in ("one", "eight", "plain", "one_inf", "eight_inf"):
+        for i, r in enumerate(got.get(key, []), 1):
             c = r.checks
             checks.append(
                 [

@@ -99,14 +99,16 @@ def reset_jobs(url: URL, count: int) -> None:
 
 
 def _queue_worker(
-    url: URL, skip_locked: bool, pool_size: int
+    url: URL, skip_locked: bool, pool_size: int, timeout: float = 30.0
 ) -> tuple[Engine, Callable[[int], int | None], RetryCounter]:
-    """An engine and the claim transaction (``@transactional`` + ``with_row_locks``)."""
+    """An engine and the claim transaction (``@transactional`` + ``with_row_locks``);
+    ``timeout`` is ``@transactional``'s (its default, 30 s, bounds every lock wait of an
+    attempt by the time left, which costs statements per transaction)."""
     engine = engine_for(url, pool_size)
     factory = sessionmaker(engine)
     retries = RetryCounter()
 
-    @locksafe.transactional(sessionmaker=factory, attempts=20, on_retry=retries)
+    @locksafe.transactional(sessionmaker=factory, attempts=20, timeout=timeout, on_retry=retries)
     def claim_one(worker: int, *, session: Session = locksafe.NEW_SESSION) -> int | None:
         first = select(jobs.c.id).where(jobs.c.state == "queued").order_by(jobs.c.id).limit(1)
         stmt = locksafe.with_row_locks(first, session, skip_locked=skip_locked)
@@ -162,6 +164,7 @@ def run_queue(
     key: str,
     label: str,
     processes: bool = False,
+    timeout: float = 30.0,
 ) -> Result:
     """``workers`` workers (threads of this process, or forked processes) until the queue of
     ``count`` jobs is empty."""
@@ -169,7 +172,7 @@ def run_queue(
     if processes:
 
         def in_process(index: int, barrier: Any) -> WorkerOutcome:
-            engine, claim_one, own = _queue_worker(url, skip_locked, 2)
+            engine, claim_one, own = _queue_worker(url, skip_locked, 2, timeout)
             try:
                 outcome = _claim_loop(engine, claim_one, index, barrier)
             finally:
@@ -185,7 +188,7 @@ def run_queue(
             for k, n in outcome.kinds.items():
                 kinds[k] = kinds.get(k, 0) + n
     else:
-        engine, claim_one, retries = _queue_worker(url, skip_locked, workers + 2)
+        engine, claim_one, retries = _queue_worker(url, skip_locked, workers + 2, timeout)
         try:
             outcomes = run_threads(workers, lambda i, b: _claim_loop(engine, claim_one, i, b))
         finally:
