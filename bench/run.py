@@ -401,6 +401,13 @@ def sqlite_section(report: Report, tmp: Path) -> None:
         ("16 threads", statistics.median(r_threads), 0.9),
         ("16 processes", statistics.median(r_procs), 0.9),
         ("B: stock pysqlite", statistics.median(r_naive), None),
+    ] + [
+        (name, statistics.median(ratios(got[key], base)), None)
+        for key, name in (
+            ("threads_si", "threads, switch 0.5 ms (diag.)"),
+            ("processes_q", "processes, flock queue (diag.)"),
+        )
+        if key in got
     ]
     report.results["sqlite"] = {k: [r.to_json() for r in v] for k, v in got.items()}
 
@@ -608,7 +615,17 @@ def queue_section(report: Report, backend: str, url: URL) -> None:
     report.plots[f"{title} queue: 8 workers / (8 × one worker)"] = [
         ("SKIP LOCKED", statistics.median(r8), 0.9),
         ("plain FOR UPDATE", statistics.median(rp), None),
-    ]
+    ] + (
+        [
+            (
+                "timeout=inf (diagnostic)",
+                statistics.median(ratios(got["eight_inf"], got["one_inf"], 8)),
+                None,
+            )
+        ]
+        if "eight_inf" in got
+        else []
+    )
     report.results[f"queue_{backend}"] = {k: [r.to_json() for r in v] for k, v in got.items()}
 
 
