@@ -173,6 +173,17 @@ def run_threads(
     return [o for o in outcomes if o is not None]
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its children that ended."""
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 

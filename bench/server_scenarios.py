@@ -49,6 +49,7 @@ from _common import (
     Result,
     RetryCounter,
     WorkerOutcome,
+    cpu_seconds,
     error_name,
     merge,
     run_processes,
@@ -99,7 +100,11 @@ def reset_jobs(url: URL, count: int) -> None:
 
 
 def _queue_worker(
-    url: URL, skip_locked: bool, pool_size: int, timeout: float = 30.0
+    url: URL,
+    skip_locked: bool,
+    pool_size: int,
+    timeout: float = 30.0,
+    isolation: str | None = None,
 ) -> tuple[Engine, Callable[[int], int | None], RetryCounter]:
     """An engine and the claim transaction (``@transactional`` + ``with_row_locks``);
     ``timeout`` is ``@transactional``'s (its default, 30 s, bounds every lock wait of an
@@ -165,14 +170,16 @@ def run_queue(
     label: str,
     processes: bool = False,
     timeout: float = 30.0,
+    isolation: str | None = None,
 ) -> Result:
     """``workers`` workers (threads of this process, or forked processes) until the queue of
     ``count`` jobs is empty."""
     reset_jobs(url, count)
+    cpu_before = cpu_seconds()
     if processes:
 
         def in_process(index: int, barrier: Any) -> WorkerOutcome:
-            engine, claim_one, own = _queue_worker(url, skip_locked, 2, timeout)
+            engine, claim_one, own = _queue_worker(url, skip_locked, 2, timeout, isolation)
             try:
                 outcome = _claim_loop(engine, claim_one, index, barrier)
             finally:
@@ -188,7 +195,9 @@ def run_queue(
             for k, n in outcome.kinds.items():
                 kinds[k] = kinds.get(k, 0) + n
     else:
-        engine, claim_one, retries = _queue_worker(url, skip_locked, workers + 2, timeout)
+        engine, claim_one, retries = _queue_worker(
+            url, skip_locked, workers + 2, timeout, isolation
+        )
         try:
             outcomes = run_threads(workers, lambda i, b: _claim_loop(engine, claim_one, i, b))
         finally:
@@ -196,6 +205,7 @@ def run_queue(
         result = merge(key, label, outcomes)
         result.retries = retries.count
         kinds = dict(retries.kinds)
+    cpu_ms = (cpu_seconds() - cpu_before) / max(result.done, 1) * 1000
     every = [job for outcome in outcomes for job in outcome.items]
     check = create_engine(url, poolclass=NullPool)
     try:
@@ -214,6 +224,7 @@ def run_queue(
         double_claims=twice,
         returned_twice=len(every) - len(set(every)),
         empty_claims=sum(outcome.empty for outcome in outcomes),
+        cpu_ms_per_job=cpu_ms,
     )
     if kinds:
         result.checks["retried"] = kinds

@@ -58,6 +58,7 @@ from _common import (
     Result,
     RetryCounter,
     WorkerOutcome,
+    cpu_seconds,
     error_name,
     merge,
     progress,
@@ -219,6 +220,7 @@ def run_writers(
     for the run (threads); ``process_queue`` makes each process's transaction wait on a
     blocking ``flock`` beside the database first (processes)."""
     path = make_database(directory, key)
+    cpu_before = cpu_seconds()
     per_writer = [total // writers + (1 if i < total % writers else 0) for i in range(writers)]
     label = (
         label
@@ -261,6 +263,7 @@ def run_writers(
             engine.dispose()
         result = merge(key, label, outcomes)
         result.retries = retries.count
+    result.checks["cpu_ms_per_tx"] = (cpu_seconds() - cpu_before) / max(result.done, 1) * 1000
     check(path, result, expect_exact=mode != "naive")
     path.unlink()
     return result
