@@ -53,6 +53,7 @@ class Result:
     latencies: list[float] = field(default_factory=list, repr=False)
     errors: Counter[str] = field(default_factory=Counter)
     retries: int = 0
+    warmup: int = 0
     checks: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -131,6 +132,7 @@ class WorkerOutcome:
     kinds: dict[str, int] = field(default_factory=dict)
     items: list[int] = field(default_factory=list)
     empty: int = 0
+    warmup: int = 0  # transactions done before the clock started (in the database too)
     started: float = math.inf
     ended: float = 0.0
 
@@ -144,6 +146,7 @@ def merge(key: str, label: str, outcomes: Sequence[WorkerOutcome]) -> Result:
         result.latencies += outcome.latencies
         result.errors.update(outcome.errors)
         result.retries += outcome.retries
+        result.warmup += outcome.warmup
     return result
 
 

@@ -338,7 +338,7 @@ def sqlite_section(report: Report, tmp: Path) -> None:
                 [
                     label,
                     str(i),
-                    str(r.done),
+                    f"{r.done} + {r.warmup}",
                     str(c["counter"]),
                     str(c["events"]),
                     str(c["lost_updates"]),
@@ -356,7 +356,7 @@ def sqlite_section(report: Report, tmp: Path) -> None:
             [
                 "run",
                 "round",
-                "calls returned",
+                "calls returned (+ 1 warm-up per writer, before the clock)",
                 "counter",
                 "event rows",
                 "lost updates",
@@ -396,7 +396,7 @@ def sqlite_section(report: Report, tmp: Path) -> None:
         + ", ".join(str(r.checks["counter"]) for r in got["B"])
         + " after "
         + ", ".join(str(r.checks["events"]) for r in got["B"])
-        + f" events ({statistics.median(lost_b) / s.sqlite_total:.0%} of the updates lost, "
+        + f" events ({statistics.median(r.checks['lost_updates'] / r.checks['events'] for r in got['B']):.0%} of the updates lost, "
         "median).",
     )
     report.plots["SQLite: 16 writers / one writer alone (A)"] = [

@@ -143,6 +143,11 @@ def _loop(
     gate: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
 ) -> WorkerOutcome:
     outcome = WorkerOutcome()
+    # One transaction before the clock starts: connecting, compiling the statements and
+    # planning the lock happen once per connection in a long-lived application, not per
+    # transaction (16 processes doing it at the same moment would be measured otherwise).
+    bump(writer)
+    outcome.warmup = 1
     barrier.wait()
     outcome.started = time.monotonic()
     for _ in range(count):
@@ -176,7 +181,7 @@ def check(path: Path, result: Result, *, expect_exact: bool) -> None:
         events=rows,
         lost_updates=rows - value,
         duplicate_numbers=rows - distinct,
-        partial=abs(rows - result.done) if expect_exact else None,
+        partial=abs(rows - result.done - result.warmup) if expect_exact else None,
         integrity=integrity,
     )
 
@@ -263,7 +268,8 @@ def run_writers(
             engine.dispose()
         result = merge(key, label, outcomes)
         result.retries = retries.count
-    result.checks["cpu_ms_per_tx"] = (cpu_seconds() - cpu_before) / max(result.done, 1) * 1000
+    cpu = cpu_seconds() - cpu_before
+    result.checks["cpu_ms_per_tx"] = cpu / max(result.done + result.warmup, 1) * 1000
     check(path, result, expect_exact=mode != "naive")
     path.unlink()
     return result
