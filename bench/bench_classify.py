@@ -7,9 +7,9 @@ Run from the repository root::
 
 For each driver it takes a typical lock error *as the application receives it* (SQLAlchemy's
 wrapper around the driver's own exception): it starts throw-away PostgreSQL and MariaDB servers
-(tests/servers.py) and provokes a NOWAIT failure on a row held by another connection once per
-driver, makes SQLite busy for real, and builds MySQL 8's ER_LOCK_NOWAIT (3572), which no server
-here raises, from the recorded fixtures (tests/fixtures/mysql8_errors.py). If a server cannot be
+(tests/harness/servers.py) and provokes a NOWAIT failure on a row held by another connection once
+per driver, makes SQLite busy for real, and builds MySQL 8's ER_LOCK_NOWAIT (3572), which no server
+here raises, from the recorded fixtures (tests/harness/mysql8_errors.py). If a server cannot be
 started, its rows are left out and the reason printed.
 
 Each row is timed timeit-style: the number of calls per run is calibrated to ~20 ms, the run is
@@ -37,7 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests"))  # servers.py and the recorded fixtures
+sys.path.insert(0, str(ROOT / "tests"))  # the harness: servers and the recorded fixtures
 
 import sqlalchemy  # noqa: E402
 from sqlalchemy import create_engine  # noqa: E402
@@ -188,7 +188,7 @@ def sqlite_samples(directory: Path) -> list[Sample]:
 
 
 def mysql8_samples() -> list[Sample]:
-    from fixtures import mysql8_errors
+    from harness import mysql8_errors
 
     samples = []
     for driver in mysql8_errors.DRIVERS:
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="locksafe-bench-") as tmp:
         samples += sqlite_samples(Path(tmp))
     if not args.no_servers:
-        import servers
+        from harness import servers
 
         for name, start, make in (
             ("PostgreSQL", servers.start_postgresql, postgresql_samples),

@@ -231,7 +231,7 @@ class Servers:
                 if os.environ.get(env):
                     url = make_url(os.environ[env])
                 else:
-                    import servers
+                    from harness import servers
 
                     began = time.monotonic()
                     start = (
