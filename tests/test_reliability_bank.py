@@ -37,9 +37,8 @@ from sqlalchemy.pool import QueuePool
 
 import locksafe
 import locksafe.sqlite
-from conftest import Cell
-from locksafe import NEW_SESSION, transactional
-from reliability import (
+from harness.cells import Cell
+from harness.reliability import (
     MODES,
     SHORT_LOCK_TIMEOUT,
     SIZE,
@@ -53,6 +52,7 @@ from reliability import (
     run_threads,
     seed_bank,
 )
+from locksafe import NEW_SESSION, transactional
 
 #: Attempts per call: enough that most calls commit despite the collisions.
 ATTEMPTS = 10

@@ -83,7 +83,10 @@ def _check_options(name: object, timeout: object, shared: object, scope: object)
             raise TypeError(
                 f"timeout={timeout!r} must be a number of seconds (int or float) or None"
             )
-        seconds = float(timeout)
+        try:
+            seconds = float(timeout)
+        except OverflowError:  # an int past float's range
+            seconds = math.inf
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(
                 f"timeout={timeout!r} must be a finite number of seconds ≥ 0 (0: try once), "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 __all__ = ["LockOptions", "OnUnsupported", "check_number", "check_seconds"]
 
@@ -109,7 +109,10 @@ def check_number(name: str, value: object) -> float:
     """A real number (not a bool), as a float; ``TypeError`` naming the option otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={value!r} must be a number of seconds (int or float)")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range: more seconds than any bound
+        return -math.inf if cast(float, value) < 0 else math.inf
 
 
 def check_seconds(name: str, value: object) -> float:

@@ -195,6 +195,10 @@ def install_lock_error_handlers(app: Starlette, *, retry_after: float = 1.0) -> 
     >>> app = Starlette()
     >>> install_lock_error_handlers(app, retry_after=2)
     """
+    if not isinstance(app, Starlette):
+        raise TypeError(
+            f"app={app!r} must be a Starlette (or FastAPI) application, not {type(app).__name__}"
+        )
     default = check_seconds("retry_after", retry_after)
     replaced: dict[Any, _Handler] = {}
     handler = _LockErrorHandler(default, replaced)

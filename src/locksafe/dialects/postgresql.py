@@ -207,7 +207,8 @@ def lock_timeout_seconds(value: Any) -> float:
 
 def _lock_timeout_value(seconds: float, dialect: Dialect) -> str:
     # 1 ms at least: 0 would mean no bound at all
-    return f"{min(max(1, round(seconds * 1000)), _MAX_LOCK_TIMEOUT_MS):d}ms"
+    ms = min(seconds * 1000, _MAX_LOCK_TIMEOUT_MS)  # before round(): a huge float is fine here
+    return f"{min(max(1, round(ms)), _MAX_LOCK_TIMEOUT_MS):d}ms"
 
 
 def _set_lock_timeout(value: Any) -> tuple[str, dict[str, Any]]:

@@ -1140,7 +1140,7 @@ def lock_table_sql(quoted_table: str) -> list[str]:
 LOCK_WAIT = LockWaitSetting(
     read_sql="PRAGMA busy_timeout",
     seconds=lambda value: int(value) / 1000,
-    value=lambda seconds, dialect: min(round(seconds * 1000), 2**31 - 1),
+    value=lambda seconds, dialect: round(min(seconds * 1000, 2**31 - 1)),
     write=lambda value: (f"PRAGMA busy_timeout = {int(value):d}", {}),
 )
 

@@ -97,7 +97,10 @@ def _check_options(
             f"busy_timeout must be a number of seconds (int or float), got "
             f"{type(busy_timeout).__name__} {busy_timeout!r}"
         )
-    seconds = float(busy_timeout)
+    try:
+        seconds = float(busy_timeout)
+    except OverflowError:  # an int past float's range
+        seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"busy_timeout={busy_timeout!r} must be a finite number of seconds ≥ 0")
     if seconds * 1000 > 2**31 - 1:

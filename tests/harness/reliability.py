@@ -449,7 +449,7 @@ def is_connection_error(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def private_postgresql() -> Iterator[RestartablePostgres]:
     """A throw-away PostgreSQL of this test alone (tests/servers.py), stopped at the end."""
-    import servers
+    from harness import servers
 
     server = servers.start_postgresql()
     try:
@@ -468,7 +468,7 @@ class RestartablePostgres:
         self.data = Path(server.base_dir) / "data"
 
     def _pg_ctl(self, *args: str, timeout: float = 90) -> None:
-        import servers
+        from harness import servers
 
         pg_ctl = str(
             Path(servers._find("initdb", servers.PG_BIN, dirs_first=True)).with_name("pg_ctl")
@@ -487,7 +487,7 @@ class RestartablePostgres:
         self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
 
     def start(self) -> None:
-        import servers
+        from harness import servers
 
         options = ["-p", str(self.server.port), "-k", str(self.server.base_dir)]
         for setting in (
