@@ -644,6 +644,13 @@ def test_postgresql_transaction_scope_refuses_autocommit(cell: Cell) -> None:
                 pytest.fail("entered")
         with named_lock(conn, unique(), scope="session") as lock:
             assert server_holds(cell, lock.key) == 1
+        # a bounded wait too, after a statement SQLAlchemy "autobegan" (the server has no
+        # transaction: lock_timeout is set in the statement, no SAVEPOINT)
+        conn.exec_driver_sql("SELECT 1")
+        name = unique()
+        with named_lock(conn, name, scope="session", timeout=1) as lock:
+            assert server_holds(cell, lock.key) == 1
+        assert server_holds(cell, lock.key) == 0
 
     cell.run(body, engine=engine)
 

@@ -356,7 +356,8 @@ def _advisory_acquire(
         " FROM (SELECT current_setting('lock_timeout') AS old,"
         " set_config('lock_timeout', :wait, true) AS new) AS s"
     )
-    in_transaction = connection.in_transaction()
+    # AUTOCOMMIT: SQLAlchemy may call it a transaction, the server has none (no SAVEPOINT)
+    in_transaction = connection.in_transaction() and not autocommit(connection)
     if in_transaction:
         run_sql(dialect, dbapi_connection, f"SAVEPOINT {_SAVEPOINT}")
     try:
