@@ -20,6 +20,7 @@ Two kinds of setting:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -155,15 +156,30 @@ def _on_dbapi(conn: Connection, sql: str, *, fetch: bool = False) -> Any:
     SQLAlchemy event (a connection setting is not the transaction's work)."""
     dbapi_connection = conn.connection.dbapi_connection
     assert dbapi_connection is not None
-    cursor = dbapi_connection.cursor()
+    dialect = conn.dialect
+    dbapi_error = dialect.loaded_dbapi.Error
+    cursor = None
     try:
+        cursor = dbapi_connection.cursor()
         cursor.execute(sql)
         if not fetch:
             return None
         rows = cursor.fetchall()  # all of them: some drivers refuse a cursor left unread
         return rows[0][0] if rows else None
+    except dbapi_error as error:
+        # As SQLAlchemy reports a driver error: wrapped (what callers and classify() read),
+        # and a lost connection invalidated, so that the pool does not hand it out again.
+        lost = dialect.is_disconnect(error, dbapi_connection, cursor)
+        wrapped = DBAPIError.instance(
+            sql, None, error, dbapi_error, connection_invalidated=lost, dialect=dialect
+        )
+        if lost:
+            conn.invalidate(wrapped)
+        raise wrapped from error
     finally:
-        cursor.close()
+        if cursor is not None:
+            with contextlib.suppress(Exception):
+                cursor.close()
 
 
 def _set_back_before_checkin(
@@ -406,7 +422,9 @@ class LockTimeout:
         if setting.transaction_scoped:
             try:
                 conn.execute(text(sql), params)
-            except DBAPIError:
+            except DBAPIError as error:
+                if error.connection_invalidated:
+                    raise  # the connection is gone: the block's work with it; never hidden
                 # the transaction failed (PostgreSQL refuses every statement until its
                 # ROLLBACK, which sets the value back itself)
                 log.debug("lock_timeout(): not set back in a failed transaction", exc_info=True)

@@ -438,9 +438,14 @@ def on_connect(engine: Any, *statements: str) -> None:
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    """A driver error that is not a lock error (what a killed connection or a stopped server
-    gives): a DBAPIError that classify() calls nothing."""
-    return isinstance(exc, DBAPIError) and locksafe.classify(exc) is None
+    """What SQLAlchemy raises for a killed connection or a stopped server, and is no lock
+    error: a ``DBAPIError`` that ``classify()`` calls nothing — or the ``OSError`` of a driver
+    that reads its socket itself (pg8000's ``ConnectionResetError``), which SQLAlchemy passes on
+    unwrapped without locksafe too. A driver's own DB-API exception is *not* one: SQLAlchemy
+    wraps those, so one that escapes unwrapped went round SQLAlchemy."""
+    if locksafe.classify(exc) is not None:
+        return False
+    return isinstance(exc, (DBAPIError, OSError))
 
 
 # -- a PostgreSQL that can be stopped and started again ---------------------------------------
