@@ -7,7 +7,7 @@
 # server and client development files, the tools to build the database drivers), creates the
 # virtual environments (${LOCKSAFE_VENV:-.venv}; .venv-compat with Python 3.10 and
 # SQLAlchemy 2.0; .venv-py313) and installs the project with its test extras into them, then
-# runs ruff and mypy, then the three legs of the test suite at once (main, compat, py313: see
+# runs ruff and mypy, then the four legs of the test suite at once (main, compat, floor, py313: see
 # "the tests" below), stopping at the first failure. The tests start their own throw-away
 # PostgreSQL and MariaDB servers (tests/harness/servers.py); nothing needs to be running.
 set -euo pipefail
@@ -186,6 +186,23 @@ if [[ ${LOCKSAFE_COMPAT:-1} != 0 ]]; then
     fi
 fi
 
+# --- the SQLAlchemy floor: the oldest SQLAlchemy pyproject.toml allows --------------------------
+# compat gets the newest 2.0.x the registry has and main the newest 2.1.x; this environment
+# (${LOCKSAFE_FLOOR_VENV:-.venv-floor}, Python 3.10) pins the floor of the `SQLAlchemy>=`
+# requirement exactly, for the tests of locksafe's SQLAlchemy-facing code: every private
+# access (tests/test_sa_private.py), the import layers, and the SQLite tests (no server starts).
+# Set LOCKSAFE_FLOOR=0 to leave it out. Needs the compat leg's Python 3.10.
+FLOOR_PY=""
+if [[ ${LOCKSAFE_FLOOR:-1} != 0 && -n $COMPAT_PY ]]; then
+    SA_FLOOR=$("$MAIN_PY" -c 'import re, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print(next(m.group(1) for d in deps if (m := re.fullmatch(r"SQLAlchemy>=([0-9.]+)", d))))')
+    PY=$(make_venv "${LOCKSAFE_FLOOR_VENV:-.venv-floor}" "$PY310")
+    install_into -e '.[test]' "SQLAlchemy==$SA_FLOOR"
+    "$PY" -c 'import sqlalchemy, sys; print("    floor: Python", sys.version.split()[0], "SQLAlchemy", sqlalchemy.__version__)'
+    FLOOR_PY=$PY
+fi
+
 # --- Python 3.13: sqlite3's autocommit (Python >= 3.12) ----------------------------------------
 # Python 3.12 changed sqlite3's transaction control (the autocommit attribute); the SQLite-only
 # tests (no server, no server driver) run again on Python 3.13 in their own environment
@@ -219,7 +236,7 @@ begin_phase lint
 begin_phase typecheck
 "$PY" -m mypy # files and options come from pyproject.toml (src/locksafe, strict)
 
-# --- the tests: three legs ---------------------------------------------------------------------
+# --- the tests: four legs ----------------------------------------------------------------------
 # main    Python of .venv, SQLAlchemy 2.1: the whole suite (pytest arguments given to this
 #         script go here and to compat).
 # compat  Python 3.10 + SQLAlchemy 2.0: the whole suite except the tests marked `slow`
@@ -253,6 +270,8 @@ begin_phase typecheck
 # waits, timers, other threads), not computing. Measured (issue 10, 2-core machine): main used
 # 238 s of CPU (its servers included) in 672 s, compat 213 s in 533 s, py313 26 s in 133 s,
 # i.e. 0.2-0.4 of a core each, so two cores run the three side by side.
+# floor   Python 3.10 + the oldest SQLAlchemy allowed (the `SQLAlchemy>=` floor, pinned
+#         exactly): the private-access tests, the layer rule and the SQLite tests (no server).
 # LOCKSAFE_PARALLEL=0 runs them one after another, output streamed.
 LEG_NAMES=()
 LEG_PIDS=()
@@ -357,6 +376,16 @@ if [[ -n $PY313_PY ]]; then
         tests/test_rowlocks_real.py tests/test_rowlocks_concurrency.py \
         tests/test_rowlocks_nested.py tests/test_transactions.py \
         -k 'sqlite+pysqlite or sqlite+aiosqlite or test_sqlite_configure or test_sqlite_locking or test_sqlite_app_shapes or test_sqlite_busy_is_recognised'
+fi
+if [[ -n $FLOOR_PY ]]; then
+    leg floor "$FLOOR_PY" -p no:cacheprovider \
+        tests/test_sa_private.py tests/test_layers.py tests/test_cache.py \
+        tests/test_commit_outcome.py tests/test_classify_unit.py \
+        tests/test_sqlite_configure.py tests/test_sqlite_locking.py \
+        tests/test_sqlite_app_shapes.py \
+        tests/test_rowlocks_real.py tests/test_rowlocks_concurrency.py \
+        tests/test_rowlocks_nested.py tests/test_transactions.py \
+        -k 'not postgresql and not mysql and not mariadb'
 fi
 if [[ ${LOCKSAFE_PARALLEL:-1} != 0 ]]; then
     finish_legs

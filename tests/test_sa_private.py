@@ -3,7 +3,8 @@
 Most accessors read a private name with a default (``getattr(x, "_name", None)``), so a release
 that renamed it would not raise: locksafe would quietly see "no lock", "no binds", "not
 autocommit". These tests assert the *values*, so such a release fails here, loudly. The suite
-runs them on SQLAlchemy 2.1 (main leg) and 2.0 (compat leg).
+runs them on the newest SQLAlchemy 2.1 (main leg) and 2.0 (compat leg) the registry has, and
+on the floor ``pyproject.toml`` allows, pinned exactly (floor leg).
 """
 
 from __future__ import annotations
