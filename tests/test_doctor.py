@@ -19,8 +19,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -168,6 +170,10 @@ def test_every_probe_passes_on_every_cell(cell: Cell) -> None:
     assert report.exit_status == 0
     assert report.driver == cell.driver
     assert report.is_async == cell.is_async
+    if report.driver_package != "sqlite3":  # else Python's own module (test_json_is_for_machines)
+        assert report.driver_package is not None
+        assert report.driver_version == importlib.metadata.version(report.driver_package)
+        assert f"{report.driver_package} {report.driver_version}" in report.driver_description
     assert report.cleanup == f"scratch table {report.scratch_table} dropped"
     assert scratch_tables(cell) == []
     with cell.sync_engine().connect() as conn:
@@ -411,6 +417,10 @@ def test_json_is_for_machines(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["embedded"] is True
     assert data["sqlite_configured"] is True
     assert data["capabilities"]["mechanism"] == "database"
+    # pysqlite is Python's own sqlite3: its "version" is Python's; the words say SQLite's too.
+    assert data["driver_package"] == "sqlite3"
+    assert data["driver_version"] == platform.python_version()
+    assert data["driver_description"].startswith("pysqlite (Python's sqlite3, SQLite ")
     assert [probe["name"] for probe in data["probes"]] == PROBE_NAMES
     assert {probe["status"] for probe in data["probes"]} == {"PASS"}
     assert all(isinstance(probe["seconds"], float) for probe in data["probes"])
@@ -563,6 +573,14 @@ def test_sqlite_urls_that_cannot_be_examined(
         "does not create one",
     )
     assert not missing.exists()
+    not_sqlite = tmp_path / "notes.db"
+    not_sqlite.write_text("not an SQLite database: a text file\n" * 20)
+    assert_clear_error(
+        run_main(capsys, ["doctor", f"sqlite:///{not_sqlite}"]),
+        "cannot read it as an SQLite database",
+        "file is not a database",
+    )
+    assert not_sqlite.read_text() == "not an SQLite database: a text file\n" * 20
 
 
 @pytest.fixture

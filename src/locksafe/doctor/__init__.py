@@ -188,8 +188,13 @@ class Report:
     sqlite_configured: bool | None
     #: ``"PostgreSQL 15.6"``, ``"MariaDB 10.11.6-MariaDB"``, ``"SQLite 3.40.1"``.
     server: str
-    #: The driver and its version: ``"psycopg (psycopg 3.2.1, sync)"``.
-    driver_version: str
+    #: The installed package of the driver: ``"psycopg"``, ``"sqlite3"`` (Python's own for
+    #: pysqlite); ``None`` if it cannot be found.
+    driver_package: str | None
+    #: That package's version: ``"3.2.1"`` (for Python's sqlite3: the Python version).
+    driver_version: str | None
+    #: The driver in words: ``"psycopg (psycopg 3.2.1, sync)"``.
+    driver_description: str
     #: What :func:`locksafe.lock_capabilities` says of this database.
     capabilities: LockCapabilities
     #: What ``with_row_locks`` does here per option (``"default"``, ``"nowait=True"``...): the
@@ -234,7 +239,9 @@ class Report:
             "url": self.url,
             "dialect": self.dialect,
             "driver": self.driver,
+            "driver_package": self.driver_package,
             "driver_version": self.driver_version,
+            "driver_description": self.driver_description,
             "async": self.is_async,
             "embedded": self.embedded,
             "sqlite_configured": self.sqlite_configured,
@@ -454,6 +461,12 @@ class _Run:
                 )
                 caps, renders = inspector.worker.run(_capabilities, timeout=self.timeout)
             except Exception as exc:
+                if target.backend == "sqlite":
+                    raise DoctorError(
+                        f"opened {target.display_url}, but cannot read it as an SQLite database "
+                        f"({describe_error(exc)}): is the path that of the database file, and "
+                        "is that file an SQLite database (not another file, not encrypted)?"
+                    ) from None
                 raise DoctorError(
                     f"connected to {target.display_url}, but cannot read the server's version "
                     f"and settings ({describe_error(exc)}); locksafe doctor reads them with "
@@ -467,7 +480,9 @@ class _Run:
             embedded=target.embedded,
             sqlite_configured=target.sqlite_configure if target.backend == "sqlite" else None,
             server=facts.version,
-            driver_version=target.driver_version(),
+            driver_package=target.driver_package()[0],
+            driver_version=target.driver_package()[1],
+            driver_description=target.driver_description(),
             capabilities=caps,
             renders=renders,
             advice=facts.advice,

@@ -148,7 +148,7 @@ def render_header(report: Report, width: int) -> list[str]:
             width,
             10,
         )
-    lines += [f"server    {report.server}", f"driver    {report.driver_version}", ""]
+    lines += [f"server    {report.server}", f"driver    {report.driver_description}", ""]
     lines.append(f"what locksafe does here ({caps.title} {caps.version_string})")
     lines += _wrap(caps.summary or caps.mechanism, width, 2)
     lines.append("  with_row_locks(...)")

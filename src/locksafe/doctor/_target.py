@@ -171,18 +171,27 @@ class Target:
     def extra(self) -> str:
         return EXTRAS.get(self.driver, "")
 
-    def driver_version(self) -> str:
-        """``psycopg 3.2.1 (sync)``: the driver package and its version."""
+    def driver_package(self) -> tuple[str | None, str | None]:
+        """The installed package behind the driver and its version: ``("psycopg", "3.2.1")``;
+        pysqlite is Python's own ``sqlite3`` (the Python version); ``(None, None)`` if unknown."""
+        if self.driver == "pysqlite":
+            return "sqlite3", ".".join(map(str, sys.version_info[:3]))
+        for dist in DISTRIBUTIONS.get(self.driver, ()):
+            try:
+                return dist, importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return None, None
+
+    def driver_description(self) -> str:
+        """``psycopg (psycopg 3.2.1, sync)``: the driver, its package and version, and mode."""
         mode = "async" if self.is_async else "sync"
         if self.driver == "pysqlite":
             return f"pysqlite (Python's sqlite3, SQLite {sqlite3.sqlite_version}, {mode})"
-        for dist in DISTRIBUTIONS.get(self.driver, ()):
-            try:
-                version = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-            return f"{self.driver} ({dist} {version}, {mode})"
-        return f"{self.driver} ({mode})"
+        package, version = self.driver_package()
+        if package is None:
+            return f"{self.driver} ({mode})"
+        return f"{self.driver} ({package} {version}, {mode})"
 
     # -- engines ------------------------------------------------------------------------------
 
