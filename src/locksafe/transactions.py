@@ -47,7 +47,6 @@ import inspect
 import logging
 import math
 import random
-import re
 import sys
 import time
 import weakref
@@ -69,10 +68,9 @@ from sqlalchemy.orm import (
     sessionmaker as sync_sessionmaker,
 )
 from sqlalchemy.orm.session import SessionTransactionState
-from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.util import ScopedRegistry
 
-from locksafe._sa import for_update_arg, rollback_exception, session_transaction_state
+from locksafe._sa import rollback_exception, session_transaction_state
 from locksafe.classify import (
     MAY_HAVE_COMMITTED,
     classify_raised,
@@ -80,7 +78,7 @@ from locksafe.classify import (
 )
 from locksafe.kinds import CallerTransactionError, LockErrorKind, LockUnavailable
 from locksafe.options import check_number, check_seconds
-from locksafe.timeouts import lock_waits_until
+from locksafe.timeouts import lock_waits_until, reads_only
 
 __all__ = [
     "NEW_SESSION",
@@ -306,6 +304,22 @@ def _timeout(value: object) -> float:
     return seconds
 
 
+#: How much longer each early attempt's lock waits may last than the one before.
+_EARLY_GROWTH: float = 4.0
+
+
+def _early_lock_timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    seconds = _number("early_lock_timeout", value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(
+            f"early_lock_timeout={value!r} must be a finite number of seconds > 0, or None "
+            "(no early bound)"
+        )
+    return seconds
+
+
 def _retry_rule(
     retry_on: Callable[[BaseException], bool] | Collection[LockErrorKind] | None,
 ) -> Callable[[BaseException], bool]:
@@ -341,9 +355,11 @@ class _Policy:
         wait_max: float,
         retry_after: float | None,
         operation: str,
+        early_lock_timeout: float | None = None,
     ) -> None:
         self.attempts = _attempts(attempts)
         self.timeout = _timeout(timeout)
+        self.early_lock_timeout = _early_lock_timeout(early_lock_timeout)
         wait_initial = _seconds("wait_initial", wait_initial)
         wait_max = _seconds("wait_max", wait_max)
         if wait_initial > wait_max:
@@ -363,6 +379,18 @@ class _Policy:
         )
         self.wait_initial = wait_initial
         self.wait_max = wait_max
+
+    def early_bound(self, attempt: int) -> float | None:
+        """The early bound of attempt number ``attempt`` (seconds; ``None``: none):
+        ``early_lock_timeout``, ×4 each attempt; none on the last attempt, which waits as
+        long as the ``timeout`` allows."""
+        if self.early_lock_timeout is None or attempt >= self.attempts:
+            return None
+        try:
+            bound = self.early_lock_timeout * _EARLY_GROWTH ** (attempt - 1)
+        except OverflowError:
+            return None
+        return bound if bound < self.timeout else None
 
     def wait(self, attempt: int) -> float:
         """Seconds to sleep after attempt number ``attempt`` failed: full jitter, uniform
@@ -647,9 +675,10 @@ class _Call:
         """The deadline, for one attempt on ``session``: its lock waits end when the call's
         ``timeout`` does (:func:`~locksafe.lock_timeout`, where that is tighter than the
         connection's own bound)."""
-        if not math.isfinite(self.policy.timeout):
+        early = self.policy.early_bound(self.attempts)
+        if not math.isfinite(self.policy.timeout) and early is None:
             return contextlib.nullcontext()
-        return lock_waits_until(session, self.started + self.policy.timeout)
+        return lock_waits_until(session, self.started + self.policy.timeout, early)
 
     def exit_error(self, exc: BaseException, body_error: BaseException | None) -> BaseException:
         """What to raise when the transaction block raised ``exc``; ``body_error`` is what the
@@ -912,32 +941,6 @@ _worked: weakref.WeakSet[SessionTransaction] = weakref.WeakSet()
 _serving: dict[int, tuple[weakref.ref[Connection], weakref.ref[SessionTransaction]]] = {}
 _tracking = False
 
-_SELECT: Final = re.compile(r"\s*(\(\s*)*select\b", re.IGNORECASE)
-_NOT_ONLY_READING: Final = re.compile(
-    r"\bfor\s+(update|share|no\s+key\s+update|key\s+share)\b|\block\s+in\s+share\s+mode\b"
-    r"|\binto\b",
-    re.IGNORECASE,
-)
-
-
-def _reads_only(statement: object) -> bool:
-    """Whether ``statement`` is a plain SELECT: no write, no row lock. Anything else counts
-    as work (a SAVEPOINT, DDL, a function called on its own, text that is not a SELECT)."""
-    if isinstance(statement, str):
-        text = statement
-    elif isinstance(statement, TextClause):
-        text = statement.text
-    elif getattr(statement, "is_select", False) is True:
-        if for_update_arg(statement) is not None:
-            return False  # a locked SELECT (with_row_locks, with_for_update)
-        element = getattr(statement, "element", None)  # text().columns(): its text
-        if not isinstance(element, TextClause):
-            return True
-        text = element.text
-    else:
-        return False
-    return _SELECT.match(text) is not None and _NOT_ONLY_READING.search(text) is None
-
 
 def _serve(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
     """Session ``after_begin``: remember which autobegun transaction ``connection`` serves."""
@@ -963,7 +966,7 @@ def _note_statement(
     if entry is None or entry[0]() is not conn:
         return  # the common case: an explicit or decorator-owned transaction, or no session
     root = entry[1]()
-    if root is None or root in _worked or _reads_only(clauseelement):
+    if root is None or root in _worked or reads_only(clauseelement):
         return
     _worked.add(root)
 
@@ -1121,6 +1124,7 @@ def transactional(
     wait_initial: float = 0.05,
     wait_max: float = 2.0,
     retry_after: float | None = None,
+    early_lock_timeout: float | None = 0.02,
 ) -> Callable[[Callable[P, T]], Callable[P, T]]: ...
 
 
@@ -1136,6 +1140,7 @@ def transactional(
     wait_initial: float = 0.05,
     wait_max: float = 2.0,
     retry_after: float | None = None,
+    early_lock_timeout: float | None = 0.02,
 ) -> Any:
     """Run a function in one atomic transaction, retried on lock errors.
 
@@ -1219,6 +1224,7 @@ def transactional(
         wait_max=wait_max,
         retry_after=retry_after,
         operation="",
+        early_lock_timeout=early_lock_timeout,
     )
     _check_sessionmaker(sessionmaker, "", is_async=False, kind=False)
 
