@@ -7,8 +7,19 @@ fixed-order baseline of the same round; medians over the rounds::
     PYTHONPATH=src python bench/storm_options.py --rounds 3 [--backend mariadb]
 
 Variants: stock retries (``early_lock_timeout=None``), the user's own
-``lock_timeout(session, 0.02)`` around the second lock, and ``early_lock_timeout`` from the
-attempt's start or once the attempt holds a lock, with several first bounds and growths.
+``lock_timeout(session, 0.02)`` around the second lock, and ``early_lock_timeout`` with other
+first bounds, growths (``locksafe.transactions._EARLY_GROWTH``) and backoffs::
+
+    --early 20:2:0.05 --early 20:4:0.05    # ms : growth per attempt : wait_initial
+
+``--queue N`` adds the work queue with plain FOR UPDATE (every transaction takes one lock, all
+queue for the same row: no deadlock possible), to see what the early bound costs there.
+
+Also measured, with the prototype of commit 1f187b5 (``_EARLY_MODE = "holding"``): the early
+bound set only once the attempt holds a lock (one more statement, while holding it, before
+the next statement that may wait): slower in the storm than the bound from the attempt's
+start (median ratios 0.64–0.71× against 0.73–0.77×), and a statement more in every
+transaction of two writes or more.
 """
 
 from __future__ import annotations
@@ -19,13 +30,12 @@ import statistics
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import make_url
 
 import _common  # noqa: F401  (puts src/ and tests/ on sys.path)
-import locksafe.timeouts
 import locksafe.transactions
 import server_scenarios as ss
 from _common import Result, progress
@@ -34,11 +44,8 @@ from _common import Result, progress
 @dataclass(frozen=True)
 class Option:
     variant: ss.StormVariant
-    #: locksafe.timeouts._EARLY_MODE ("holding" or "start")
-    mode: str = "holding"
     #: locksafe.transactions._EARLY_GROWTH
-    growth: float = 4.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    growth: float = locksafe.transactions._EARLY_GROWTH
 
 
 def options(backend: str, specs: list[str]) -> list[Option]:
@@ -62,18 +69,17 @@ def options(backend: str, specs: list[str]) -> list[Option]:
             )
         )
     for spec in specs:
-        mode, ms, growth, wait_initial = spec.split(":")
+        ms, growth, wait_initial = spec.split(":")
         out.append(
             Option(
                 V(
-                    f"{mode}{ms}x{growth}w{wait_initial}",
-                    f"random order, early_lock_timeout={float(ms) / 1000:g} ({mode}, "
-                    f"×{growth}, wait_initial {wait_initial})",
+                    f"early{ms}x{growth}w{wait_initial}",
+                    f"random order, early_lock_timeout={float(ms) / 1000:g} (×{growth} per "
+                    f"attempt, wait_initial {wait_initial})",
                     False,
                     wait_initial=float(wait_initial),
                     options={"early_lock_timeout": float(ms) / 1000},
                 ),
-                mode=mode,
                 growth=float(growth),
             )
         )
@@ -82,13 +88,12 @@ def options(backend: str, specs: list[str]) -> list[Option]:
 
 @contextmanager
 def knobs(option: Option) -> Iterator[None]:
-    mode, growth = locksafe.timeouts._EARLY_MODE, locksafe.transactions._EARLY_GROWTH
-    locksafe.timeouts._EARLY_MODE = option.mode
+    growth = locksafe.transactions._EARLY_GROWTH
     locksafe.transactions._EARLY_GROWTH = option.growth
     try:
         yield
     finally:
-        locksafe.timeouts._EARLY_MODE, locksafe.transactions._EARLY_GROWTH = mode, growth
+        locksafe.transactions._EARLY_GROWTH = growth
 
 
 @contextmanager
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "--early",
         action="append",
         default=[],
-        help="an early_lock_timeout variant, mode:ms:growth:wait_initial (holding:20:4:0.05)",
+        help="an early_lock_timeout variant, ms:growth:wait_initial (20:2:0.05)",
     )
     parser.add_argument("--no-user", action="store_true", help="leave out the lock_timeout row")
     parser.add_argument(

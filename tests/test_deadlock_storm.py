@@ -24,13 +24,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, event, insert, select, update
+from sqlalchemy import Column, Integer, MetaData, Table, event, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 import locksafe
 from harness.cells import Cell
 from locksafe import LockErrorKind, RetryDetails, transactional
+from locksafe.dialects.postgresql import lock_timeout_seconds
 
 metadata = MetaData()
 accounts = Table(
@@ -408,4 +409,85 @@ def test_early_bounds_grow_and_the_last_attempt_has_none() -> None:
     assert bounds(attempts=1) == [None]
     assert bounds(early_lock_timeout=None) == [None] * 5
     # never past the call's timeout: then the deadline alone bounds the wait
-    assert bounds(timeout=0.1)[2:] == [None, None, None]
+    assert bounds(timeout=0.05)[2:] == [None, None, None]
+
+
+def bound_inside(cell: Cell, engine: Any, **options: Any) -> float:
+    """The lock-wait bound (seconds) the first attempt of a ``@transactional(**options)``
+    call sees on PostgreSQL."""
+
+    def step(session: Session) -> float:
+        value = session.execute(select(func.current_setting("lock_timeout"))).scalar_one()
+        return lock_timeout_seconds(value)
+
+    result: float = transfer_function(cell, step, **options)(engine)
+    return result
+
+
+@pytest.mark.cells("postgresql+psycopg2", "postgresql+asyncpg")
+def test_the_early_bound_is_what_the_first_attempt_sees_and_never_loosens(cell: Cell) -> None:
+    """The first attempt's lock waits are bounded by ``early_lock_timeout`` (tighter than the
+    deadline); a connection bounded tighter still keeps its own bound; off, the deadline."""
+    seed(cell, 1)
+    engine = engine_for(cell)
+    assert bound_inside(cell, engine) == pytest.approx(0.02)
+    assert bound_inside(cell, engine, early_lock_timeout=0.25) == pytest.approx(0.25)
+    assert 29 < bound_inside(cell, engine, early_lock_timeout=None) <= 30
+    assert bound_inside(cell, engine, attempts=1) > 29  # one attempt: no early bound
+    tight = cell.engine(connect_args=tight_connect_args(cell))
+    try:
+        assert bound_inside(cell, tight) == pytest.approx(0.005)
+    finally:
+        if cell.is_async:
+            cell.run_async(tight.dispose)
+        else:
+            tight.dispose()
+
+
+def tight_connect_args(cell: Cell) -> dict[str, Any]:
+    """Connections bounded to 5 ms by the server setting (the application's own bound)."""
+    if cell.driver == "asyncpg":
+        return {"server_settings": {"lock_timeout": "5ms"}}
+    return {"options": "-c lock_timeout=5ms"}
+
+
+@pytest.mark.cells("postgresql+psycopg2")
+def test_the_early_bound_costs_no_statement_with_a_deadline(cell: Cell) -> None:
+    """With a finite ``timeout`` (the default), the statement that sets the deadline sets the
+    early bound: the same statements per call as without it."""
+    seed(cell, 1)
+    engine = engine_for(cell)
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
+
+    def step(session: Session) -> None:
+        lock(session, 1)
+
+    for early in (0.02, None):  # warm: connected
+        transfer_function(cell, step, early_lock_timeout=early)(engine)
+    counts = {}
+    for early in (0.02, None):
+        sent.clear()
+        transfer_function(cell, step, early_lock_timeout=early)(engine)
+        counts[early] = len(sent)
+    assert counts[0.02] == counts[None], counts
+
+
+@pytest.mark.cells("postgresql+psycopg2")
+def test_a_wait_the_deadline_allows_is_not_given_up_early(
+    cell: Cell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``timeout=1`` and a row held 0.8 s: the first attempt's early bound ends its wait, and
+    its backoff (1.5 s here: the highest of the jitter) would cross the deadline. The call does
+    not give up there, before its deadline, on a wait the deadline allowed: the time left goes
+    to a last attempt at once, without the early bound, which gets the row."""
+    import locksafe.transactions
+
+    monkeypatch.setattr(locksafe.transactions.random, "uniform", lambda low, high: high)
+    engine = engine_for(cell)
+    elapsed, attempts, seen = wait_behind_holder(
+        cell, engine, 0.8, timeout=1.0, attempts=5, wait_initial=1.5, wait_max=1.5
+    )
+    assert attempts == 2
+    assert [d.wait for d in seen] == [0.0]
+    assert 0.75 <= elapsed < 1.0

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import math
 import numbers
-import re
 import sys
 import threading
 import time
@@ -37,9 +36,8 @@ from sqlalchemy.engine import Connection, Engine, Transaction
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.pool import Pool, PoolResetState
-from sqlalchemy.sql.elements import TextClause
 
-from locksafe._sa import for_update_arg, is_autocommit_isolation, transaction_connections
+from locksafe._sa import is_autocommit_isolation, transaction_connections
 from locksafe.capabilities import version_of
 from locksafe.dialects import LockWaitSetting, support_for
 from locksafe.kinds import UnsupportedLockOption
@@ -230,70 +228,6 @@ def _session_began(session: Session, transaction: object, conn: Connection) -> N
             block._on_begin(session, transaction, conn)
 
 
-#: Which attempts' early bound applies when: "holding" (once the transaction holds a lock) or
-#: "start" (from the attempt's start). Measured in bench/storm_options.py.
-_EARLY_MODE = "holding"
-
-
-class _Holding:
-    """An early bound (:meth:`LockTimeout._hold`) waiting for its transaction to hold a
-    lock: ``armed`` once a statement that may take one has run in it."""
-
-    __slots__ = ("armed", "block", "connection", "setting", "transaction")
-
-    def __init__(
-        self,
-        block: LockTimeout,
-        connection: Connection,
-        setting: LockWaitSetting,
-        transaction: Transaction | None,
-    ) -> None:
-        self.block = block
-        self.connection = connection
-        self.setting = setting
-        self.transaction = transaction
-        self.armed = False
-
-
-#: Connection -> the early bound waiting for its transaction to hold a lock.
-_holding: weakref.WeakKeyDictionary[Connection, _Holding] = weakref.WeakKeyDictionary()
-#: Connection -> how many lock_timeout() blocks bound it now (an early bound waits for them
-#: to end: inside one, its bound wins).
-_explicit: weakref.WeakKeyDictionary[Connection, int] = weakref.WeakKeyDictionary()
-
-
-def _arm(
-    conn: Connection,
-    clauseelement: Any,
-    multiparams: Any,
-    params: Any,
-    execution_options: Any,
-    result: Any,
-) -> None:
-    """Engine ``after_execute``: a statement that may have taken a lock (a write, a locked
-    SELECT...) ran: the transaction may hold one from now on."""
-    holding = _holding.get(conn)
-    if holding is not None and not holding.armed and not reads_only(clauseelement):
-        holding.armed = True
-
-
-def _bound_early(
-    conn: Connection, clauseelement: Any, multiparams: Any, params: Any, execution_options: Any
-) -> None:
-    """Engine ``before_execute``: a statement that may wait for a lock, in a transaction that
-    may hold one: from now on its waits are bounded by the early bound (one statement, once
-    per transaction), unless a lock_timeout() block bounds them now."""
-    holding = _holding.get(conn)
-    if holding is None or not holding.armed or _explicit.get(conn):
-        return
-    if reads_only(clauseelement):
-        return
-    del _holding[conn]
-    if conn.get_transaction() is not holding.transaction:
-        return
-    holding.block._set_early(holding)
-
-
 def _autocommit(conn: Connection) -> bool:
     """Whether ``conn`` runs each statement in a transaction of its own (``isolation_level=
     "AUTOCOMMIT"``, on the engine or the connection)."""
@@ -327,12 +261,11 @@ class LockTimeout:
         self._seconds = seconds
         self._only_lower = only_lower
         self._strict = strict
-        #: @transactional's early bound (seconds), once the transaction holds a lock, on
-        #: servers whose deadlock detection is delayed (:func:`lock_waits_until`).
+        #: @transactional's early bound (seconds), on servers whose deadlock detection is
+        #: delayed (:func:`lock_waits_until`).
         self._early = early
-        self._holding: list[_Holding] = []
-        #: Connections this (public) block bounds: no early bound is set there meanwhile.
-        self._explicit: list[Connection] = []
+        #: Called when the early bound applies to a connection of this block.
+        self.on_early: Callable[[], object] | None = None
         self._session: Session | None = None
         self._applied: list[_Applied] = []
         self._entered = False
@@ -413,17 +346,13 @@ class LockTimeout:
                 )
             return
         assert setting is not None
-        if self._strict:
-            _explicit[conn] = _explicit.get(conn, 0) + 1
-            self._explicit.append(conn)
         seconds = self._seconds() if callable(self._seconds) else self._seconds
         if self._early is not None and support is not None and support.deadlock_detection_delayed:
-            if _EARLY_MODE == "start":
-                seconds = min(seconds, self._early)
-            else:
-                self._hold(conn, setting)
+            seconds = min(seconds, self._early)
+            if self.on_early is not None:
+                self.on_early()
         if not math.isfinite(seconds):
-            return
+            return  # no deadline, no early bound: nothing to bound
         wanted = setting.value(max(0.0, seconds), conn.dialect)
         in_one = setting.read_and_set
         if in_one is not None and self._in_one_statement(conn, setting, wanted):
@@ -444,27 +373,6 @@ class LockTimeout:
             conn.execute(text(sql), params)
         else:
             _on_dbapi(conn, sql)
-
-    def _hold(self, conn: Connection, setting: LockWaitSetting) -> None:
-        """Bound ``conn``'s lock waits to the early bound once its transaction holds a lock:
-        before its first statement that may wait for a lock after one that may have taken
-        one (:func:`_arm`, :func:`_bound_early`)."""
-        _listen_once(Engine, "after_execute", _arm)
-        _listen_once(Engine, "before_execute", _bound_early)
-        holding = _Holding(self, conn, setting, conn.get_transaction())
-        _holding[conn] = holding
-        self._holding.append(holding)
-
-    def _set_early(self, holding: _Holding) -> None:
-        conn, setting = holding.connection, holding.setting
-        assert self._early is not None
-        seconds = self._seconds() if callable(self._seconds) else self._seconds
-        wanted = setting.value(max(0.0, min(seconds, self._early)), conn.dialect)
-        in_one = setting.read_and_set
-        assert in_one is not None  # a transaction-scoped setting: PostgreSQL
-        restore = in_one(conn, setting, wanted, True, _on_dbapi)
-        if restore is not None and not any(a.connection is conn for a in self._applied):
-            self._record(conn, setting, restore)
 
     def _in_one_statement(self, conn: Connection, setting: LockWaitSetting, wanted: Any) -> bool:
         """Whether to read and set in one statement, where the dialect has a form for that:
@@ -508,17 +416,6 @@ class LockTimeout:
                 _blocks.pop(session, None)
         applied, self._applied = self._applied, []
         self._entered = False
-        for holding in self._holding:
-            if _holding.get(holding.connection) is holding:
-                del _holding[holding.connection]
-        self._holding = []
-        for conn in self._explicit:
-            left = _explicit.get(conn, 0) - 1
-            if left > 0:
-                _explicit[conn] = left
-            else:
-                _explicit.pop(conn, None)
-        self._explicit = []
         error: BaseException | None = None
         for one in reversed(applied):  # the innermost first
             try:
@@ -625,41 +522,14 @@ def lock_timeout(
 
 def lock_waits_until(session: object, deadline: float, early: float | None = None) -> LockTimeout:
     """For :func:`~locksafe.transactional`: bound the lock waits of ``session``'s connections
-    to the time left until ``deadline`` (``time.monotonic()``), when that is tighter than
-    their setting; nothing on a dialect that locksafe cannot bound. Setting back never
-    raises (a failure is logged; the pool sets the value back, or discards the connection).
+    to the time left until ``deadline`` (``time.monotonic()``, ``math.inf``: none), when that
+    is tighter than their setting; nothing on a dialect that locksafe cannot bound. Setting
+    back never raises (a failure is logged; the pool sets the value back, or discards the
+    connection).
 
-    ``early`` (seconds): on a server whose deadlock detection is delayed
-    (``DialectSupport.deadlock_detection_delayed``), once the transaction holds a lock, its
-    lock waits are bounded to that (or the time left, if less), unless a
-    :func:`lock_timeout` block bounds them at the time."""
+    ``early`` (seconds): tighter still, on a server whose deadlock detection is delayed
+    (``DialectSupport.deadlock_detection_delayed``): an attempt's early bound, so that a
+    deadlock ends as a lock timeout before the server's detector runs."""
     return LockTimeout(
         session, lambda: deadline - time.monotonic(), only_lower=True, strict=False, early=early
     )
-
-
-_SELECT: Final = re.compile(r"\s*(\(\s*)*select\b", re.IGNORECASE)
-_NOT_ONLY_READING: Final = re.compile(
-    r"\bfor\s+(update|share|no\s+key\s+update|key\s+share)\b|\block\s+in\s+share\s+mode\b"
-    r"|\binto\b",
-    re.IGNORECASE,
-)
-
-
-def reads_only(statement: object) -> bool:
-    """Whether ``statement`` is a plain SELECT: no write, no row lock. Anything else counts
-    as work (a SAVEPOINT, DDL, a function called on its own, text that is not a SELECT)."""
-    if isinstance(statement, str):
-        sql = statement
-    elif isinstance(statement, TextClause):
-        sql = statement.text
-    elif getattr(statement, "is_select", False) is True:
-        if for_update_arg(statement) is not None:
-            return False  # a locked SELECT (with_row_locks, with_for_update)
-        element = getattr(statement, "element", None)  # text().columns(): its text
-        if not isinstance(element, TextClause):
-            return True
-        sql = element.text
-    else:
-        return False
-    return _SELECT.match(sql) is not None and _NOT_ONLY_READING.search(sql) is None

@@ -47,6 +47,7 @@ import inspect
 import logging
 import math
 import random
+import re
 import sys
 import time
 import weakref
@@ -68,9 +69,10 @@ from sqlalchemy.orm import (
     sessionmaker as sync_sessionmaker,
 )
 from sqlalchemy.orm.session import SessionTransactionState
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.util import ScopedRegistry
 
-from locksafe._sa import rollback_exception, session_transaction_state
+from locksafe._sa import for_update_arg, rollback_exception, session_transaction_state
 from locksafe.classify import (
     MAY_HAVE_COMMITTED,
     classify_raised,
@@ -78,7 +80,7 @@ from locksafe.classify import (
 )
 from locksafe.kinds import CallerTransactionError, LockErrorKind, LockUnavailable
 from locksafe.options import check_number, check_seconds
-from locksafe.timeouts import lock_waits_until, reads_only
+from locksafe.timeouts import lock_waits_until
 
 __all__ = [
     "NEW_SESSION",
@@ -304,8 +306,9 @@ def _timeout(value: object) -> float:
     return seconds
 
 
-#: How much longer each early attempt's lock waits may last than the one before.
-_EARLY_GROWTH: float = 4.0
+#: How much longer each early attempt's lock waits may last than the one before (×2 and ×4
+#: measured: bench/storm_options.py).
+_EARLY_GROWTH = 2.0
 
 
 def _early_lock_timeout(value: object) -> float | None:
@@ -382,8 +385,8 @@ class _Policy:
 
     def early_bound(self, attempt: int) -> float | None:
         """The early bound of attempt number ``attempt`` (seconds; ``None``: none):
-        ``early_lock_timeout``, ×4 each attempt; none on the last attempt, which waits as
-        long as the ``timeout`` allows."""
+        ``early_lock_timeout``, doubled each attempt; none on the last attempt, which waits
+        as long as the ``timeout`` allows, nor once it would reach the ``timeout``."""
         if self.early_lock_timeout is None or attempt >= self.attempts:
             return None
         try:
@@ -539,6 +542,10 @@ class _Call:
         #: says: a COMMIT with an unknown outcome, work after a commit, misuse, an error of a
         #: call that joined its caller's transaction.
         self.settled: BaseException | None = None
+        #: The current attempt's early lock-wait bound (seconds), where it applied.
+        self.early: float | None = None
+        #: The next attempt is the last (the early bound cut a wait short near the deadline).
+        self.final = False
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -567,6 +574,7 @@ class _Call:
         while True:
             self.attempts += 1
             self.settled = None
+            self.early = None
             try:
                 return await self.attempt(session)
             except Exception as exc:
@@ -576,6 +584,14 @@ class _Call:
             if not self.retries(error):
                 raise error
             wait = policy.wait(self.attempts)
+            if (
+                self.attempts < policy.attempts
+                and self.elapsed() + wait >= policy.timeout
+                and self.cut_short(error)
+            ):
+                # the early bound ended a wait that the deadline allowed: the time left is
+                # the last attempt's, at once, without the early bound (as if it had waited)
+                wait, self.final = 0.0, True
             if self.attempts >= policy.attempts or self.elapsed() + wait >= policy.timeout:
                 unavailable = self.gave_up(error)
                 if unavailable is error:
@@ -583,6 +599,16 @@ class _Call:
                 raise unavailable from error
             self.before_sleep(error, wait)
             await self.steps.sleep(wait)
+
+    def cut_short(self, error: Exception) -> bool:
+        """Whether ``error`` is a lock wait the attempt's early bound ended while the call's
+        ``timeout`` had time left."""
+        return (
+            self.early is not None
+            and not self.final
+            and classify_raised(error) is LockErrorKind.LOCK_TIMEOUT
+            and self.elapsed() < self.policy.timeout
+        )
 
     def retries(self, error: Exception) -> bool:
         """Whether the call runs again after ``error``: never an error this attempt settled,
@@ -674,11 +700,15 @@ class _Call:
     def lock_waits(self, session: Any) -> Any:
         """The deadline, for one attempt on ``session``: its lock waits end when the call's
         ``timeout`` does (:func:`~locksafe.lock_timeout`, where that is tighter than the
-        connection's own bound)."""
-        early = self.policy.early_bound(self.attempts)
+        connection's own bound), and on a server whose deadlock detection is delayed, before
+        the last attempt, after the attempt's early bound (:meth:`_Policy.early_bound`)."""
+        early = None if self.final else self.policy.early_bound(self.attempts)
         if not math.isfinite(self.policy.timeout) and early is None:
             return contextlib.nullcontext()
-        return lock_waits_until(session, self.started + self.policy.timeout, early)
+        block = lock_waits_until(session, self.started + self.policy.timeout, early)
+        if early is not None:
+            block.on_early = lambda: setattr(self, "early", early)
+        return block
 
     def exit_error(self, exc: BaseException, body_error: BaseException | None) -> BaseException:
         """What to raise when the transaction block raised ``exc``; ``body_error`` is what the
@@ -729,7 +759,11 @@ class _Call:
             operation=self.policy.operation,
         )
         what = details.kind.value if details.kind is not None else type(error).__name__
-        log.warning(
+        early = self.early is not None and details.kind is LockErrorKind.LOCK_TIMEOUT
+        if early:  # expected, cheap, and many under contention: not a warning
+            what += f" (its early bound, {self.early:.3f}s: a possible deadlock)"
+        log.log(
+            logging.INFO if early else logging.WARNING,
             "%s: attempt %d failed with %s after %.3fs; retrying in %.3fs",
             details.operation,
             details.attempt,
@@ -941,6 +975,32 @@ _worked: weakref.WeakSet[SessionTransaction] = weakref.WeakSet()
 _serving: dict[int, tuple[weakref.ref[Connection], weakref.ref[SessionTransaction]]] = {}
 _tracking = False
 
+_SELECT: Final = re.compile(r"\s*(\(\s*)*select\b", re.IGNORECASE)
+_NOT_ONLY_READING: Final = re.compile(
+    r"\bfor\s+(update|share|no\s+key\s+update|key\s+share)\b|\block\s+in\s+share\s+mode\b"
+    r"|\binto\b",
+    re.IGNORECASE,
+)
+
+
+def _reads_only(statement: object) -> bool:
+    """Whether ``statement`` is a plain SELECT: no write, no row lock. Anything else counts
+    as work (a SAVEPOINT, DDL, a function called on its own, text that is not a SELECT)."""
+    if isinstance(statement, str):
+        text = statement
+    elif isinstance(statement, TextClause):
+        text = statement.text
+    elif getattr(statement, "is_select", False) is True:
+        if for_update_arg(statement) is not None:
+            return False  # a locked SELECT (with_row_locks, with_for_update)
+        element = getattr(statement, "element", None)  # text().columns(): its text
+        if not isinstance(element, TextClause):
+            return True
+        text = element.text
+    else:
+        return False
+    return _SELECT.match(text) is not None and _NOT_ONLY_READING.search(text) is None
+
 
 def _serve(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
     """Session ``after_begin``: remember which autobegun transaction ``connection`` serves."""
@@ -966,7 +1026,7 @@ def _note_statement(
     if entry is None or entry[0]() is not conn:
         return  # the common case: an explicit or decorator-owned transaction, or no session
     root = entry[1]()
-    if root is None or root in _worked or reads_only(clauseelement):
+    if root is None or root in _worked or _reads_only(clauseelement):
         return
     _worked.add(root)
 
@@ -1199,6 +1259,21 @@ def transactional(
     is a deadline: each attempt's lock waits are bounded by the time left
     (:func:`~locksafe.lock_timeout`, where that is tighter than the connection's own bound), so
     a call blocked on a held lock ends within about ``timeout`` (MySQL/MariaDB: whole seconds).
+
+    ``early_lock_timeout`` (seconds; ``None``: off) is for servers that look for a deadlock
+    only after a lock wait has lasted a while (PostgreSQL: ``deadlock_timeout``, 1 s by
+    default; elsewhere it changes nothing): every attempt but the last bounds its lock waits to
+    ``early_lock_timeout`` on the first attempt, doubled on each next one, so that a deadlock
+    ends as a lock timeout, retried, instead of lasting a second. The last attempt waits as
+    before (only ``timeout`` bounds it), so a legitimate long wait costs a few quick retries,
+    never a failure; with ``attempts=1`` there is no early bound. Inside a
+    :func:`~locksafe.lock_timeout` block of the function, that block's bound applies. Such
+    retries are logged at INFO, not WARNING (``on_retry`` sees them as any other):
+
+    .. code-block:: python
+
+        @transactional(early_lock_timeout=0.05)  # 50 ms, 100 ms, 200 ms, 400 ms, then no bound
+        def transfer(src: int, dst: int, *, session: Session) -> None: ...
 
     Backoff is exponential with full jitter between ``wait_initial`` and ``wait_max`` seconds
     (tenacity's ``wait_random_exponential``); :func:`set_testing` makes it zero. ``retry_on``
