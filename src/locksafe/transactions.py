@@ -1265,8 +1265,9 @@ def transactional(
     default; elsewhere it changes nothing): every attempt but the last bounds its lock waits to
     ``early_lock_timeout`` on the first attempt, doubled on each next one, so that a deadlock
     ends as a lock timeout, retried, instead of lasting a second. The last attempt waits as
-    before (only ``timeout`` bounds it), so a legitimate long wait costs a few quick retries,
-    never a failure; with ``attempts=1`` there is no early bound. Inside a
+    before (only ``timeout`` bounds it; and an early bound never makes the call give up before
+    its deadline), so a legitimate long wait costs a few quick retries, and succeeds as
+    before; with ``attempts=1`` there is no early bound. Inside a
     :func:`~locksafe.lock_timeout` block of the function, that block's bound applies. Such
     retries are logged at INFO, not WARNING (``on_retry`` sees them as any other):
 
