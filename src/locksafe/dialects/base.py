@@ -228,9 +228,9 @@ class DialectSupport:
     transaction_rollback_codes: frozenset[Code] = frozenset()
     #: Whether the server looks for a deadlock only after a lock wait has lasted a while
     #: (PostgreSQL: ``deadlock_timeout``, 1 s by default), so that every deadlock costs that
-    #: long. Then ``@transactional`` bounds the lock waits of its early attempts, once they
-    #: hold a lock, to a short, growing ``early_lock_timeout``: a deadlock ends as a lock
-    #: timeout, retried, well before the server's detector runs. ``False`` (the default):
+    #: long. Then ``@transactional`` bounds the lock waits of every attempt but the last to a
+    #: short ``early_lock_timeout``, doubled per attempt: a deadlock ends as a lock timeout,
+    #: retried, well before the server's detector runs. ``False`` (the default):
     #: lock waits are left to the server (InnoDB detects deadlocks at once).
     deadlock_detection_delayed: bool = False
     #: Extra facts for the docs.
