@@ -662,37 +662,63 @@ def storm_variants(backend: str, quick: bool) -> list[Any]:
     import server_scenarios as ss
 
     V = ss.StormVariant
+    #: @transactional without the early bound (its behaviour before issue 13)
+    off = {"early_lock_timeout": None}
     variants = [
-        V("ordered", "fixed order (baseline)", True),
+        V("ordered", "fixed order (baseline)", True, options=off),
         V("random", "random order, @transactional defaults", False),
     ]
     if backend == "postgresql":
         variants.append(
-            V(
-                "both50",
-                "random order, lock_timeout(session, 0.05) around the transfer",
-                False,
-                lock_timeout=0.05,
-            )
+            V("stock", "random order, early_lock_timeout=None (no early bound)", False, options=off)
         )
-        for ms in (20,) if quick else (20, 50, 100):
+        if not quick:
+            variants.append(
+                V(
+                    "ordered_defaults",
+                    "fixed order, @transactional defaults (its early bound's cost without "
+                    "deadlocks)",
+                    True,
+                )
+            )
+            variants.append(
+                V(
+                    "early50",
+                    "random order, early_lock_timeout=0.05",
+                    False,
+                    options={"early_lock_timeout": 0.05},
+                )
+            )
+            variants.append(
+                V(
+                    "both50",
+                    "random order, no early bound, lock_timeout(session, 0.05) around the transfer",
+                    False,
+                    lock_timeout=0.05,
+                    options=off,
+                )
+            )
+        for ms in (20,) if quick else (20, 50):
             variants.append(
                 V(
                     f"second{ms}",
-                    f"random order, lock_timeout(session, {ms / 1000:g}) around "
+                    f"random order, no early bound, lock_timeout(session, {ms / 1000:g}) around "
                     "the second lock only",
                     False,
                     lock_timeout=ms / 1000,
                     scope="second",
+                    options=off,
                 )
             )
         if not quick:
             variants.append(
                 V(
                     "dt20",
-                    "contrast (a server setting, not locksafe): deadlock_timeout = 20 ms",
+                    "contrast (a server setting, not locksafe): deadlock_timeout = 20 ms, no "
+                    "early bound",
                     False,
                     connect_args={"options": "-c deadlock_timeout=20ms"},
+                    options=off,
                 )
             )
     elif not quick:
@@ -749,7 +775,7 @@ def storm_section(report: Report, backend: str, url: URL) -> None:
         + table(["variant", "retries by kind"], retried)
         + f"\n\nTotal balance conserved in every run: {'yes' if conserved else '**NO**'}.",
     )
-    api = [v for v in variants if v.key != "ordered" and v.connect_args is None]
+    api = [v for v in variants if not v.ordered and v.connect_args is None]
     best = max(api, key=lambda v: statistics.median(per_variant[v.key]))
     default = statistics.median(per_variant["random"])
     best_ratio = statistics.median(per_variant[best.key])
@@ -1091,13 +1117,15 @@ def descriptions_of() -> dict[str, str]:
         "## PostgreSQL: deadlock storm": (
             "8 threads, 8 accounts: a transfer locks one account (`with_row_locks`), sleeps "
             "2 ms, locks the other, moves money; `@transactional(attempts=1000, timeout=30)` "
-            "retries. Fixed order: lower id first (no deadlocks). The lock_timeout variants "
-            "wrap the transfer's body in `locksafe.lock_timeout(session, …)`, so a wait that "
-            "may be a deadlock ends as a lock timeout before PostgreSQL's deadlock detector "
-            "(deadlock_timeout = 1 s) runs, and `@transactional` retries it: around the whole "
-            "transfer, or around the second lock only (a transaction that holds no lock yet "
-            "cannot be part of a deadlock, so its first wait is left alone). The "
-            "deadlock_timeout row is a server setting (superuser), shown for contrast only."
+            "retries. Fixed order: lower id first (no deadlocks; the baseline runs without "
+            "the early bound). `@transactional`'s defaults include `early_lock_timeout=0.02`: "
+            "on PostgreSQL every attempt but the last bounds its lock waits to 20 ms, doubled "
+            "per attempt, so a deadlock ends as a lock timeout, retried, long before "
+            "PostgreSQL's deadlock detector (deadlock_timeout = 1 s) runs. For contrast, "
+            "without it (`early_lock_timeout=None`), and the user's own "
+            "`locksafe.lock_timeout(session, …)` around the whole transfer or around the "
+            "second lock only. The deadlock_timeout row is a server setting (superuser), shown "
+            "for contrast only."
         ),
         "## MariaDB: deadlock storm": (
             "As on PostgreSQL; InnoDB detects deadlocks at once, so no lock_timeout variant "

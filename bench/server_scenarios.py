@@ -265,6 +265,8 @@ class StormVariant:
     wait_max: float = 2.0
     #: connect_args for the engine (a server setting per connection, for contrast rows).
     connect_args: dict[str, Any] | None = None
+    #: more ``@transactional`` options (``{"early_lock_timeout": None}``: stock retries).
+    options: dict[str, Any] | None = None
 
 
 def run_storm(url: URL, variant: StormVariant, *, threads: int, seconds: float) -> Result:
@@ -312,6 +314,7 @@ def run_storm(url: URL, variant: StormVariant, *, threads: int, seconds: float) 
         wait_initial=variant.wait_initial,
         wait_max=variant.wait_max,
         on_retry=retries,
+        **(variant.options or {}),
     )
     def transfer(
         first: int,

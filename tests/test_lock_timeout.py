@@ -450,11 +450,12 @@ def test_transactional_timeout_is_a_deadline_for_a_blocked_lock_wait(cell: Cell,
 
 
 def test_transactional_never_loosens_a_tighter_bound(cell: Cell) -> None:
-    """``timeout=30`` on connections bounded to 1 s keeps 1 s inside the call."""
+    """``timeout=30`` on connections bounded to 1 s keeps 1 s inside the call (the deadline
+    alone: PostgreSQL's early bound, tighter still, is in test_deadlock_storm.py)."""
     engine = bounded_engine(cell, 1)
     setting = setting_of(cell)
 
-    @locksafe.transactional(timeout=30)
+    @locksafe.transactional(timeout=30, early_lock_timeout=None)
     def inside(*, session: Session) -> float:
         return current(session, setting)
 
@@ -516,14 +517,15 @@ def set_own_bound(cell: Cell, engine: Any, seconds: int) -> None:
 
 def deadline_calls(cell: Cell, engine: Any, timeout: float, calls: int) -> list[float]:
     """``calls`` calls of a ``@transactional(timeout=timeout)`` function (the ``async def`` one
-    on async cells), each in a new session, one attempt each; the bound each saw inside."""
+    on async cells), each in a new session, one attempt each; the bound each saw inside (the
+    deadline alone: PostgreSQL's early bound is in test_deadlock_storm.py)."""
     setting = setting_of(cell)
 
-    @locksafe.transactional(timeout=timeout)
+    @locksafe.transactional(timeout=timeout, early_lock_timeout=None)
     def inside(*, session: Session) -> float:
         return current(session, setting)
 
-    @locksafe.transactional(timeout=timeout)
+    @locksafe.transactional(timeout=timeout, early_lock_timeout=None)
     async def inside_async(*, session: AsyncSession) -> float:
         return await session.run_sync(current, setting)
 

@@ -189,11 +189,14 @@ def _conflict_round(cell: Cell, variant: str) -> None:
         conflicting_step(cell, session, mine, theirs, attempts[mine] == 1, barrier)
         return f"{mine}->{theirs}"
 
-    @transactional(attempts=10, on_retry=seen.append)
+    # The server's own deadlock detection: without early_lock_timeout, PostgreSQL's deadlock
+    # ends with one victim, as MariaDB's does (with it, both waits may end as lock timeouts,
+    # and each loser here would wait for the other to finish: test_deadlock_storm.py covers it).
+    @transactional(attempts=10, on_retry=seen.append, early_lock_timeout=None)
     def transfer_sync(mine: int, theirs: int, *, session: Session) -> str:
         return step(session, mine, theirs)
 
-    @transactional(attempts=10, on_retry=seen.append)
+    @transactional(attempts=10, on_retry=seen.append, early_lock_timeout=None)
     async def transfer_async(mine: int, theirs: int, *, session: AsyncSession) -> str:
         return await session.run_sync(step, mine, theirs)
 

@@ -255,11 +255,17 @@ class LockTimeout:
         *,
         only_lower: bool = False,
         strict: bool = True,
+        early: float | None = None,
     ) -> None:
         self._sync, self._async = _resolve(bind)
         self._seconds = seconds
         self._only_lower = only_lower
         self._strict = strict
+        #: @transactional's early bound (seconds), on servers whose deadlock detection is
+        #: delayed (:func:`lock_waits_until`).
+        self._early = early
+        #: Called when the early bound applies to a connection of this block.
+        self.on_early: Callable[[], object] | None = None
         self._session: Session | None = None
         self._applied: list[_Applied] = []
         self._entered = False
@@ -341,6 +347,12 @@ class LockTimeout:
             return
         assert setting is not None
         seconds = self._seconds() if callable(self._seconds) else self._seconds
+        if self._early is not None and support is not None and support.deadlock_detection_delayed:
+            seconds = min(seconds, self._early)
+            if self.on_early is not None:
+                self.on_early()
+        if not math.isfinite(seconds):
+            return  # no deadline, no early bound: nothing to bound
         wanted = setting.value(max(0.0, seconds), conn.dialect)
         in_one = setting.read_and_set
         if in_one is not None and self._in_one_statement(conn, setting, wanted):
@@ -508,9 +520,16 @@ def lock_timeout(
     return LockTimeout(session_or_connection, _check_seconds(seconds))
 
 
-def lock_waits_until(session: object, deadline: float) -> LockTimeout:
+def lock_waits_until(session: object, deadline: float, early: float | None = None) -> LockTimeout:
     """For :func:`~locksafe.transactional`: bound the lock waits of ``session``'s connections
-    to the time left until ``deadline`` (``time.monotonic()``), when that is tighter than
-    their setting; nothing on a dialect that locksafe cannot bound. Setting back never
-    raises (a failure is logged; the pool sets the value back, or discards the connection)."""
-    return LockTimeout(session, lambda: deadline - time.monotonic(), only_lower=True, strict=False)
+    to the time left until ``deadline`` (``time.monotonic()``, ``math.inf``: none), when that
+    is tighter than their setting; nothing on a dialect that locksafe cannot bound. Setting
+    back never raises (a failure is logged; the pool sets the value back, or discards the
+    connection).
+
+    ``early`` (seconds): tighter still, on a server whose deadlock detection is delayed
+    (``DialectSupport.deadlock_detection_delayed``): an attempt's early bound, so that a
+    deadlock ends as a lock timeout before the server's detector runs."""
+    return LockTimeout(
+        session, lambda: deadline - time.monotonic(), only_lower=True, strict=False, early=early
+    )

@@ -306,6 +306,23 @@ def _timeout(value: object) -> float:
     return seconds
 
 
+#: How much longer each early attempt's lock waits may last than the one before (×2 and ×4
+#: measured: bench/storm_options.py).
+_EARLY_GROWTH = 2.0
+
+
+def _early_lock_timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    seconds = _number("early_lock_timeout", value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(
+            f"early_lock_timeout={value!r} must be a finite number of seconds > 0, or None "
+            "(no early bound)"
+        )
+    return seconds
+
+
 def _retry_rule(
     retry_on: Callable[[BaseException], bool] | Collection[LockErrorKind] | None,
 ) -> Callable[[BaseException], bool]:
@@ -341,9 +358,11 @@ class _Policy:
         wait_max: float,
         retry_after: float | None,
         operation: str,
+        early_lock_timeout: float | None = None,
     ) -> None:
         self.attempts = _attempts(attempts)
         self.timeout = _timeout(timeout)
+        self.early_lock_timeout = _early_lock_timeout(early_lock_timeout)
         wait_initial = _seconds("wait_initial", wait_initial)
         wait_max = _seconds("wait_max", wait_max)
         if wait_initial > wait_max:
@@ -363,6 +382,18 @@ class _Policy:
         )
         self.wait_initial = wait_initial
         self.wait_max = wait_max
+
+    def early_bound(self, attempt: int) -> float | None:
+        """The early bound of attempt number ``attempt`` (seconds; ``None``: none):
+        ``early_lock_timeout``, doubled each attempt; none on the last attempt, which waits
+        as long as the ``timeout`` allows, nor once it would reach the ``timeout``."""
+        if self.early_lock_timeout is None or attempt >= self.attempts:
+            return None
+        try:
+            bound = self.early_lock_timeout * _EARLY_GROWTH ** (attempt - 1)
+        except OverflowError:
+            return None
+        return bound if bound < self.timeout else None
 
     def wait(self, attempt: int) -> float:
         """Seconds to sleep after attempt number ``attempt`` failed: full jitter, uniform
@@ -511,6 +542,10 @@ class _Call:
         #: says: a COMMIT with an unknown outcome, work after a commit, misuse, an error of a
         #: call that joined its caller's transaction.
         self.settled: BaseException | None = None
+        #: The current attempt's early lock-wait bound (seconds), where it applied.
+        self.early: float | None = None
+        #: The next attempt is the last (the early bound cut a wait short near the deadline).
+        self.final = False
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -539,6 +574,7 @@ class _Call:
         while True:
             self.attempts += 1
             self.settled = None
+            self.early = None
             try:
                 return await self.attempt(session)
             except Exception as exc:
@@ -548,6 +584,14 @@ class _Call:
             if not self.retries(error):
                 raise error
             wait = policy.wait(self.attempts)
+            if (
+                self.attempts < policy.attempts
+                and self.elapsed() + wait >= policy.timeout
+                and self.cut_short(error)
+            ):
+                # the early bound ended a wait that the deadline allowed: the time left is
+                # the last attempt's, at once, without the early bound (as if it had waited)
+                wait, self.final = 0.0, True
             if self.attempts >= policy.attempts or self.elapsed() + wait >= policy.timeout:
                 unavailable = self.gave_up(error)
                 if unavailable is error:
@@ -555,6 +599,16 @@ class _Call:
                 raise unavailable from error
             self.before_sleep(error, wait)
             await self.steps.sleep(wait)
+
+    def cut_short(self, error: Exception) -> bool:
+        """Whether ``error`` is a lock wait the attempt's early bound ended while the call's
+        ``timeout`` had time left."""
+        return (
+            self.early is not None
+            and not self.final
+            and classify_raised(error) is LockErrorKind.LOCK_TIMEOUT
+            and self.elapsed() < self.policy.timeout
+        )
 
     def retries(self, error: Exception) -> bool:
         """Whether the call runs again after ``error``: never an error this attempt settled,
@@ -646,10 +700,15 @@ class _Call:
     def lock_waits(self, session: Any) -> Any:
         """The deadline, for one attempt on ``session``: its lock waits end when the call's
         ``timeout`` does (:func:`~locksafe.lock_timeout`, where that is tighter than the
-        connection's own bound)."""
-        if not math.isfinite(self.policy.timeout):
+        connection's own bound), and on a server whose deadlock detection is delayed, before
+        the last attempt, after the attempt's early bound (:meth:`_Policy.early_bound`)."""
+        early = None if self.final else self.policy.early_bound(self.attempts)
+        if not math.isfinite(self.policy.timeout) and early is None:
             return contextlib.nullcontext()
-        return lock_waits_until(session, self.started + self.policy.timeout)
+        block = lock_waits_until(session, self.started + self.policy.timeout, early)
+        if early is not None:
+            block.on_early = lambda: setattr(self, "early", early)
+        return block
 
     def exit_error(self, exc: BaseException, body_error: BaseException | None) -> BaseException:
         """What to raise when the transaction block raised ``exc``; ``body_error`` is what the
@@ -700,7 +759,11 @@ class _Call:
             operation=self.policy.operation,
         )
         what = details.kind.value if details.kind is not None else type(error).__name__
-        log.warning(
+        early = self.early is not None and details.kind is LockErrorKind.LOCK_TIMEOUT
+        if early:  # expected, cheap, and many under contention: not a warning
+            what += f" (its early bound, {self.early:.3f}s: a possible deadlock)"
+        log.log(
+            logging.INFO if early else logging.WARNING,
             "%s: attempt %d failed with %s after %.3fs; retrying in %.3fs",
             details.operation,
             details.attempt,
@@ -1121,6 +1184,7 @@ def transactional(
     wait_initial: float = 0.05,
     wait_max: float = 2.0,
     retry_after: float | None = None,
+    early_lock_timeout: float | None = 0.02,
 ) -> Callable[[Callable[P, T]], Callable[P, T]]: ...
 
 
@@ -1136,6 +1200,7 @@ def transactional(
     wait_initial: float = 0.05,
     wait_max: float = 2.0,
     retry_after: float | None = None,
+    early_lock_timeout: float | None = 0.02,
 ) -> Any:
     """Run a function in one atomic transaction, retried on lock errors.
 
@@ -1195,6 +1260,22 @@ def transactional(
     (:func:`~locksafe.lock_timeout`, where that is tighter than the connection's own bound), so
     a call blocked on a held lock ends within about ``timeout`` (MySQL/MariaDB: whole seconds).
 
+    ``early_lock_timeout`` (seconds; ``None``: off) is for servers that look for a deadlock
+    only after a lock wait has lasted a while (PostgreSQL: ``deadlock_timeout``, 1 s by
+    default; elsewhere it changes nothing): every attempt but the last bounds its lock waits to
+    ``early_lock_timeout`` on the first attempt, doubled on each next one, so that a deadlock
+    ends as a lock timeout, retried, instead of lasting a second. The last attempt waits as
+    before (only ``timeout`` bounds it; and an early bound never makes the call give up before
+    its deadline), so a legitimate long wait costs a few quick retries, and succeeds as
+    before; with ``attempts=1`` there is no early bound. Inside a
+    :func:`~locksafe.lock_timeout` block of the function, that block's bound applies. Such
+    retries are logged at INFO, not WARNING (``on_retry`` sees them as any other):
+
+    .. code-block:: python
+
+        @transactional(early_lock_timeout=0.05)  # 50 ms, 100 ms, 200 ms, 400 ms, then no bound
+        def transfer(src: int, dst: int, *, session: Session) -> None: ...
+
     Backoff is exponential with full jitter between ``wait_initial`` and ``wait_max`` seconds
     (tenacity's ``wait_random_exponential``); :func:`set_testing` makes it zero. ``retry_on``
     is a predicate or a collection of :class:`~locksafe.LockErrorKind`; ``on_retry`` receives
@@ -1219,6 +1300,7 @@ def transactional(
         wait_max=wait_max,
         retry_after=retry_after,
         operation="",
+        early_lock_timeout=early_lock_timeout,
     )
     _check_sessionmaker(sessionmaker, "", is_async=False, kind=False)
 

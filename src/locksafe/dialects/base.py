@@ -61,6 +61,7 @@ class LockRequest(Protocol):
 
 Code = str | int
 
+
 @dataclass(frozen=True)
 class ErrorContext:
     """What classification knows about one driver exception, handed to a table's ``refine``."""
@@ -225,9 +226,15 @@ class DialectSupport:
     #: COMMIT after one would commit only the work done after the error, so locksafe refuses
     #: it (:class:`~locksafe.TransactionAborted`).
     transaction_rollback_codes: frozenset[Code] = frozenset()
+    #: Whether the server looks for a deadlock only after a lock wait has lasted a while
+    #: (PostgreSQL: ``deadlock_timeout``, 1 s by default), so that every deadlock costs that
+    #: long. Then ``@transactional`` bounds the lock waits of every attempt but the last to a
+    #: short ``early_lock_timeout``, doubled per attempt: a deadlock ends as a lock timeout,
+    #: retried, well before the server's detector runs. ``False`` (the default):
+    #: lock waits are left to the server (InnoDB detects deadlocks at once).
+    deadlock_detection_delayed: bool = False
     #: Extra facts for the docs.
     notes: str = ""
-
 
 
 # -- named locks -----------------------------------------------------------------------------
@@ -270,7 +277,6 @@ class NamedLockSupport:
     @property
     def polls(self) -> bool:
         return self.attempt is not None
-
 
 
 # -- code readers shared by several dialect modules ------------------------------------------
@@ -376,5 +382,3 @@ def end_own_transaction(connection: Connection) -> None:
     dbapi_connection = connection.connection.dbapi_connection
     if dbapi_connection is not None:
         dbapi_connection.commit()
-
-

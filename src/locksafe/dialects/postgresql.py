@@ -231,7 +231,6 @@ _PG_LOWER: Final = (
 )
 
 
-
 def _read_and_set(
     conn: Connection,
     setting: LockWaitSetting,
@@ -275,6 +274,9 @@ SUPPORT = DialectSupport(
     # ignored until end of transaction block", 25P02) until ROLLBACK or ROLLBACK TO SAVEPOINT;
     # COMMIT then answers ROLLBACK, and no driver raises.
     errors_abort_transaction=True,
+    # A waiting transaction looks for a deadlock only after deadlock_timeout (1 s by default;
+    # a superuser setting).
+    deadlock_detection_delayed=True,
     documented_versions=(("PostgreSQL ≥ 9.5", "postgresql", (15, 0)),),
     notes=(
         "Any error aborts a PostgreSQL transaction, and a later COMMIT silently rolls it back: "
@@ -286,8 +288,6 @@ SUPPORT = DialectSupport(
 
 
 # -- named locks (locksafe.named_lock): advisory locks ------------------------------------------
-
-
 
 
 #: ``connection_record.info`` key: ``current_database()``, read once per DB-API connection.
