@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
@@ -57,6 +58,7 @@ from locksafe import (
     try_named_lock,
 )
 from locksafe._steps import Call, Sleep, Steps, run_async, run_sync
+from locksafe.dialects import named_lock_support_for
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -442,7 +444,7 @@ class MigrationLock:
         return self
 
     def _take_steps(self, connection: Connection) -> Steps[NamedLock | TryNamedLock]:
-        """One try; then (unless ``timeout=0``) the wait: polled on
+        """One try; then (unless ``timeout=0``) a line in the log, and the wait: polled on
         PostgreSQL (a waiter blocked in the server would hold a snapshot) and SQLite (a lock
         file), in the server's waits of at most ``MYSQL_WAIT_CHUNK`` on MySQL / MariaDB."""
         first = try_named_lock(connection, self.name, timeout=0, scope="session")
@@ -450,6 +452,15 @@ class MigrationLock:
             return first
         if self.timeout == 0:
             raise self._timed_out()
+        holder = yield Call(_who_holds, connection, first.key)
+        log.info(
+            "waiting for the migration lock %s (%s), held by %s: %s is running elsewhere; %s",
+            _short(self.name),
+            _describe(connection, first.key),
+            holder or "another process or connection",
+            self._holder,
+            "no time limit" if self.timeout is None else f"timeout={self.timeout:g} s",
+        )
         dialect = connection.dialect.name
         if dialect in ("mysql", "mariadb"):
             lock: NamedLock | TryNamedLock = yield from self._wait_on_server(connection)
@@ -457,6 +468,11 @@ class MigrationLock:
             lock = yield from self._poll(connection, POLL_FIRST, POLL_MAX)
         else:
             lock = yield from self._poll(connection, LOCAL_POLL_FIRST, LOCAL_POLL_MAX)
+        log.info(
+            "got the migration lock %s after waiting %.2f s",
+            _short(self.name),
+            time.monotonic() - self._started,
+        )
         return lock
 
     def _poll(self, connection: Connection, first: float, longest: float) -> Steps[TryNamedLock]:
@@ -478,9 +494,10 @@ class MigrationLock:
             lock = named_lock(connection, self.name, timeout=wait, scope="session")
             try:
                 yield Call(_enter, lock)
-            except LockUnavailable as error:
+            except LockUnavailable:
                 if self._time_left() is None:
-                    raise self._timed_out() from error
+                    # not the chunk's "retry after 1s": this error says what to do
+                    raise self._timed_out() from None
                 continue
             return lock
 
@@ -556,6 +573,62 @@ def _leave(
     tb: TracebackType | None,
 ) -> None:
     lock.__exit__(exc_type, exc, tb)
+
+
+def _describe(connection: Connection, key: Hashable) -> str:
+    """What is locked: the advisory key, the ``GET_LOCK`` name, the lock file."""
+    support = named_lock_support_for(connection.dialect.name)
+    return repr(key) if support is None else support.describe(key)
+
+
+#: PostgreSQL: the session that holds an advisory lock (``pg_locks`` shows the int64 key as
+#: ``classid`` (high half) and ``objid`` (low half), ``objsubid`` 1).
+_PG_HOLDER = text(
+    "SELECT a.pid, a.usename, a.application_name, CAST(a.client_addr AS TEXT)"
+    " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND CAST(l.classid AS BIGINT) = :hi AND CAST(l.objid AS BIGINT) = :lo"
+)
+
+
+def _who_holds(bind: object, connection: Connection, key: Hashable) -> str | None:
+    """Who holds the lock, as far as the server tells (PostgreSQL: ``pg_locks`` and
+    ``pg_stat_activity``; MySQL / MariaDB: ``IS_USED_LOCK`` and the process list); None when it
+    cannot (a lock file does not say; a privilege is missing; it was let go meanwhile)."""
+    dialect = connection.dialect.name
+    try:
+        if dialect == "postgresql" and isinstance(key, int):
+            unsigned = key & 0xFFFFFFFFFFFFFFFF
+            params = {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF}
+            row = connection.execute(_PG_HOLDER, params).first()
+            if row is None:
+                return None
+            pid, user, application, client = row
+            details = [
+                f"user {user!r}" if user else "",
+                f"application {application!r}" if application else "",
+                f"from {client}" if client else "",
+            ]
+            return _with_details(f"PostgreSQL backend pid {pid}", details)
+        if dialect in ("mysql", "mariadb"):
+            owner = connection.execute(text("SELECT IS_USED_LOCK(:key)"), {"key": key}).scalar()
+            if owner is None:
+                return None
+            row = connection.execute(
+                text("SELECT USER, HOST FROM information_schema.PROCESSLIST WHERE ID = :id"),
+                {"id": owner},
+            ).first()
+            details = [] if row is None else [f"user {row[0]!r}", f"from {row[1]}"]
+            return _with_details(f"connection id {owner}", details)
+    except Exception:  # who holds it is only for the log: never a reason to fail
+        log.debug("could not tell who holds the migration lock", exc_info=True)
+    return None
+
+
+def _with_details(what: str, details: list[str]) -> str:
+    shown = [detail for detail in details if detail]
+    return f"{what} ({', '.join(shown)})" if shown else what
 
 
 def migration_lock(
