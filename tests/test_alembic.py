@@ -73,10 +73,11 @@ def unique(prefix: str = "mig") -> str:
 # -- the docs' code blocks -------------------------------------------------------------------
 
 
-def docs_block(marker: str) -> str:
-    """The ```python block that follows ``<!-- marker`` in docs/migrations.md."""
+def docs_block(marker: str, language: str = "python") -> str:
+    """The fenced block (```python, or ``language``) that follows ``<!-- marker`` in
+    docs/migrations.md."""
     page = DOCS.read_text(encoding="utf-8")
-    found = re.search(rf"<!-- {re.escape(marker)}[^\n]*-->\n```python\n(.*?)```", page, re.S)
+    found = re.search(rf"<!-- {re.escape(marker)}[^\n]*-->\n```{language}\n(.*?)```", page, re.S)
     assert found, f"no block marked {marker!r} in {DOCS}"
     return found.group(1)
 
@@ -329,6 +330,48 @@ def test_the_shared_connection_recipe(cell: Cell, tmp_path: Path, cleanup: None)
         assert lock.acquired
     assert free(cell)
     assert database_state(cell)["applied"] == [(revision, 1, 1) for revision in REVISIONS]
+
+
+@pytest.mark.cells("sqlite+pysqlite", "sqlite+aiosqlite")
+def test_the_recipes_lock_timeout_option(cell: Cell, tmp_path: Path, cleanup: None) -> None:
+    """``-x lock_timeout=``: a value that is not seconds stops the run with Alembic's one-line
+    ``FAILED:``, not a traceback, and runs nothing; ``none`` waits without a limit (the log
+    says so) and runs once the lock is free. With the docs' ``[logger_locksafe]`` in
+    ``alembic.ini``, the wait is in the run's output: one line when it starts, one when it
+    ends."""
+    project = make_project(tmp_path, cell)
+    for bad in ("5m", "-1", "inf"):
+        [(code, err)] = finish(
+            launch(cell, project, 1, "-x", f"lock_timeout={bad}", "upgrade", "head")
+        )
+        assert code != 0, err
+        assert "Traceback" not in err, err
+        assert f"-x lock_timeout={bad!r}: give seconds" in err, err
+        assert database_state(cell) == {"alembic_version": None}
+
+    logger = docs_block("alembic.ini: locksafe logger", "ini")
+    ini = (project / "alembic.ini").read_text(encoding="utf-8")
+    ini = ini.replace("keys = root,alembic\n", "keys = root,alembic,locksafe\n") + "\n" + logger
+    (project / "alembic.ini").write_text(ini, encoding="utf-8")
+    with holding(cell):
+        forever = launch(cell, project, 1, "-x", "lock_timeout=none", "upgrade", "head")
+        wait_ready(forever[1])
+        time.sleep(1.0)
+        assert forever[0].poll() is None  # still waiting ...
+        assert database_state(cell) == {"alembic_version": None}  # ... and nothing ran
+    [(code, err)] = finish(forever)
+    assert code == 0, err
+    assert database_state(cell)["applied"] == [(revision, 1, 1) for revision in REVISIONS]
+    waits = [line for line in err.splitlines() if line.startswith("INFO locksafe.alembic ")]
+    assert len(waits) == 2, err
+    assert waits[0].startswith("INFO locksafe.alembic waiting for the migration lock 'alembic'")
+    assert waits[0].endswith("a migration is running elsewhere; no time limit"), waits[0]
+    got = re.fullmatch(
+        r"INFO locksafe.alembic got the migration lock 'alembic' after waiting (\d+\.\d\d) s",
+        waits[1],
+    )
+    assert got, waits[1]
+    assert 0 < float(got.group(1)) < JOIN
 
 
 # -- holding the lock in this process -------------------------------------------------------
