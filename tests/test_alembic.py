@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,10 +73,11 @@ def unique(prefix: str = "mig") -> str:
 # -- the docs' code blocks -------------------------------------------------------------------
 
 
-def docs_block(marker: str) -> str:
-    """The ```python block that follows ``<!-- marker`` in docs/migrations.md."""
+def docs_block(marker: str, language: str = "python") -> str:
+    """The fenced block (```python, or ``language``) that follows ``<!-- marker`` in
+    docs/migrations.md."""
     page = DOCS.read_text(encoding="utf-8")
-    found = re.search(rf"<!-- {re.escape(marker)}[^\n]*-->\n```python\n(.*?)```", page, re.S)
+    found = re.search(rf"<!-- {re.escape(marker)}[^\n]*-->\n```{language}\n(.*?)```", page, re.S)
     assert found, f"no block marked {marker!r} in {DOCS}"
     return found.group(1)
 
@@ -327,6 +330,48 @@ def test_the_shared_connection_recipe(cell: Cell, tmp_path: Path, cleanup: None)
         assert lock.acquired
     assert free(cell)
     assert database_state(cell)["applied"] == [(revision, 1, 1) for revision in REVISIONS]
+
+
+@pytest.mark.cells("sqlite+pysqlite", "sqlite+aiosqlite")
+def test_the_recipes_lock_timeout_option(cell: Cell, tmp_path: Path, cleanup: None) -> None:
+    """``-x lock_timeout=``: a value that is not seconds stops the run with Alembic's one-line
+    ``FAILED:``, not a traceback, and runs nothing; ``none`` waits without a limit (the log
+    says so) and runs once the lock is free. With the docs' ``[logger_locksafe]`` in
+    ``alembic.ini``, the wait is in the run's output: one line when it starts, one when it
+    ends."""
+    project = make_project(tmp_path, cell)
+    for bad in ("5m", "-1", "inf"):
+        [(code, err)] = finish(
+            launch(cell, project, 1, "-x", f"lock_timeout={bad}", "upgrade", "head")
+        )
+        assert code != 0, err
+        assert "Traceback" not in err, err
+        assert f"-x lock_timeout={bad!r}: give seconds" in err, err
+        assert database_state(cell) == {"alembic_version": None}
+
+    logger = docs_block("alembic.ini: locksafe logger", "ini")
+    ini = (project / "alembic.ini").read_text(encoding="utf-8")
+    ini = ini.replace("keys = root,alembic\n", "keys = root,alembic,locksafe\n") + "\n" + logger
+    (project / "alembic.ini").write_text(ini, encoding="utf-8")
+    with holding(cell):
+        forever = launch(cell, project, 1, "-x", "lock_timeout=none", "upgrade", "head")
+        wait_ready(forever[1])
+        time.sleep(1.0)
+        assert forever[0].poll() is None  # still waiting ...
+        assert database_state(cell) == {"alembic_version": None}  # ... and nothing ran
+    [(code, err)] = finish(forever)
+    assert code == 0, err
+    assert database_state(cell)["applied"] == [(revision, 1, 1) for revision in REVISIONS]
+    waits = [line for line in err.splitlines() if line.startswith("INFO locksafe.alembic ")]
+    assert len(waits) == 2, err
+    assert waits[0].startswith("INFO locksafe.alembic waiting for the migration lock 'alembic'")
+    assert waits[0].endswith("a migration is running elsewhere; no time limit"), waits[0]
+    got = re.fullmatch(
+        r"INFO locksafe.alembic got the migration lock 'alembic' after waiting (\d+\.\d\d) s",
+        waits[1],
+    )
+    assert got, waits[1]
+    assert 0 < float(got.group(1)) < JOIN
 
 
 # -- holding the lock in this process -------------------------------------------------------
@@ -604,6 +649,81 @@ def test_timeouts_the_message_and_the_wait(cell: Cell) -> None:
     assert error is None
     assert finished - released < 0.5 + SLACK  # PostgreSQL: at most one poll (0.5 s) late
     assert attempt(cell, name)[0] is None
+
+
+def _wait_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "locksafe.alembic" and r.levelno >= logging.INFO]
+
+
+@pytest.mark.cells(
+    "sqlite+pysqlite",
+    "sqlite+aiosqlite",
+    "postgresql+psycopg2",
+    "postgresql+asyncpg",
+    "mysql+pymysql",
+    "mysql+aiomysql",
+)
+def test_a_wait_is_logged_with_who_holds_the_lock_and_how_long_it_took(
+    cell: Cell, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run that finds the lock taken says so once, at INFO on ``locksafe.alembic`` (the lock,
+    its holder as the server tells it), however many tries the wait takes, and once more when it
+    gets the lock (how long it waited); a run that does not wait says nothing."""
+    caplog.set_level(logging.INFO, logger="locksafe.alembic")
+    name = unique()
+    box: list[Any] = []
+    with holding(cell, name) as holder:
+        session = holder_session(cell, holder.key) if cell.backend in SERVER else None
+        error, _ = attempt(cell, name, timeout=0)
+        assert isinstance(error, MigrationLockTimeout)
+        assert _wait_lines(caplog) == []  # did not wait: nothing to say
+        waiter = threading.Thread(target=lambda: box.append(attempt(cell, name, timeout=30)))
+        waiter.start()
+        deadline = time.monotonic() + JOIN
+        while not _wait_lines(caplog) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.5)  # several polls (MySQL: server waits of 1 s): still one line
+        assert not box  # waiting
+    waiter.join(JOIN)
+    assert box[0][0] is None
+    lines = _wait_lines(caplog)
+    assert [r.levelno for r in lines] == [logging.INFO, logging.INFO], lines
+    waiting, got = (r.getMessage() for r in lines)
+    print(f"\n[migration-lock log] {cell.name:28} {waiting}\n{' ' * 50}{got}")
+    assert waiting.startswith(f"waiting for the migration lock {name!r} (")
+    assert waiting.endswith("a migration is running elsewhere; timeout=30 s")
+    if cell.backend == "postgresql":
+        assert session is not None
+        assert f"(advisory lock key {holder.key}), held by PostgreSQL backend pid " in waiting
+        assert f" pid {session['id']} (user " in waiting
+    elif cell.backend in SERVER:
+        assert session is not None
+        assert f"held by connection id {session['id']} (user " in waiting
+    else:
+        path, _ = holder.key
+        assert path.endswith(".lock")
+        assert f"(lock file {path!r}), held by another process or connection" in waiting
+    found = re.fullmatch(
+        rf"got the migration lock {re.escape(repr(name))} after waiting (.+) s", got
+    )
+    assert found, got
+    assert 1.5 <= float(found.group(1)) < 1.5 + SLACK
+
+
+@pytest.mark.cells("sqlite+pysqlite", "postgresql+psycopg2", "mysql+pymysql", "mysql+aiomysql")
+@pytest.mark.parametrize("timeout", [0, 0.3])
+def test_the_timeout_error_comes_without_a_misleading_cause(cell: Cell, timeout: float) -> None:
+    """MigrationLockTimeout says what to do (run again later, or wait longer); it is not chained
+    to the inner error of one try, whose "retry after 1s" would contradict it."""
+    name = unique()
+    with holding(cell, name):
+        error, _ = attempt(cell, name, timeout=timeout)
+    assert isinstance(error, MigrationLockTimeout)
+    assert error.__cause__ is None
+    shown = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    assert shown.count("Traceback (most recent call last)") == 1, shown
+    assert "retry after" not in shown, shown
+    assert "run again once it has finished" in shown
 
 
 def test_given_back_when_the_block_raises(cell: Cell) -> None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, TypeVar
 
 __all__ = ["Call", "Sleep", "Steps", "run_async", "run_sync"]
@@ -48,40 +49,64 @@ class Sleep:
 Steps = Generator["Call | Sleep", Any, T]
 
 
+class _Driver:
+    """What both drivers share: iterating gives the generator's steps, each after the generator
+    was sent the last one's result (:attr:`send`) or thrown its error (a ``with driver:``
+    block around a step catches it: handed to the generator, which decides); :attr:`result`
+    is what the generator returned."""
+
+    def __init__(self, steps: Steps[Any]) -> None:
+        self._steps = steps
+        self._error: BaseException | None = None
+        self.send: Any = None
+        self.result: Any = None
+
+    def __iter__(self) -> Iterator[Call | Sleep]:
+        while True:
+            try:
+                if self._error is not None:
+                    step = self._steps.throw(self._error)
+                else:
+                    step = self._steps.send(self.send)
+            except StopIteration as stop:
+                self.result = stop.value
+                return
+            self.send, self._error = None, None
+            yield step
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._error = exc
+        return True
+
+
 def run_sync(steps: Steps[T], bind: Any) -> T:
     """Run ``steps`` with a sync ``bind``; returns what the generator returns."""
-    send: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = steps.throw(error) if error is not None else steps.send(send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        send, error = None, None
-        try:
+    driver = _Driver(steps)
+    for step in driver:
+        with driver:
             if isinstance(step, Sleep):
                 time.sleep(step.seconds)
             else:
-                send = step.fn(bind, *step.args)
-        except BaseException as raised:  # handed to the generator, which decides
-            error = raised
+                driver.send = step.fn(bind, *step.args)
+    return driver.result  # type: ignore[no-any-return]
 
 
 async def run_async(steps: Steps[T], bind: Any) -> T:
     """Run ``steps`` with an async ``bind`` (``AsyncConnection`` / ``AsyncSession``: each
     :class:`Call` goes through its ``run_sync``)."""
-    send: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = steps.throw(error) if error is not None else steps.send(send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        send, error = None, None
-        try:
+    driver = _Driver(steps)
+    for step in driver:
+        with driver:
             if isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
             else:
-                send = await bind.run_sync(step.fn, *step.args)
-        except BaseException as raised:
-            error = raised
+                driver.send = await bind.run_sync(step.fn, *step.args)
+    return driver.result  # type: ignore[no-any-return]

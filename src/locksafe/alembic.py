@@ -30,7 +30,6 @@ application. :func:`locksafe.compat.airflow.create_global_lock` is built on the 
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 import math
@@ -44,6 +43,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
@@ -57,9 +57,11 @@ from locksafe import (
     named_lock,
     try_named_lock,
 )
+from locksafe._steps import Call, Sleep, Steps, run_async, run_sync
+from locksafe.dialects import named_lock_support_for
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "DEFAULT_NAME",
@@ -79,6 +81,10 @@ DEFAULT_NAME = "alembic"
 #: PostgreSQL: the first and the longest sleep between two tries of the advisory lock.
 POLL_FIRST = 0.05
 POLL_MAX = 0.5
+#: SQLite (a lock file): the first and the longest sleep between two tries, as
+#: :func:`locksafe.named_lock` polls it.
+LOCAL_POLL_FIRST = 0.001
+LOCAL_POLL_MAX = 0.05
 #: MySQL / MariaDB: the longest single ``GET_LOCK`` wait. The server wakes a waiter the moment
 #: the lock is free, but a C driver (mysqlclient, the MariaDB connector) blocked in it does not
 #: see a ``KeyboardInterrupt`` until it returns: the wait is made of waits this long.
@@ -273,7 +279,7 @@ class MigrationLock:
         self.key: Hashable | None = None
         self._entered = False
         self._started = 0.0
-        self._dedicated: Any = None
+        self._dedicated: Connection | None = None
         self._discard = False
         self._lock: NamedLock | TryNamedLock | None = None
         self._holding: _Holding | None = None
@@ -285,7 +291,17 @@ class MigrationLock:
 
     # -- shared steps ------------------------------------------------------------------------
 
-    def _start(self, engine: Engine | AsyncEngine) -> bool:
+    def _sync_engine(self) -> Engine:
+        """The engine (an ``AsyncConnection``'s: its sync side, on which the lock's own
+        connection is made inside the ``run_sync`` of a step)."""
+        source = self._source
+        engine = source if isinstance(source, Engine) else source.engine
+        if not isinstance(engine, Engine):  # an AsyncEngine
+            engine = engine.sync_engine
+        assert isinstance(engine, Engine)
+        return engine
+
+    def _start(self, engine: Engine) -> bool:
         """Checks before taking the lock; False when this thread / task holds it already."""
         if self._entered:
             raise RuntimeError(f"{self!r} was already entered: make a new lock for each block")
@@ -355,16 +371,6 @@ class MigrationLock:
         left = self._started + self.timeout - time.monotonic()
         return left if left > 0 else None
 
-    def _chunk(self, dialect: str) -> float | None:
-        """The timeout of the next wait of a server lock: what is left (``None``: no bound),
-        at most ``MYSQL_WAIT_CHUNK`` on MySQL / MariaDB; ``0`` when the time is up."""
-        left = self._time_left()
-        if left is None:
-            return 0
-        if dialect in ("mysql", "mariadb"):
-            return min(left, MYSQL_WAIT_CHUNK)
-        return None if left == math.inf else left
-
     def _next_delay(self, step: float) -> float | None:
         """The sleep before the next try of a polled lock, or None when the time is up."""
         delay = step * random.uniform(0.5, 1.0)
@@ -386,64 +392,31 @@ class MigrationLock:
             return [f"SET SESSION wait_timeout = {MYSQL_WAIT_TIMEOUT}"]
         return []
 
-    # -- sync --------------------------------------------------------------------------------
+    # -- the steps on the database (each one a Call: a sync Connection, in ``run_sync`` for an
+    # -- AsyncConnection, so that the sync side of an async engine does its I/O on the loop) --
 
-    def _sync_engine(self) -> Engine:
-        source = self._source
-        engine = source if isinstance(source, Engine) else source.engine
-        assert isinstance(engine, Engine)
-        return engine
-
-    def _bind_sync(self, engine: Engine) -> Connection:
+    def _open(self, bind: Connection | Engine, engine: Engine) -> Connection:
         """The connection to lock on: a dedicated one (PostgreSQL, MySQL), or on SQLite, whose
         lock is a file the process locks, the caller's (an in-memory database has a single
-        connection)."""
-        dialect = engine.dialect.name
-        if dialect == "sqlite":
-            if isinstance(self._source, Connection):
-                return self._source
+        connection). ``bind``: the caller's connection (its sync side), or Airflow's engine."""
+        if engine.dialect.name == "sqlite":
+            if isinstance(bind, Connection):
+                return bind
             if isinstance(engine.pool, StaticPool) and self._session is not None:
                 # One DB-API connection for everyone: a second checkout's close would roll
                 # back the session's work.
                 connection: Connection = self._session.connection()
                 return connection
             self._dedicated = engine.connect()
-            return self._dedicated  # type: ignore[no-any-return]
-        self._dedicated = engine.connect()
+            return self._dedicated
+        self._dedicated = dedicated = engine.connect()
         self._discard = True
-        self._dedicated.execution_options(isolation_level="AUTOCOMMIT")
+        dedicated.execution_options(isolation_level="AUTOCOMMIT")
         for sql in self._keep_alive_sql(engine.dialect):
-            self._dedicated.exec_driver_sql(sql)
-        return self._dedicated  # type: ignore[no-any-return]
+            dedicated.exec_driver_sql(sql)
+        return dedicated
 
-    def _take_sync(self, bind: Connection) -> None:
-        if bind.dialect.name == "postgresql":
-            step = POLL_FIRST
-            while True:
-                attempt = try_named_lock(bind, self.name, timeout=0, scope="session")
-                if attempt.__enter__():
-                    self._lock = attempt
-                    return
-                delay = self._next_delay(step)
-                if delay is None:
-                    raise self._timed_out()
-                time.sleep(delay)
-                step = min(step * 2, POLL_MAX)
-        while True:
-            chunk = self._chunk(bind.dialect.name)
-            lock = named_lock(bind, self.name, timeout=chunk, scope="session")
-            try:
-                lock.__enter__()
-            except LockUnavailable as error:
-                if chunk is None:  # no bound: cannot run out  # pragma: no cover
-                    raise
-                if self._time_left() is None:
-                    raise self._timed_out() from error
-                continue
-            self._lock = lock
-            return
-
-    def _drop_sync(self) -> None:
+    def _drop(self, bind: object) -> None:
         dedicated, self._dedicated = self._dedicated, None
         if dedicated is None:
             return
@@ -454,22 +427,114 @@ class MigrationLock:
         except Exception:  # pragma: no cover - closing a connection that is gone
             log.warning("closing the migration lock's connection failed", exc_info=True)
 
+    # -- entering and leaving: one algorithm, run by a sync or an async driver ------------------
+
+    def _enter_steps(self) -> Steps[MigrationLock]:
+        engine = self._sync_engine()
+        if not self._start(engine):
+            return self
+        try:
+            connection = yield Call(self._open, engine)
+            self._lock = yield from self._take_steps(connection)
+        except BaseException:
+            # KeyboardInterrupt or cancellation in a wait: the server lets go with the socket
+            yield Call(self._drop)
+            raise
+        self._held()
+        return self
+
+    def _take_steps(self, connection: Connection) -> Steps[NamedLock | TryNamedLock]:
+        """One try; then (unless ``timeout=0``) a line in the log, and the wait: polled on
+        PostgreSQL (a waiter blocked in the server would hold a snapshot) and SQLite (a lock
+        file), in the server's waits of at most ``MYSQL_WAIT_CHUNK`` on MySQL / MariaDB."""
+        first = try_named_lock(connection, self.name, timeout=0, scope="session")
+        if (yield Call(_enter, first)):
+            return first
+        if self.timeout == 0:
+            raise self._timed_out()
+        holder = yield Call(_who_holds, connection, first.key)
+        log.info(
+            "waiting for the migration lock %s (%s), held by %s: %s is running elsewhere; %s",
+            _short(self.name),
+            _describe(connection, first.key),
+            holder or "another process or connection",
+            self._holder,
+            "no time limit" if self.timeout is None else f"timeout={self.timeout:g} s",
+        )
+        dialect = connection.dialect.name
+        if dialect in ("mysql", "mariadb"):
+            lock: NamedLock | TryNamedLock = yield from self._wait_on_server(connection)
+        elif dialect == "postgresql":
+            lock = yield from self._poll(connection, POLL_FIRST, POLL_MAX)
+        else:
+            lock = yield from self._poll(connection, LOCAL_POLL_FIRST, LOCAL_POLL_MAX)
+        log.info(
+            "got the migration lock %s after waiting %.2f s",
+            _short(self.name),
+            time.monotonic() - self._started,
+        )
+        return lock
+
+    def _poll(self, connection: Connection, first: float, longest: float) -> Steps[TryNamedLock]:
+        step = first
+        while True:
+            delay = self._next_delay(step)
+            if delay is None:
+                raise self._timed_out()
+            yield Sleep(delay)
+            step = min(step * 2, longest)
+            attempt = try_named_lock(connection, self.name, timeout=0, scope="session")
+            if (yield Call(_enter, attempt)):
+                return attempt
+
+    def _wait_on_server(self, connection: Connection) -> Steps[NamedLock]:
+        while True:
+            left = self._time_left()
+            wait = 0 if left is None else min(left, MYSQL_WAIT_CHUNK)
+            lock = named_lock(connection, self.name, timeout=wait, scope="session")
+            try:
+                yield Call(_enter, lock)
+            except LockUnavailable:
+                if self._time_left() is None:
+                    # not the chunk's "retry after 1s": this error says what to do
+                    raise self._timed_out() from None
+                continue
+            return lock
+
+    def _exit_steps(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Steps[None]:
+        if self.reentered or not self.acquired:
+            self.acquired = False
+            return
+        lock, self._lock = self._lock, None
+        try:
+            try:
+                if lock is not None:
+                    yield Call(_leave, lock, exc_type, exc, tb)
+            except NamedLockError:  # locksafe saw the lock gone: it says so
+                raise
+            except Exception as error:
+                raise self._lost(error) from error
+        except BaseException:
+            self._let_go()
+            yield Call(self._drop)
+            raise
+        self._let_go()
+        yield Call(self._drop)
+
+    # -- the two drivers ---------------------------------------------------------------------
+
     def __enter__(self) -> MigrationLock:
         if _is_async(self._source):
             raise TypeError(
                 "migration_lock() was given an AsyncConnection: use `async with`, or `with` on "
                 "the sync connection inside `run_sync`"
             )
-        engine = self._sync_engine()
-        if not self._start(engine):
-            return self
-        try:
-            self._take_sync(self._bind_sync(engine))
-        except BaseException:
-            self._drop_sync()  # KeyboardInterrupt in a wait: the server lets go with the socket
-            raise
-        self._held()
-        return self
+        return run_sync(self._enter_steps(), self._source)
 
     def __exit__(
         self,
@@ -477,86 +542,14 @@ class MigrationLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.reentered or not self.acquired:
-            self.acquired = False
-            return
-        lock, self._lock = self._lock, None
-        try:
-            if lock is not None:
-                lock.__exit__(exc_type, exc, tb)
-        except NamedLockError:  # locksafe saw the lock gone: it says so
-            raise
-        except Exception as error:
-            raise self._lost(error) from error
-        finally:
-            self._let_go()
-            self._drop_sync()
-
-    # -- async -------------------------------------------------------------------------------
-
-    async def _bind_async(self, engine: AsyncEngine) -> AsyncConnection:
-        if engine.dialect.name == "sqlite":
-            return self._source  # type: ignore[no-any-return]
-        self._dedicated = await engine.connect()
-        self._discard = True
-        await self._dedicated.execution_options(isolation_level="AUTOCOMMIT")
-        for sql in self._keep_alive_sql(engine.dialect):
-            await self._dedicated.exec_driver_sql(sql)
-        return self._dedicated  # type: ignore[no-any-return]
-
-    async def _take_async(self, bind: AsyncConnection) -> None:
-        if bind.dialect.name == "postgresql":
-            step = POLL_FIRST
-            while True:
-                attempt = try_named_lock(bind, self.name, timeout=0, scope="session")
-                if await attempt.__aenter__():
-                    self._lock = attempt
-                    return
-                delay = self._next_delay(step)
-                if delay is None:
-                    raise self._timed_out()
-                await asyncio.sleep(delay)
-                step = min(step * 2, POLL_MAX)
-        while True:
-            chunk = self._chunk(bind.dialect.name)
-            lock = named_lock(bind, self.name, timeout=chunk, scope="session")
-            try:
-                await lock.__aenter__()
-            except LockUnavailable as error:
-                if chunk is None:  # no bound: cannot run out  # pragma: no cover
-                    raise
-                if self._time_left() is None:
-                    raise self._timed_out() from error
-                continue
-            self._lock = lock
-            return
-
-    async def _drop_async(self) -> None:
-        dedicated, self._dedicated = self._dedicated, None
-        if dedicated is None:
-            return
-        try:
-            if self._discard:
-                await dedicated.invalidate()
-            await dedicated.close()
-        except Exception:  # pragma: no cover - closing a connection that is gone
-            log.warning("closing the migration lock's connection failed", exc_info=True)
+        run_sync(self._exit_steps(exc_type, exc, tb), self._source)
 
     async def __aenter__(self) -> MigrationLock:
         if not _is_async(self._source):
             raise TypeError(
                 f"{type(self._source).__name__} is not async: use `with migration_lock(...)`"
             )
-        engine = self._source.engine
-        if not self._start(engine):
-            return self
-        try:
-            await self._take_async(await self._bind_async(engine))
-        except BaseException:
-            await self._drop_async()
-            raise
-        self._held()
-        return self
+        return await run_async(self._enter_steps(), self._source)
 
     async def __aexit__(
         self,
@@ -564,20 +557,78 @@ class MigrationLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.reentered or not self.acquired:
-            self.acquired = False
-            return
-        lock, self._lock = self._lock, None
-        try:
-            if lock is not None:
-                await lock.__aexit__(exc_type, exc, tb)
-        except NamedLockError:  # locksafe saw the lock gone: it says so
-            raise
-        except Exception as error:
-            raise self._lost(error) from error
-        finally:
-            self._let_go()
-            await self._drop_async()
+        await run_async(self._exit_steps(exc_type, exc, tb), self._source)
+
+
+def _enter(bind: object, lock: NamedLock | TryNamedLock) -> object:
+    """Enter ``lock`` (made on a sync connection): whether it was obtained."""
+    return lock.__enter__()
+
+
+def _leave(
+    bind: object,
+    lock: NamedLock | TryNamedLock,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> None:
+    lock.__exit__(exc_type, exc, tb)
+
+
+def _describe(connection: Connection, key: Hashable) -> str:
+    """What is locked: the advisory key, the ``GET_LOCK`` name, the lock file."""
+    support = named_lock_support_for(connection.dialect.name)
+    return repr(key) if support is None else support.describe(key)
+
+
+#: PostgreSQL: the session that holds an advisory lock (``pg_locks`` shows the int64 key as
+#: ``classid`` (high half) and ``objid`` (low half), ``objsubid`` 1).
+_PG_HOLDER = text(
+    "SELECT a.pid, a.usename, a.application_name, CAST(a.client_addr AS TEXT)"
+    " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND CAST(l.classid AS BIGINT) = :hi AND CAST(l.objid AS BIGINT) = :lo"
+)
+
+
+def _who_holds(bind: object, connection: Connection, key: Hashable) -> str | None:
+    """Who holds the lock, as far as the server tells (PostgreSQL: ``pg_locks`` and
+    ``pg_stat_activity``; MySQL / MariaDB: ``IS_USED_LOCK`` and the process list); None when it
+    cannot (a lock file does not say; a privilege is missing; it was let go meanwhile)."""
+    dialect = connection.dialect.name
+    try:
+        if dialect == "postgresql" and isinstance(key, int):
+            unsigned = key & 0xFFFFFFFFFFFFFFFF
+            params = {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF}
+            row = connection.execute(_PG_HOLDER, params).first()
+            if row is None:
+                return None
+            pid, user, application, client = row
+            details = [
+                f"user {user!r}" if user else "",
+                f"application {application!r}" if application else "",
+                f"from {client}" if client else "",
+            ]
+            return _with_details(f"PostgreSQL backend pid {pid}", details)
+        if dialect in ("mysql", "mariadb"):
+            owner = connection.execute(text("SELECT IS_USED_LOCK(:key)"), {"key": key}).scalar()
+            if owner is None:
+                return None
+            row = connection.execute(
+                text("SELECT USER, HOST FROM information_schema.PROCESSLIST WHERE ID = :id"),
+                {"id": owner},
+            ).first()
+            details = [] if row is None else [f"user {row[0]!r}", f"from {row[1]}"]
+            return _with_details(f"connection id {owner}", details)
+    except Exception:  # who holds it is only for the log: never a reason to fail
+        log.debug("could not tell who holds the migration lock", exc_info=True)
+    return None
+
+
+def _with_details(what: str, details: list[str]) -> str:
+    shown = [detail for detail in details if detail]
+    return f"{what} ({', '.join(shown)})" if shown else what
 
 
 def migration_lock(

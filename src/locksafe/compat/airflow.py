@@ -38,7 +38,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -267,6 +267,19 @@ def replace_helpers(modules: Sequence[ModuleType] | None = None) -> int:
     known = getattr(helpers, "__locksafe_originals__", {})
     known.update(originals)
     helpers.__locksafe_originals__ = known  # type: ignore[attr-defined]
+    return _rebind_in_airflow(
+        {helper: (original, ours[helper]) for helper, original in known.items()}, modules
+    )
+
+
+def _rebind_in_airflow(
+    replacements: Mapping[str, tuple[object, object]],
+    modules: Sequence[ModuleType] | None = None,
+) -> int:
+    """Rebind names in every ``airflow`` module (of ``modules``, by default of ``sys.modules``)
+    that bound an original by ``from ... import`` (the name in its own globals):
+    ``replacements`` maps each name to ``(original, replacement)``; a module whose name is
+    bound to something else keeps it. Returns how many names were rebound."""
     replaced = 0
     targets = modules if modules is not None else list(sys.modules.values())
     for module in targets:
@@ -276,9 +289,9 @@ def replace_helpers(modules: Sequence[ModuleType] | None = None) -> int:
         namespace = getattr(module, "__dict__", None)
         if not isinstance(namespace, dict):
             continue
-        for helper, original in known.items():
-            if namespace.get(helper) is original:
-                namespace[helper] = ours[helper]
+        for attribute, (original, replacement) in replacements.items():
+            if namespace.get(attribute) is original:
+                namespace[attribute] = replacement
                 replaced += 1
     return replaced
 
@@ -363,16 +376,7 @@ def backfill_creation_one_at_a_time(module: ModuleType) -> bool:
 
     setattr(_create_backfill, _ORIGINAL, original)
     module._create_backfill = _create_backfill  # type: ignore[attr-defined]
-    for other in list(sys.modules.values()):  # modules that bound it before the patch
-        namespace = getattr(other, "__dict__", None)
-        name = getattr(other, "__name__", "")
-        if (
-            isinstance(namespace, dict)
-            and isinstance(name, str)
-            and name.startswith("airflow.")
-            and namespace.get("_create_backfill") is original
-        ):
-            namespace["_create_backfill"] = _create_backfill
+    _rebind_in_airflow({"_create_backfill": (original, _create_backfill)})  # bound before
     return True
 
 
@@ -403,16 +407,7 @@ def global_lock_on_every_database(module: ModuleType) -> bool:
     create_global_lock_.__module__ = __name__
     setattr(create_global_lock_, _ORIGINAL, original)
     module.create_global_lock = create_global_lock_  # type: ignore[attr-defined]
-    for other in list(sys.modules.values()):  # modules that bound it before the patch
-        namespace = getattr(other, "__dict__", None)
-        name = getattr(other, "__name__", "")
-        if (
-            isinstance(namespace, dict)
-            and isinstance(name, str)
-            and name.startswith("airflow.")
-            and namespace.get("create_global_lock") is original
-        ):
-            namespace["create_global_lock"] = create_global_lock_
+    _rebind_in_airflow({"create_global_lock": (original, create_global_lock_)})  # bound before
     return True
 
 
