@@ -889,7 +889,7 @@ def classify_section(report: Report, urls: dict[str, URL], tmp: Path) -> None:
                 row["error"],
                 row["kind"],
                 f"{row['classify_us']:.2f}",
-                f"{row['floor_us']:.2f}",
+                f"{row['walk_us']:.2f}",
                 f"{row['baseline_us']:.2f}",
             ]
         )
@@ -905,7 +905,7 @@ def classify_section(report: Report, urls: dict[str, URL], tmp: Path) -> None:
                 "error",
                 "classify →",
                 "classify µs",
-                "floor µs (see below)",
+                "full walk µs (see below)",
                 "naive check µs",
             ],
             rows,
