@@ -830,6 +830,12 @@ def overhead_section(report: Report, urls: dict[str, URL]) -> None:
                 f"{raw['compiled_cache_entries']} / {ours['compiled_cache_entries']}",
             ]
         )
+        if "hooks" in ours:
+            report.add(
+                "overhead_runs",
+                f"{name}: locksafe's hooks called directly, µs per execute: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in ours["hooks"].items()),
+            )
         runs = ", ".join(f"{x:.1f}" for x in ours["runs"])
         raw_runs = ", ".join(f"{x:.1f}" for x in raw["runs"])
         report.add(
