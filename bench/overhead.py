@@ -26,6 +26,10 @@ for every SELECT (``ExecutionContext.cache_hit``, what its ``[cached since ...]`
 shows) over ``CACHE_CALLS`` executions of statements built anew: the hit rate must be the
 same with locksafe as without.
 
+**Hooks.** In the ``locksafe`` process, locksafe's two row-lock hooks called directly with the
+arguments of a real execution (and, on SQLite, the no-op write that takes the write lock,
+alone): what locksafe's own code costs per execute, without SQLAlchemy's event dispatch.
+
 **Build.** ``with_row_locks(stmt, connection)`` vs ``stmt.with_for_update()``, and its parts
 (profiled), without a database round trip.
 """
@@ -139,6 +143,8 @@ def child(mode: str, url: str, seconds: float) -> dict[str, Any]:
             if statement.lstrip().upper().startswith("SELECT"):
                 verdicts[str(context.cache_hit).split(".")[-1]] += 1
 
+        if mode == "locksafe":
+            out["hooks"] = _hooks_alone(conn, stmt, seconds)
         event.listen(engine, "before_cursor_execute", seen)
         for _ in range(CACHE_CALLS):
             conn.execute(build(conn)).all()
@@ -149,6 +155,44 @@ def child(mode: str, url: str, seconds: float) -> dict[str, Any]:
     metadata.drop_all(engine)
     engine.dispose()
     return out
+
+
+def _hooks_alone(conn: Any, stmt: Any, seconds: float) -> dict[str, float]:
+    """µs per call of locksafe's two row-lock hooks, called directly with the arguments of a
+    real execution of ``stmt`` on ``conn`` (in its open transaction); on SQLite also the
+    statement that takes the write lock, alone (part of the second hook)."""
+    from sqlalchemy import event
+
+    import locksafe.rowlocks as rowlocks
+
+    got: dict[str, Any] = {}
+
+    def grab(*args: Any) -> None:
+        got["args"] = args
+
+    event.listen(conn.engine, "before_cursor_execute", grab)
+    conn.execute(stmt).all()
+    event.remove(conn.engine, "before_cursor_execute", grab)
+    connection, _, statement, parameters, context, _ = got["args"]
+    cursor = connection.connection.dbapi_connection.cursor()  # the statement's is closed
+    timings = {
+        "before_execute": _per_call_us(
+            lambda: rowlocks._before_execute(connection, stmt, (), {}, {}), seconds
+        ),
+        "before_cursor_execute": _per_call_us(
+            lambda: rowlocks._before_cursor_execute(
+                connection, cursor, statement, parameters, context, False
+            ),
+            seconds,
+        ),
+    }
+    if connection.dialect.name == "sqlite":
+        table_name = stmt.get_final_froms()[0].name
+        timings["write lock statement"] = _per_call_us(
+            lambda: cursor.execute(f'DELETE FROM "{table_name}" WHERE 0'), seconds
+        )
+    cursor.close()
+    return timings
 
 
 def measure_execute(url: str, *, rounds: int, seconds: float) -> dict[str, Any]:
@@ -176,6 +220,10 @@ def measure_execute(url: str, *, rounds: int, seconds: float) -> dict[str, Any]:
         summary[mode]["cache"] = results[-1]["cache"]
         summary[mode]["compiled_cache_entries"] = results[-1]["compiled_cache_entries"]
         summary[mode]["runs"] = [r["execute_us"] for r in results]
+        if "hooks" in results[0]:
+            summary[mode]["hooks"] = {
+                key: min(r["hooks"][key] for r in results) for key in results[0]["hooks"]
+            }
     return summary
 
 

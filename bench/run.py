@@ -856,6 +856,12 @@ def overhead_section(report: Report, urls: dict[str, URL]) -> None:
                 f"{raw['compiled_cache_entries']} / {ours['compiled_cache_entries']}",
             ]
         )
+        if "hooks" in ours:
+            report.add(
+                "overhead_runs",
+                f"{name}: locksafe's hooks called directly, µs per execute: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in ours["hooks"].items()),
+            )
         runs = ", ".join(f"{x:.1f}" for x in ours["runs"])
         raw_runs = ", ".join(f"{x:.1f}" for x in raw["runs"])
         report.add(
@@ -915,7 +921,7 @@ def classify_section(report: Report, urls: dict[str, URL], tmp: Path) -> None:
                 row["error"],
                 row["kind"],
                 f"{row['classify_us']:.2f}",
-                f"{row['floor_us']:.2f}",
+                f"{row['walk_us']:.2f}",
                 f"{row['baseline_us']:.2f}",
             ]
         )
@@ -931,7 +937,7 @@ def classify_section(report: Report, urls: dict[str, URL], tmp: Path) -> None:
                 "error",
                 "classify →",
                 "classify µs",
-                "floor µs (see below)",
+                "full walk µs (see below)",
                 "naive check µs",
             ],
             rows,

@@ -11,10 +11,17 @@ which hides this module's name (``import locksafe.classify as m`` gives the func
 The generic part only walks the exception graph (SQLAlchemy's ``.orig``, ``__cause__``,
 ``__context__``) and finds, for each exception, the driver that raised it by the module of its
 class. The driver's dialect module then says, as data, where the code is and what it means.
+
+The case nearly always met — a SQLAlchemy ``DBAPIError`` whose ``.orig`` is a driver's exception
+with a code, or a driver's exception itself — is answered without the walk (:func:`_direct`),
+exactly as the walk would answer it (the walk's first exceptions are these, and the first driver
+exception with a code decides); the answer of a table's ``refine`` step (message parsing) is
+remembered by its inputs. Anything else takes the walk.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final, cast
 
 from locksafe._cache import Memo
@@ -25,6 +32,7 @@ from locksafe.dialects import (
     ErrorTable,
     driver_for_module,
 )
+from locksafe.dialects.base import Code
 from locksafe.kinds import LockErrorKind, LockUnavailable
 
 __all__ = [
@@ -63,9 +71,16 @@ MAY_HAVE_COMMITTED: Final = "_locksafe_may_have_committed"
 
 _Match = tuple[DialectSupport, DriverErrors]
 #: The driver of each exception class seen (bounded: classes made on the fly come and go).
-_by_type: Memo[type, _Match | None] = Memo(
-    "classify.driver_of_type", maxsize=_MAX_CACHED_TYPES
-)
+_by_type: Memo[type, _Match | None] = Memo("classify.driver_of_type", maxsize=_MAX_CACHED_TYPES)
+_Refiner = Callable[[ErrorContext], LockErrorKind | None]
+_Refined = tuple[_Refiner, Code, LockErrorKind | None, str, str | None]
+#: A table's ``refine`` answer by (refine, code, kind, message, statement): ``refine`` reads
+#: nothing else (:class:`~locksafe.dialects.ErrorContext` is all it is given), and a server
+#: repeats the same message for the same statement. Bounded; long texts are not remembered.
+_refined: Memo[_Refined, LockErrorKind | None] = Memo("classify.refined", maxsize=512)
+_MAX_REFINED_TEXT: Final = 2048
+#: What :func:`_direct` answers when the walk must decide.
+_WALK: Final = object()
 
 
 def _attribute(obj: object, name: str) -> object:
@@ -141,7 +156,79 @@ def _by_message(table: ErrorTable, node: BaseException) -> LockErrorKind | None:
     return None
 
 
+def _refine(
+    table: ErrorTable, code: Code, kind: LockErrorKind | None, message: str, statement: str | None
+) -> LockErrorKind | None:
+    refine = table.refine
+    if refine is None:
+        return kind
+    if len(message) + len(statement or "") > _MAX_REFINED_TEXT:
+        return refine(ErrorContext(code, kind, message, statement))
+    return _refined.get_or_make((refine, code, kind, message, statement), _run_refine)
+
+
+def _run_refine(key: _Refined) -> LockErrorKind | None:
+    refine, code, kind, message, statement = key
+    return refine(ErrorContext(code, kind, message, statement))
+
+
+def _direct(exc: object) -> object:
+    """What :func:`_classify` answers, without the walk, in the two shapes nearly every lock
+    error has; :data:`_WALK` for any other (then the walk decides). May raise (a hostile
+    exception): the caller then walks.
+
+    - a driver's exception carrying a code, when its table needs no statement (no ``refine``):
+      the walk's first node, which decides;
+    - an exception of no driver (SQLAlchemy's ``DBAPIError``) whose ``orig`` is a driver's
+      exception carrying a code: the walk's second node (``orig`` is its first link), which
+      decides, since the first said nothing; the statement is the wrapper's own.
+    """
+    cls = type(exc)
+    if not issubclass(cls, Exception) or issubclass(cls, LockUnavailable):
+        return _WALK
+    match = _driver_of(cls)
+    if match is not None:
+        support, driver = match
+        table = support.errors
+        if table.refine is not None:
+            return _WALK  # the statement is read from a wrapper found by the walk
+        code = driver.read_code(cast(Exception, exc))
+        return _WALK if code is None else table.codes.get(code)
+    orig: object = getattr(exc, "orig", None)
+    if orig is None or orig is exc or not isinstance(orig, BaseException):
+        return _WALK
+    orig_cls = type(orig)
+    if issubclass(orig_cls, LockUnavailable):
+        return _WALK
+    match = _driver_of(orig_cls)
+    if match is None:
+        return _WALK
+    support, driver = match
+    code = driver.read_code(orig)
+    if code is None:
+        return _WALK
+    table = support.errors
+    kind = table.codes.get(code)
+    if table.refine is None:
+        return kind
+    statement = getattr(exc, "statement", None)
+    again: object = getattr(exc, "orig", None)
+    if not isinstance(statement, str) or again is not orig:
+        return _WALK  # the walk looks for the statement elsewhere in the graph
+    return _refine(table, code, kind, _message(orig), statement)
+
+
 def _classify(exc: object, links: tuple[str, ...]) -> LockErrorKind | None:
+    try:
+        found = _direct(exc)
+    except Exception:
+        found = _WALK  # a hostile exception: the walk reads it with care
+    if found is not _WALK:
+        return cast("LockErrorKind | None", found)
+    return _walk_and_classify(exc, links)
+
+
+def _walk_and_classify(exc: object, links: tuple[str, ...]) -> LockErrorKind | None:
     # type(), not isinstance(): an object's own ``__class__`` may be a property that raises.
     if not issubclass(type(exc), Exception):
         return None  # not an exception, or a KeyboardInterrupt, a cancelled task...
@@ -191,9 +278,7 @@ def _classify_node(
     if code is None:
         return support, _by_message(table, node) if table.messages else None, False
     # The first driver exception with a code decides, whatever it says.
-    kind = table.codes.get(code)
-    if table.refine is not None:
-        kind = table.refine(ErrorContext(code, kind, _message(node), _statement(nodes, node)))
+    kind = _refine(table, code, table.codes.get(code), _message(node), _statement(nodes, node))
     return support, kind, True
 
 
