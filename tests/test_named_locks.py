@@ -510,6 +510,48 @@ def test_wait_ends_when_the_holder_lets_go(cell: Cell) -> None:
     assert 0.5 <= elapsed < 0.5 + SLACK
 
 
+#: Finite timeouts past what GET_LOCK takes. MariaDB 10.11, measured: from about 1.8e10 s (2**64
+#: nanoseconds) it answers 0 at once, a wait that "timed out" without waiting; from 2**63 s on
+#: it answers NULL (warning 1411 'Incorrect timeout value').
+HUGE_TIMEOUTS = [2e10, 1e19, 1e300, 10**30]
+
+
+@pytest.mark.cells("mariadb", "postgresql+psycopg", "sqlite+pysqlite")
+def test_a_huge_timeout_waits_as_long_as_it_takes(cell: Cell) -> None:
+    """A huge finite ``timeout`` waits (practically) without a bound on every backend: it
+    neither gives up at once nor fails; here, one waiter per timeout at once, they wait until
+    the holder leaves, after 0.5 s."""
+    name = unique()
+    waiters = concurrent.futures.ThreadPoolExecutor(len(HUGE_TIMEOUTS))
+    try:
+        with holding(cell, name, scope="session"):
+            started = time.monotonic()
+            futures = {
+                timeout: waiters.submit(
+                    attempt, cell, name, raising=True, scope="session", timeout=timeout
+                )
+                for timeout in HUGE_TIMEOUTS
+            }
+            time.sleep(0.5)
+            # gave up or failed at once: show how
+            early = {
+                timeout: future.exception() or future.result()
+                for timeout, future in futures.items()
+                if future.done()
+            }
+            assert not early, f"did not wait: {early}"
+        for timeout, future in futures.items():
+            error, _ = future.result(timeout=JOIN)
+            assert error is None, f"timeout={timeout!r}: {error!r}"
+        elapsed = time.monotonic() - started
+        assert 0.5 <= elapsed < 0.5 + SLACK
+    finally:
+        waiters.shutdown()
+    # and free, it is taken at once
+    for timeout in HUGE_TIMEOUTS:
+        assert attempt(cell, name, scope="session", timeout=timeout) is True
+
+
 # -- release: on error, at the end of the scope, never into the pool -----------------------------
 
 
