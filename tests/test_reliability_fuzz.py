@@ -28,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import decimal
 import fractions
+import inspect
 import math
 import numbers
 import sqlite3
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -54,6 +55,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mssql, mysql, oracle, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, sessionmaker
 
 import locksafe
@@ -89,7 +91,10 @@ FUZZ = settings(
     print_blob=FULL,
     suppress_health_check=list(HealthCheck),
 )
-FUZZ_CELLS = ("sqlite+pysqlite", "postgresql+psycopg", "mysql+pymysql")
+#: The driver cells of the tests that run on a database (every one at full size).
+FUZZ_CELLS = SIZE.fuzz_cells
+
+T = TypeVar("T")
 
 # -- what to throw --------------------------------------------------------------------------------
 
@@ -330,6 +335,41 @@ def sqlite_guarded(tmp_path: Path) -> Iterator[tuple[str, Any]]:
     admin.dispose()
 
 
+# -- one body for sync and async cells ----------------------------------------------------------
+
+
+def drive(cell: Cell, body: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``body()``: in the cell's event loop on an async cell; on a sync cell, without one
+    (every ``await`` there is on a value that is ready: :func:`ready`, :func:`enter`), so the
+    sync cells run plain sync code."""
+    if cell.is_async:
+        return cell.run_async(body)
+    coroutine = body()
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coroutine.close()
+    raise AssertionError("a sync cell's body waited for something")
+
+
+async def ready(value: Any) -> Any:
+    """``await value`` when the async API gave an awaitable, else ``value`` (the sync API's)."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def enter(cell: Cell, stack: contextlib.AsyncExitStack, manager: Any) -> Any:
+    """``async with manager`` on an async cell, ``with manager`` on a sync one, until
+    ``stack`` closes."""
+    if cell.is_async:
+        return await stack.enter_async_context(manager)
+    return stack.enter_context(manager)
+
+
+def new_session(cell: Cell, engine: Any) -> Any:
+    return AsyncSession(engine) if cell.is_async else Session(engine)
+
+
 # -- classify and the predicates, with anything -------------------------------------------------
 
 
@@ -548,7 +588,7 @@ def test_with_row_locks_options_fuzzed(cell: Cell, guarded: Any) -> None:
     engine = cell.warm_up(cell.engine())
     of_choices = [guard, guard.c.id, [guard], (guard, guard.c.v), {guard}, [], other_table, [None]]
 
-    def session_arg(choice: str, session: Session) -> Any:
+    def session_arg(choice: str, session: Any) -> Any:
         return {"session": session, "engine": engine, "none": None}.get(choice, choice)
 
     @FUZZ
@@ -569,11 +609,12 @@ def test_with_row_locks_options_fuzzed(cell: Cell, guarded: Any) -> None:
         verdicts = lock_verdicts(options, query_tables=(guard,))
         query: Any = select(guard).where(guard.c.id < 5) if query_choice == "select" else 42
         verdicts["query"] = VALID if query_choice == "select" else INVALID
-        with Session(engine) as session:
-            bind = session_arg(session_choice, session)
-            verdicts["session"] = VALID if session_choice != "junk" else INVALID
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", locksafe.LockDegradedWarning)
+        verdicts["session"] = VALID if session_choice != "junk" else INVALID
+
+        async def body() -> tuple[list[Any], UnsupportedLockOption | None] | None:
+            async with contextlib.AsyncExitStack() as stack:
+                session = await enter(cell, stack, new_session(cell, engine))
+                bind = session_arg(session_choice, session)
                 try:
                     statement = judge(
                         lambda: with_row_locks(query, bind, **options),
@@ -582,15 +623,21 @@ def test_with_row_locks_options_fuzzed(cell: Cell, guarded: Any) -> None:
                         unsupported=True,
                     )
                 except Refused:
-                    return
+                    return None
                 # it works: the statement runs, on the real database, and reads the rows
-                late: UnsupportedLockOption | None = None
                 try:
-                    rows = session.execute(statement).all()
+                    return list((await ready(session.execute(statement))).all()), None
                 except UnsupportedLockOption as exc:
-                    late = exc
+                    return [], exc
                 finally:
-                    session.rollback()
+                    await ready(session.rollback())
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", locksafe.LockDegradedWarning)
+            outcome = drive(cell, body)
+        if outcome is None:
+            return
+        rows, late = outcome
         if late is not None:
             # without a bind at call time, the executing connection decides
             assert session_choice == "none", late
@@ -784,26 +831,38 @@ def test_lock_timeout_options_fuzzed(cell: Cell, guarded: Any) -> None:
             "seconds": seconds_verdict(seconds),
             "session_or_connection": VALID if target in ("connection", "session") else INVALID,
         }
-        with engine.connect() as conn, Session(engine) as session:
-            bind: Any = {"connection": conn, "session": session, "engine": engine}.get(
-                target, target
-            )
-            sql = text(SETTING_SQL[cell.backend])
-            try:
-                block = judge(
-                    lambda: lock_timeout(bind, seconds),
-                    verdicts,
-                    aliases={"session_or_connection": ("lock_timeout()",)},
+        sql = text(SETTING_SQL[cell.backend])
+
+        async def body() -> tuple[Any, Any, Any] | None:
+            async with contextlib.AsyncExitStack() as stack:
+                conn = await enter(cell, stack, engine.connect())
+                session = await enter(cell, stack, new_session(cell, engine))
+                bind: Any = {"connection": conn, "session": session, "engine": engine}.get(
+                    target, target
                 )
-            except Refused:
-                return
-            runner: Any = conn if target == "connection" else session
-            with runner.begin():
-                before = runner.execute(sql).scalar()
-                with block:
-                    runner.execute(select(func.count()).select_from(guard)).scalar_one()
-                    inside = runner.execute(sql).scalar()
-                after = runner.execute(sql).scalar()
+                try:
+                    block = judge(
+                        lambda: lock_timeout(bind, seconds),
+                        verdicts,
+                        aliases={"session_or_connection": ("lock_timeout()",)},
+                    )
+                except Refused:
+                    return None
+                runner: Any = conn if target == "connection" else session
+                async with contextlib.AsyncExitStack() as transaction:
+                    await enter(cell, transaction, runner.begin())
+                    before = (await ready(runner.execute(sql))).scalar()
+                    async with contextlib.AsyncExitStack() as bounded:
+                        await enter(cell, bounded, block)
+                        count = select(func.count()).select_from(guard)
+                        (await ready(runner.execute(count))).scalar_one()
+                        inside = (await ready(runner.execute(sql))).scalar()
+                    after = (await ready(runner.execute(sql))).scalar()
+                return before, inside, after
+
+        outcome = drive(cell, body)
+        if outcome is not None:
+            before, inside, after = outcome
             assert after == before, "lock_timeout() did not set the setting back"
             if cell.backend == "sqlite":
                 ms = float(seconds) * 1000
@@ -849,35 +908,46 @@ def test_named_lock_options_fuzzed(cell: Cell, guarded: Any) -> None:
             verdicts["shared"] = bool_verdict(options["shared"])
         if "scope" in options:
             verdicts["scope"] = choice_verdict(options["scope"], ("transaction", "session"))
-        with engine.connect() as conn, engine.connect() as other:
-            if in_transaction:
-                conn.begin()
-            try:
-                lock = judge(lambda: fn(conn, name, **options), verdicts)
-            except Refused:
-                return
-            try:
-                with lock as entered:
-                    # named_lock gives the lock, try_named_lock whether it was obtained
-                    assert entered is (lock if fn is named_lock else True)
-                    assert lock.acquired is True, "a free lock was not acquired"
-                    # it excludes: another connection cannot have it now
-                    with try_named_lock(other, name, timeout=0) as second:
-                        assert second is False, "the lock did not exclude another connection"
-                    other.rollback()
-            except UnsupportedLockOption as exc:
-                unsupported: UnsupportedLockOption | None = exc
-            else:
-                unsupported = None
-            finally:
-                conn.rollback()
-            if unsupported is not None:
-                assert options.get("shared") is True, unsupported  # no shared named locks
-                return
-            # and it was given back
-            with try_named_lock(other, name, timeout=0) as again:
-                assert again is True, "the lock was not given back"
-            other.rollback()
+
+        async def body() -> None:
+            async with contextlib.AsyncExitStack() as stack:
+                conn = await enter(cell, stack, engine.connect())
+                other = await enter(cell, stack, engine.connect())
+                if in_transaction:
+                    await ready(conn.begin())
+                try:
+                    lock = judge(lambda: fn(conn, name, **options), verdicts)
+                except Refused:
+                    return
+                try:
+                    async with contextlib.AsyncExitStack() as held:
+                        entered = await enter(cell, held, lock)
+                        # named_lock gives the lock, try_named_lock whether it was obtained
+                        assert entered is (lock if fn is named_lock else True)
+                        assert lock.acquired is True, "a free lock was not acquired"
+                        # it excludes: another connection cannot have it now
+                        async with contextlib.AsyncExitStack() as tried:
+                            second = await enter(
+                                cell, tried, try_named_lock(other, name, timeout=0)
+                            )
+                            assert second is False, "the lock did not exclude another connection"
+                        await ready(other.rollback())
+                except UnsupportedLockOption as exc:
+                    unsupported: UnsupportedLockOption | None = exc
+                else:
+                    unsupported = None
+                finally:
+                    await ready(conn.rollback())
+                if unsupported is not None:
+                    assert options.get("shared") is True, unsupported  # no shared named locks
+                    return
+                # and it was given back
+                async with contextlib.AsyncExitStack() as tried:
+                    again = await enter(cell, tried, try_named_lock(other, name, timeout=0))
+                    assert again is True, "the lock was not given back"
+                await ready(other.rollback())
+
+        drive(cell, body)
 
     check()
 
