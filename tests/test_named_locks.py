@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import pickle
+import sys
 import threading
 import time
 import uuid
@@ -512,8 +513,9 @@ def test_wait_ends_when_the_holder_lets_go(cell: Cell) -> None:
 
 #: Finite timeouts past what GET_LOCK takes. MariaDB 10.11, measured: from about 1.8e10 s (2**64
 #: nanoseconds) it answers 0 at once, a wait that "timed out" without waiting; from 2**63 s on
-#: it answers NULL (warning 1411 'Incorrect timeout value').
-HUGE_TIMEOUTS = [2e10, 1e19, 1e300, 10**30]
+#: it answers NULL (warning 1411 'Incorrect timeout value'). The largest float: in milliseconds
+#: (PostgreSQL's lock_timeout) it is infinite.
+HUGE_TIMEOUTS = [2e10, 1e19, 1e300, sys.float_info.max, 10**30]
 
 
 @pytest.mark.cells("mariadb", "postgresql+psycopg", "sqlite+pysqlite")

@@ -897,6 +897,7 @@ def test_named_lock_options_fuzzed(cell: Cell, guarded: Any) -> None:
     @example(named_lock, "a" * 100_000, {}, True)
     @example(try_named_lock, "'; DROP TABLE rel_guard; --", {"timeout": 1e300}, False)
     @example(named_lock, "x", {"timeout": HUGE}, False)
+    @example(named_lock, "x", {"timeout": 1.7976931348623157e308}, False)  # inf in milliseconds
     @example(named_lock, "", {}, False)
     @example(named_lock, b"bytes", {}, False)
     @example(named_lock, "x", {"shared": True}, False)

@@ -68,6 +68,11 @@ _NOT_OBTAINED = frozenset(
 #: ``connection_record.info`` key: the named locks the DB-API connection holds itself.
 _HELD = "locksafe.named_locks.held"
 
+#: The longest wait handed to a server (seconds, about 31.7 years): a finite timeout past it is
+#: as good as none (the servers bound it further: MySQL / MariaDB a year, PostgreSQL 24.8 days),
+#: and a dialect that scales it (PostgreSQL: milliseconds) then cannot overflow.
+_LONGEST_SERVER_WAIT = 1e9
+
 
 # -- option checks ---------------------------------------------------------------------------
 
@@ -284,7 +289,8 @@ class _LockBase:
         assert support is not None
         assert support.acquire is not None
         assert connection is not None
-        got = support.acquire(connection, self.key, self.shared, self.scope, self.timeout)
+        timeout = self.timeout if self.timeout is None else min(self.timeout, _LONGEST_SERVER_WAIT)
+        got = support.acquire(connection, self.key, self.shared, self.scope, timeout)
         if got and support.release is not None and support.needs_release(self.scope):
             fairy = connection.connection
             self._held = _Held(support, connection.dialect, self.key, self.shared, self.scope)
