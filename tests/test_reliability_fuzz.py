@@ -17,8 +17,10 @@ documented — that may work or be refused). A call must then:
 ``UnsupportedLockOption`` naming the option is also a clear refusal, for what the server cannot
 do (``key_share`` on MariaDB, a shared named lock on MySQL).
 
-CI runs 60 examples per function and backend, derandomized (the same ones every run; deadline
-off: a loaded 2-core machine); ``LOCKSAFE_RELIABILITY=full`` runs 400, drawn at random::
+CI runs 60 examples per function, derandomized (the same ones every run; deadline off: a loaded
+2-core machine), the database tests on one sync driver per backend (sqlite+pysqlite,
+postgresql+psycopg, mysql+pymysql); ``LOCKSAFE_RELIABILITY=full`` runs 400, drawn at random, on
+every driver cell, async ones included (``async with`` / ``await`` there)::
 
     LOCKSAFE_RELIABILITY=full pytest tests/test_reliability_fuzz.py
 """
