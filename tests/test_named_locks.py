@@ -74,6 +74,15 @@ HOSTILE = {
 SERVER = ("postgresql", "mariadb")
 
 
+class EqualsAnything(str):
+    """A str whose ``==`` says yes to everything (a hostile subclass)."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = str.__hash__
+
+
 def unique(prefix: str = "job") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
@@ -213,6 +222,8 @@ def server_holds(cell: Cell, key: Any) -> int:
         ({"shared": None}, TypeError, "shared=None"),
         ({"scope": "statement"}, ValueError, "scope='statement'"),
         ({"scope": None}, TypeError, "scope=None"),
+        # what a str subclass holds decides, not its ==
+        ({"scope": EqualsAnything("statement")}, ValueError, "scope='statement'"),
     ],
 )
 @pytest.mark.parametrize("factory", [named_lock, try_named_lock])
@@ -226,6 +237,25 @@ def test_options_are_checked_at_call_time(
         with pytest.raises(error, match=words.replace("(", r"\(")):
             factory(conn, name, **arguments)
     engine.dispose()
+
+
+@pytest.mark.cells("postgresql")
+def test_a_scope_that_is_a_str_subclass_means_the_str_it_holds(cell: Cell) -> None:
+    """``scope=`` a str subclass whose ``==`` says yes to everything: a session lock, as its
+    value says (PostgreSQL took a transaction lock for it, and then failed to release it)."""
+    name = unique()
+
+    def body(conn: Connection) -> None:
+        lock = named_lock(conn, name, scope=EqualsAnything("session"))
+        assert type(lock.scope) is str
+        assert lock.scope == "session"
+        with lock:
+            conn.execute(text("SELECT 1"))
+            conn.commit()
+            assert server_holds(cell, lock.key) == 1, "a session lock ended with the transaction"
+        assert server_holds(cell, lock.key) == 0
+
+    cell.run(body)
 
 
 def test_options_are_keyword_only_and_bind_is_checked() -> None:

@@ -903,6 +903,7 @@ def test_named_lock_options_fuzzed(cell: Cell, guarded: Any) -> None:
     @example(named_lock, "", {}, False)
     @example(named_lock, b"bytes", {}, False)
     @example(named_lock, "x", {"shared": True}, False)
+    @example(named_lock, "x", {"scope": EvilStr("session")}, False)
     def check(fn: Any, name: Any, options: dict[str, Any], in_transaction: bool) -> None:
         verdicts = {"name": VALID if isinstance(name, str) and name else INVALID}
         if "timeout" in options and options["timeout"] is not None:

@@ -77,7 +77,11 @@ _LONGEST_SERVER_WAIT = 1e9
 # -- option checks ---------------------------------------------------------------------------
 
 
-def _check_options(name: object, timeout: object, shared: object, scope: object) -> float | None:
+def _check_options(
+    name: object, timeout: object, shared: object, scope: object
+) -> tuple[float | None, str]:
+    """The timeout in seconds and the scope as a plain str (a str subclass's own ``==`` decides
+    nothing: what it holds does)."""
     if not isinstance(name, str):
         raise TypeError(f"name={name!r} must be a str")
     if not name:
@@ -101,9 +105,10 @@ def _check_options(name: object, timeout: object, shared: object, scope: object)
         raise TypeError(f"shared={shared!r} must be a bool")
     if not isinstance(scope, str):
         raise TypeError(f"scope={scope!r} must be 'transaction' or 'session'")
+    scope = str.__str__(scope)
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r} must be 'transaction' or 'session'")
-    return seconds
+    return seconds, scope
 
 
 def _async_types() -> tuple[type, type] | None:
@@ -224,12 +229,11 @@ class _LockBase:
         shared: bool,
         scope: str,
     ) -> None:
-        self.timeout = _check_options(name, timeout, shared, scope)
+        self.timeout, self.scope = _check_options(name, timeout, shared, scope)
         _check_bind(bind)
         self.bind = bind
         self.name = name
         self.shared = shared
-        self.scope = scope
         #: Whether the block holds the lock (``True`` inside the block after entering).
         self.acquired = False
         #: What is locked on the server (PostgreSQL: the int64 key; MySQL: the lock name;
