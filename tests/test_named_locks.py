@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import pickle
+import sys
 import threading
 import time
 import uuid
@@ -71,6 +72,15 @@ HOSTILE = {
 }
 
 SERVER = ("postgresql", "mariadb")
+
+
+class EqualsAnything(str):
+    """A str whose ``==`` says yes to everything (a hostile subclass)."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = str.__hash__
 
 
 def unique(prefix: str = "job") -> str:
@@ -212,6 +222,8 @@ def server_holds(cell: Cell, key: Any) -> int:
         ({"shared": None}, TypeError, "shared=None"),
         ({"scope": "statement"}, ValueError, "scope='statement'"),
         ({"scope": None}, TypeError, "scope=None"),
+        # what a str subclass holds decides, not its ==
+        ({"scope": EqualsAnything("statement")}, ValueError, "scope='statement'"),
     ],
 )
 @pytest.mark.parametrize("factory", [named_lock, try_named_lock])
@@ -225,6 +237,25 @@ def test_options_are_checked_at_call_time(
         with pytest.raises(error, match=words.replace("(", r"\(")):
             factory(conn, name, **arguments)
     engine.dispose()
+
+
+@pytest.mark.cells("postgresql")
+def test_a_scope_that_is_a_str_subclass_means_the_str_it_holds(cell: Cell) -> None:
+    """``scope=`` a str subclass whose ``==`` says yes to everything: a session lock, as its
+    value says (PostgreSQL took a transaction lock for it, and then failed to release it)."""
+    name = unique()
+
+    def body(conn: Connection) -> None:
+        lock = named_lock(conn, name, scope=EqualsAnything("session"))
+        assert type(lock.scope) is str
+        assert lock.scope == "session"
+        with lock:
+            conn.execute(text("SELECT 1"))
+            conn.commit()
+            assert server_holds(cell, lock.key) == 1, "a session lock ended with the transaction"
+        assert server_holds(cell, lock.key) == 0
+
+    cell.run(body)
 
 
 def test_options_are_keyword_only_and_bind_is_checked() -> None:
@@ -508,6 +539,49 @@ def test_wait_ends_when_the_holder_lets_go(cell: Cell) -> None:
     waiter.shutdown()
     assert error is None
     assert 0.5 <= elapsed < 0.5 + SLACK
+
+
+#: Finite timeouts past what GET_LOCK takes. MariaDB 10.11, measured: from about 1.8e10 s (2**64
+#: nanoseconds) it answers 0 at once, a wait that "timed out" without waiting; from 2**63 s on
+#: it answers NULL (warning 1411 'Incorrect timeout value'). The largest float: in milliseconds
+#: (PostgreSQL's lock_timeout) it is infinite.
+HUGE_TIMEOUTS = [2e10, 1e19, 1e300, sys.float_info.max, 10**30]
+
+
+@pytest.mark.cells("mariadb", "postgresql+psycopg", "sqlite+pysqlite")
+def test_a_huge_timeout_waits_as_long_as_it_takes(cell: Cell) -> None:
+    """A huge finite ``timeout`` waits (practically) without a bound on every backend: it
+    neither gives up at once nor fails; here, one waiter per timeout at once, they wait until
+    the holder leaves, after 0.5 s."""
+    name = unique()
+    waiters = concurrent.futures.ThreadPoolExecutor(len(HUGE_TIMEOUTS))
+    try:
+        with holding(cell, name, scope="session"):
+            started = time.monotonic()
+            futures = {
+                timeout: waiters.submit(
+                    attempt, cell, name, raising=True, scope="session", timeout=timeout
+                )
+                for timeout in HUGE_TIMEOUTS
+            }
+            time.sleep(0.5)
+            # gave up or failed at once: show how
+            early = {
+                timeout: future.exception() or future.result()
+                for timeout, future in futures.items()
+                if future.done()
+            }
+            assert not early, f"did not wait: {early}"
+        for timeout, future in futures.items():
+            error, _ = future.result(timeout=JOIN)
+            assert error is None, f"timeout={timeout!r}: {error!r}"
+        elapsed = time.monotonic() - started
+        assert 0.5 <= elapsed < 0.5 + SLACK
+    finally:
+        waiters.shutdown()
+    # and free, it is taken at once
+    for timeout in HUGE_TIMEOUTS:
+        assert attempt(cell, name, scope="session", timeout=timeout) is True
 
 
 # -- release: on error, at the end of the scope, never into the pool -----------------------------

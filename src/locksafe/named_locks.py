@@ -68,11 +68,20 @@ _NOT_OBTAINED = frozenset(
 #: ``connection_record.info`` key: the named locks the DB-API connection holds itself.
 _HELD = "locksafe.named_locks.held"
 
+#: The longest wait handed to a server (seconds, about 31.7 years): a finite timeout past it is
+#: as good as none (the servers bound it further: MySQL / MariaDB a year, PostgreSQL 24.8 days),
+#: and a dialect that scales it (PostgreSQL: milliseconds) then cannot overflow.
+_LONGEST_SERVER_WAIT = 1e9
+
 
 # -- option checks ---------------------------------------------------------------------------
 
 
-def _check_options(name: object, timeout: object, shared: object, scope: object) -> float | None:
+def _check_options(
+    name: object, timeout: object, shared: object, scope: object
+) -> tuple[float | None, str]:
+    """The timeout in seconds and the scope as a plain str (a str subclass's own ``==`` decides
+    nothing: what it holds does)."""
     if not isinstance(name, str):
         raise TypeError(f"name={name!r} must be a str")
     if not name:
@@ -96,9 +105,10 @@ def _check_options(name: object, timeout: object, shared: object, scope: object)
         raise TypeError(f"shared={shared!r} must be a bool")
     if not isinstance(scope, str):
         raise TypeError(f"scope={scope!r} must be 'transaction' or 'session'")
+    scope = str.__str__(scope)
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r} must be 'transaction' or 'session'")
-    return seconds
+    return seconds, scope
 
 
 def _async_types() -> tuple[type, type] | None:
@@ -219,12 +229,11 @@ class _LockBase:
         shared: bool,
         scope: str,
     ) -> None:
-        self.timeout = _check_options(name, timeout, shared, scope)
+        self.timeout, self.scope = _check_options(name, timeout, shared, scope)
         _check_bind(bind)
         self.bind = bind
         self.name = name
         self.shared = shared
-        self.scope = scope
         #: Whether the block holds the lock (``True`` inside the block after entering).
         self.acquired = False
         #: What is locked on the server (PostgreSQL: the int64 key; MySQL: the lock name;
@@ -284,7 +293,8 @@ class _LockBase:
         assert support is not None
         assert support.acquire is not None
         assert connection is not None
-        got = support.acquire(connection, self.key, self.shared, self.scope, self.timeout)
+        timeout = self.timeout if self.timeout is None else min(self.timeout, _LONGEST_SERVER_WAIT)
+        got = support.acquire(connection, self.key, self.shared, self.scope, timeout)
         if got and support.release is not None and support.needs_release(self.scope):
             fairy = connection.connection
             self._held = _Held(support, connection.dialect, self.key, self.shared, self.scope)

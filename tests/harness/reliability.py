@@ -6,7 +6,8 @@ Two sizes, chosen by one environment variable:
 
 - ``LOCKSAFE_RELIABILITY`` unset or ``ci``: the size CI runs (each file well under a minute);
 - ``LOCKSAFE_RELIABILITY=full``: 10,000 contended transfers per driver cell, on every driver cell
-  (async ones included), and the fault scenarios on every server driver::
+  (async ones included), the fault scenarios on every server driver, and 400 fuzzed examples
+  per function (random, not the fixed CI ones) on every driver cell::
 
       LOCKSAFE_RELIABILITY=full pytest tests/test_reliability_*.py
 
@@ -74,6 +75,8 @@ class Size:
     kill_rounds: int
     #: Hypothesis examples per fuzzed function.
     examples: int
+    #: Driver cells of the fuzz tests that run on a database.
+    fuzz_cells: tuple[str, ...]
     #: pytest-timeout for one bank cell, seconds.
     bank_timeout: float
 
@@ -85,6 +88,7 @@ CI_SIZE = Size(
     fault_cells=("postgresql+psycopg", "mysql+pymysql"),
     kill_rounds=6,
     examples=60,
+    fuzz_cells=("sqlite+pysqlite", "postgresql+psycopg", "mysql+pymysql"),
     bank_timeout=120,
 )
 FULL_SIZE = Size(
@@ -102,6 +106,7 @@ FULL_SIZE = Size(
     ),
     kill_rounds=30,
     examples=400,
+    fuzz_cells=("sqlite", "postgresql", "mariadb"),  # every driver cell, async ones included
     bank_timeout=1800,
 )
 SIZE = FULL_SIZE if FULL else CI_SIZE

@@ -274,14 +274,16 @@ SUPPORT = DialectSupport(
 
 # -- named locks (locksafe.named_lock): GET_LOCK / RELEASE_LOCK ---------------------------------
 
-
-
-
 #: ``connection_record.info`` key: ``DATABASE()``, read once per DB-API connection.
 _DATABASE = "locksafe.named_locks.mysql.database"
 #: The longest user-level lock name MySQL accepts (MySQL 5.7+; longer: ER_USER_LOCK_WRONG_NAME).
 MAX_LOCK_NAME = 64
-#: GET_LOCK's wait when none is asked for: a year (both servers take any positive number).
+#: GET_LOCK's wait when none is asked for, and its longest: a year. A longer finite timeout
+#: waits this long (PostgreSQL's bound is shorter still: ``lock_timeout`` is at most INT_MAX
+#: milliseconds, about 24.8 days). The servers do not take any number: MariaDB (10.11, measured)
+#: answers 0 *at once* (a timeout, without waiting) from about 1.8e10 seconds on (2**64
+#: nanoseconds), and NULL (warning 1411 'Incorrect timeout value') from 2**63 seconds on;
+#: MySQL's manual gives no maximum (a negative timeout waits without a bound).
 _FOREVER = 365 * 24 * 3600
 
 
@@ -331,7 +333,7 @@ def _get_lock(
 ) -> bool:
     dialect = connection.dialect
     wait: float
-    if timeout is None:
+    if timeout is None or timeout >= _FOREVER:
         wait = _FOREVER
     elif getattr(dialect, "is_mariadb", False):
         wait = timeout  # MariaDB waits fractions of a second
