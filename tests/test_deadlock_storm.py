@@ -330,6 +330,126 @@ def test_the_users_own_lock_timeout_wins_inside_its_block(cell: Cell) -> None:
     assert attempts == [1]
 
 
+def balances(cell: Cell) -> dict[int, int]:
+    with cell.sync_engine().connect() as conn:
+        return {r.id: r.balance for r in conn.execute(select(accounts))}
+
+
+def held_for(cell: Cell, seconds: float) -> threading.Thread:
+    """Account 2 locked by another connection for ``seconds`` (the thread to join)."""
+    seed(cell, 2)
+    held = threading.Event()
+    holder = threading.Thread(target=hold_row, args=(cell, 2, seconds, held))
+    holder.start()
+    assert held.wait(BARRIER_TIMEOUT)
+    return holder
+
+
+@pytest.mark.cells("postgresql+psycopg2", "postgresql+asyncpg")
+@pytest.mark.parametrize(
+    "retry_on",
+    [{LockErrorKind.DEADLOCK}, lambda exc: locksafe.classify(exc) is LockErrorKind.DEADLOCK],
+    ids=["kinds", "predicate"],
+)
+def test_a_retry_on_without_lock_timeout_still_waits_for_a_held_row(
+    cell: Cell, retry_on: Any
+) -> None:
+    """``retry_on`` that leaves lock timeouts out: a wait the early bound ended is locksafe's,
+    not the server's, and goes on in the next attempt whatever ``retry_on`` says (found by a
+    new-user review: the call failed after 50 ms on a row held 0.3 s)."""
+    engine = engine_for(cell)
+    elapsed, attempts, seen = wait_behind_holder(cell, engine, 0.3, retry_on=retry_on)
+    assert elapsed >= 0.25
+    assert attempts > 1, "the early bound was not applied"
+    assert {d.kind for d in seen} == {LockErrorKind.LOCK_TIMEOUT}
+
+
+@pytest.mark.cells("postgresql+psycopg2", "postgresql+asyncpg")
+@pytest.mark.parametrize("handling", ["returns", "raises its own error"])
+def test_a_function_that_catches_the_early_bounds_timeout_is_run_again(
+    cell: Cell, handling: str
+) -> None:
+    """The function catches the lock error in a savepoint (as docs/row-locks.md shows) and
+    answers "busy": it never asked for a 20 ms bound, and stock it would have waited for the
+    row. The attempt is void (not committed: its "busy" is not the answer) and the wait goes
+    on in the next one, so the work is done (found by a new-user review: "busy, skipped" was
+    committed with the work not done)."""
+    from sqlalchemy.exc import DBAPIError
+
+    class Busy(Exception):
+        pass
+
+    engine = engine_for(cell)
+    holder = held_for(cell, 0.5)
+    answers: list[str] = []
+
+    def step(session: Session) -> str:
+        lock(session, 1)
+        try:
+            with session.begin_nested():
+                lock(session, 2)
+                move(session, 2, 1, 5)
+            answers.append("processed")
+            return "processed"
+        except DBAPIError as exc:  # asyncpg's lock timeout is no OperationalError
+            if locksafe.classify(exc) is None:
+                raise
+            answers.append("busy")
+            session.execute(
+                update(accounts).where(accounts.c.id == 1).values(balance=accounts.c.balance + 1)
+            )
+            if handling == "returns":
+                return "busy"
+            raise Busy from exc
+
+    try:
+        result = transfer_function(cell, step)(engine)
+    finally:
+        holder.join(BARRIER_TIMEOUT)
+    assert result == "processed"
+    assert answers[-1] == "processed", answers
+    assert "busy" in answers, answers
+    assert balances(cell) == {1: 105, 2: 95}  # the "busy" attempts' +1 rolled back
+
+
+@pytest.mark.cells("postgresql+psycopg2")
+def test_the_users_own_lock_timeout_is_not_taken_for_the_early_bound(
+    cell: Cell, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lock timeout of the user's own ``lock_timeout(session, 0.3)`` block is theirs: logged
+    as a WARNING like any lock timeout, never as the early bound's (INFO), and each attempt
+    waits the user's 0.3 s (found by a new-user review: "its early bound, 0.020s" was logged
+    at INFO for a 0.3 s wait)."""
+    import logging
+
+    engine = engine_for(cell)
+    holder = held_for(cell, 2.0)
+    logging.getLogger("locksafe.transactions").setLevel(logging.INFO)
+    caplog.set_level(logging.INFO, logger="locksafe.transactions")
+    waits: list[float] = []
+
+    def step(session: Session) -> None:
+        lock(session, 1)
+        began = time.monotonic()
+        try:
+            with locksafe.lock_timeout(session, 0.3):
+                lock(session, 2)
+        finally:
+            waits.append(time.monotonic() - began)
+
+    try:
+        with pytest.raises(locksafe.LockUnavailable):
+            transfer_function(cell, step, attempts=3, wait_initial=0.01, wait_max=0.01)(engine)
+    finally:
+        holder.join(BARRIER_TIMEOUT)
+    assert len(waits) == 3, waits
+    assert all(wait >= 0.25 for wait in waits), waits
+    retried = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retried) == 2, [r.getMessage() for r in caplog.records]
+    assert all(r.levelno == logging.WARNING for r in retried)
+    assert not any("early bound" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.cells("mariadb")
 def test_mariadb_lock_waits_are_left_to_the_server(cell: Cell) -> None:
     """InnoDB detects deadlocks at once (no ``deadlock_detection_delayed``): a legitimate

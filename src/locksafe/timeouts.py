@@ -63,6 +63,14 @@ RESTORE_KEY: Final = "locksafe.lock_timeout.restore"
 #: pick the cheaper way next time; never taken for the value).
 SEEN_KEY: Final = "locksafe.lock_timeout.seen"
 
+#: Connection (a checkout: gone with it) -> the block whose early bound governs its lock waits
+#: (see :func:`lock_waits_until`), told when a statement there fails.
+_early_blocks: weakref.WeakKeyDictionary[Connection, LockTimeout] = weakref.WeakKeyDictionary()
+
+#: Connection -> how many blocks inside that one set their own bound on it (while one does, a
+#: lock timeout there is theirs, not the early bound's).
+_overrides: weakref.WeakKeyDictionary[Connection, int] = weakref.WeakKeyDictionary()
+
 #: The class-level listeners installed (each once, on first use).
 _listening: set[str] = set()
 _listening_lock = threading.Lock()
@@ -126,7 +134,15 @@ _Restore: TypeAlias = tuple[str, dict[str, Any]]
 class _Applied:
     """One connection whose setting a block changed, and the SQL that sets it back."""
 
-    __slots__ = ("connection", "owns_key", "restore", "setting", "transaction")
+    __slots__ = (
+        "connection",
+        "early",
+        "overrides",
+        "owns_key",
+        "restore",
+        "setting",
+        "transaction",
+    )
 
     def __init__(
         self,
@@ -141,6 +157,10 @@ class _Applied:
         self.restore = restore
         self.transaction = transaction
         self.owns_key = owns_key
+        #: This block's early bound governs the connection's waits (``EARLY_KEY``).
+        self.early = False
+        #: This block set its own bound inside an early-bound one (``OVERRIDE_KEY``).
+        self.overrides = False
 
     def live(self) -> bool:
         """Whether the setting is still this block's to set back: the connection is checked
@@ -264,11 +284,13 @@ class LockTimeout:
         #: @transactional's early bound (seconds), on servers whose deadlock detection is
         #: delayed (:func:`lock_waits_until`).
         self._early = early
-        #: Called when the early bound applies to a connection of this block.
-        self.on_early: Callable[[], object] | None = None
+        #: Called with the error when a statement's lock wait on a connection this block's
+        #: early bound governs ends in an error (the bound may have ended it).
+        self.on_early_error: Callable[[BaseException], object] | None = None
         self._session: Session | None = None
         self._applied: list[_Applied] = []
         self._entered = False
+        self._early_now = False
 
     # -- with / async with ---------------------------------------------------------------------
 
@@ -347,10 +369,16 @@ class LockTimeout:
             return
         assert setting is not None
         seconds = self._seconds() if callable(self._seconds) else self._seconds
-        if self._early is not None and support is not None and support.deadlock_detection_delayed:
-            seconds = min(seconds, self._early)
-            if self.on_early is not None:
-                self.on_early()
+        early = (
+            self._early is not None
+            and support is not None
+            and support.deadlock_detection_delayed
+            and self._early < seconds
+        )
+        if early:
+            assert self._early is not None
+            seconds = self._early
+        self._early_now = early
         if not math.isfinite(seconds):
             return  # no deadline, no early bound: nothing to bound
         wanted = setting.value(max(0.0, seconds), conn.dialect)
@@ -402,9 +430,17 @@ class LockTimeout:
             if owns_key:  # the outermost block's value, for the pool to set back if need be
                 _listen_to_pools()
                 conn.info[RESTORE_KEY] = restore[0]
-        self._applied.append(
-            _Applied(conn, setting, restore, conn.get_transaction() if scoped else None, owns_key)
+        applied = _Applied(
+            conn, setting, restore, conn.get_transaction() if scoped else None, owns_key
         )
+        if self._early_now:
+            _listen_once(Engine, "handle_error", _early_bound_error)
+            _early_blocks[conn] = self
+            applied.early = True
+        elif conn in _early_blocks:  # a bound of its own inside an early-bound block
+            _overrides[conn] = _overrides.get(conn, 0) + 1
+            applied.overrides = True
+        self._applied.append(applied)
 
     def _finish(self, *, failed: bool) -> None:
         session, self._session = self._session, None
@@ -418,6 +454,7 @@ class LockTimeout:
         self._entered = False
         error: BaseException | None = None
         for one in reversed(applied):  # the innermost first
+            _forget_early(one, self)
             try:
                 self._set_back(one, quiet=failed or not self._strict)
             except Exception as exc:
@@ -450,6 +487,33 @@ class LockTimeout:
             raise
         if applied.owns_key:
             conn.info.pop(RESTORE_KEY, None)
+
+
+def _forget_early(applied: _Applied, block: LockTimeout) -> None:
+    """At a block's end: its early bound, or its own bound inside one, no longer governs."""
+    conn = applied.connection
+    if applied.early and _early_blocks.get(conn) is block:
+        del _early_blocks[conn]
+        _overrides.pop(conn, None)
+    elif applied.overrides and conn in _overrides:
+        left = _overrides[conn] - 1
+        if left > 0:
+            _overrides[conn] = left
+        else:
+            del _overrides[conn]
+
+
+def _early_bound_error(context: Any) -> None:
+    """``handle_error``: a statement failed on a connection an early bound governs (and no
+    bound of the caller's own inside it): its block is told, and decides whether the early
+    bound ended a lock wait."""
+    conn = context.connection
+    if conn is None or context.is_disconnect or not _early_blocks:
+        return
+    block = _early_blocks.get(conn)
+    if block is None or _overrides.get(conn) or block.on_early_error is None:
+        return
+    block.on_early_error(context.sqlalchemy_exception or context.original_exception)
 
 
 def lock_timeout(

@@ -542,8 +542,10 @@ class _Call:
         #: says: a COMMIT with an unknown outcome, work after a commit, misuse, an error of a
         #: call that joined its caller's transaction.
         self.settled: BaseException | None = None
-        #: The current attempt's early lock-wait bound (seconds), where it applied.
+        #: The current attempt's early lock-wait bound (seconds), where it ended a lock wait.
         self.early: float | None = None
+        #: The lock timeout the early bound caused in the current attempt (the first).
+        self.early_error: BaseException | None = None
         #: The next attempt is the last (the early bound cut a wait short near the deadline).
         self.final = False
 
@@ -575,6 +577,7 @@ class _Call:
             self.attempts += 1
             self.settled = None
             self.early = None
+            self.early_error = None
             try:
                 return await self.attempt(session)
             except Exception as exc:
@@ -606,18 +609,18 @@ class _Call:
         return (
             self.early is not None
             and not self.final
-            and classify_raised(error) is LockErrorKind.LOCK_TIMEOUT
+            and error is self.early_error
             and self.elapsed() < self.policy.timeout
         )
 
     def retries(self, error: Exception) -> bool:
         """Whether the call runs again after ``error``: never an error this attempt settled,
-        nor what no rule may retry (:func:`_never_retried`); else the policy's rule decides."""
-        return (
-            error is not self.settled
-            and not _never_retried(error)
-            and bool(self.policy.should_retry(error))
-        )
+        nor what no rule may retry (:func:`_never_retried`); a lock wait the early bound ended
+        always (the wait goes on in the next attempt, whatever ``retry_on`` says: it is
+        locksafe's, not the server's); else the policy's rule decides."""
+        if error is self.settled or _never_retried(error):
+            return False
+        return error is self.early_error or bool(self.policy.should_retry(error))
 
     # -- one attempt ------------------------------------------------------------------------
 
@@ -674,6 +677,7 @@ class _Call:
                 tx = getattr(begun, "sync_transaction", begun)
                 sync = getattr(session, "sync_session", session)
                 commits = _Commits(sync)
+                swallowed: PendingRollbackError | None = None
                 try:
                     with commits:
                         result = await steps.call(self.decorated.func, args, kwargs)
@@ -681,6 +685,10 @@ class _Call:
                     swallowed = _swallowed(sync, tx, operation)
                     if swallowed is not None:
                         raise swallowed
+                    if self.early_error is not None:
+                        # the function caught a lock wait the early bound ended (in a
+                        # savepoint) and returned: what it did instead is not committed
+                        raise self.early_error
                 except BaseException as exc:
                     body_error = exc
                     outcome = _outcome_of_body_error(
@@ -688,6 +696,18 @@ class _Call:
                     )
                     if outcome is not _CommitOutcome.NOT_COMMITTED:
                         self.may_have_committed(exc)
+                    elif (
+                        self.early_error is not None
+                        and exc is not self.early_error
+                        and exc is not swallowed  # locksafe's own word for it, as clear
+                        and isinstance(exc, Exception)
+                    ):
+                        # an error the function raised after catching the early bound's
+                        # lock timeout (its "busy"): the wait goes on in the next attempt
+                        body_error = self.early_error
+                        # as it was raised (its __cause__ is the driver's error); exc is its
+                        # __context__
+                        raise self.early_error  # noqa: B904
                     raise
         except BaseException as exc:
             error = self.exit_error(exc, body_error)
@@ -707,8 +727,15 @@ class _Call:
             return contextlib.nullcontext()
         block = lock_waits_until(session, self.started + self.policy.timeout, early)
         if early is not None:
-            block.on_early = lambda: setattr(self, "early", early)
+            block.on_early_error = functools.partial(self.early_bound_error, early)
         return block
+
+    def early_bound_error(self, bound: float, error: BaseException) -> None:
+        """A statement failed on a connection the attempt's early bound governs: if the bound
+        ended a lock wait (a lock timeout), the attempt is void, whatever the function does
+        with the error — its first such error goes up from the attempt, and is retried."""
+        if self.early_error is None and classify_raised(error) is LockErrorKind.LOCK_TIMEOUT:
+            self.early, self.early_error = bound, error
 
     def exit_error(self, exc: BaseException, body_error: BaseException | None) -> BaseException:
         """What to raise when the transaction block raised ``exc``; ``body_error`` is what the
@@ -1268,8 +1295,10 @@ def transactional(
     before (only ``timeout`` bounds it; and an early bound never makes the call give up before
     its deadline), so a legitimate long wait costs a few quick retries, and succeeds as
     before; with ``attempts=1`` there is no early bound. Inside a
-    :func:`~locksafe.lock_timeout` block of the function, that block's bound applies. Such
-    retries are logged at INFO, not WARNING (``on_retry`` sees them as any other):
+    :func:`~locksafe.lock_timeout` block of the function, that block's bound applies. A wait
+    the early bound ended is retried whatever ``retry_on`` says, and voids its attempt even if
+    the function caught the error (nothing of that attempt is committed). Such retries are
+    logged at INFO, not WARNING (``on_retry`` sees them as any other):
 
     .. code-block:: python
 

@@ -147,7 +147,10 @@ def _postgresql(conn: Connection) -> ServerFacts:
                 "deadlock_timeout",
                 deadlock.shown,
                 "a deadlock is found after this wait (40P01, classify: deadlock); "
-                "@transactional runs the victim's transaction again",
+                "@transactional runs the victim's transaction again — and by default its "
+                f"early attempts end lock waits sooner (early_lock_timeout={_early_default()} "
+                "s, doubling; none on the last attempt), so a deadlock costs milliseconds, "
+                "not this wait",
             )
         )
     isolation = settings.get("default_transaction_isolation")
@@ -217,7 +220,9 @@ def _mysql(conn: Connection, target: Target) -> ServerFacts:
             note = (
                 "InnoDB's default: a locking read (with_row_locks) reads the latest committed "
                 "row, a plain read the transaction's snapshot — read what you will write "
-                "under with_row_locks, or use READ-COMMITTED"
+                "under with_row_locks, or use READ-COMMITTED; a SKIP LOCKED work queue "
+                "deadlocks on next-key locks here (8 workers in bench/: 0.17x of 8 x one "
+                "worker, 0.81x under READ-COMMITTED): run its claims in READ-COMMITTED"
             )
         elif level == "READ-COMMITTED":
             note = "every read sees the latest commit; a locking read also locks the row"
@@ -377,3 +382,12 @@ def _sqlite(conn: Connection, target: Target) -> ServerFacts:
         )
     )
     return facts
+
+
+def _early_default() -> object:
+    """``@transactional``'s default ``early_lock_timeout`` (read from its signature)."""
+    import inspect
+
+    from locksafe.transactions import transactional
+
+    return inspect.signature(transactional).parameters["early_lock_timeout"].default
