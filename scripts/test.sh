@@ -380,7 +380,8 @@ fi
 if [[ -n $FLOOR_PY ]]; then
     leg floor "$FLOOR_PY" -p no:cacheprovider \
         tests/test_sa_private.py tests/test_layers.py tests/test_cache.py \
-        tests/test_commit_outcome.py tests/test_classify_unit.py \
+        tests/test_commit_outcome.py tests/test_classify_unit.py tests/test_classify_direct.py \
+        tests/test_steps.py \
         tests/test_sqlite_configure.py tests/test_sqlite_locking.py \
         tests/test_sqlite_app_shapes.py \
         tests/test_rowlocks_real.py tests/test_rowlocks_concurrency.py \

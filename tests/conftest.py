@@ -4,12 +4,16 @@
   ``@pytest.mark.cells(...)``); see :class:`harness.cells.Cell`.
 - ``servers``: the PostgreSQL and MariaDB servers of this run, started once, when a test first
   needs one (:class:`harness.cells.Servers`), stopped at the end of the run.
+- ``quiet_retries``: ``@transactional``'s retry lines (WARNING on ``locksafe.transactions``)
+  left out, for tests whose many retries are the point (``pytestmark =
+  pytest.mark.usefixtures("quiet_retries")``).
 
 Markers are registered in pyproject.toml (``--strict-markers``).
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +36,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "cell" in metafunc.fixturenames:
         specs = select_cells(metafunc.definition.get_closest_marker("cells"))
         metafunc.parametrize("cell", specs, indirect=True, ids=[spec.name for spec in specs])
+
+
+@pytest.fixture
+def quiet_retries() -> Iterator[None]:
+    logger = logging.getLogger("locksafe.transactions")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -44,17 +44,7 @@ accounts = Table(
 BARRIER_TIMEOUT = 10
 
 
-@pytest.fixture(autouse=True)
-def _quiet_retries() -> Iterator[None]:
-    import logging
-
-    logger = logging.getLogger("locksafe.transactions")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_retries")
 
 
 def engine_for(cell: Cell, *, deadlock_timeout: float = 5.0) -> Any:

@@ -25,9 +25,7 @@ mysql+pymysql); the full size runs 10,000 per driver cell on all 13 cells::
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -60,16 +58,7 @@ ATTEMPTS = 10
 LONG_FRACTION = 0.01 if SIZE.transfers > 1000 else 0.03
 
 
-@pytest.fixture(autouse=True)
-def _quiet_retries() -> Iterator[None]:
-    """Thousands of retries are the point here: their WARNING lines are counted, not shown."""
-    logger = logging.getLogger("locksafe.transactions")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_retries")
 
 
 def bank_engine(cell: Cell, threads: int) -> Any:

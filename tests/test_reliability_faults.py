@@ -23,12 +23,11 @@ CI runs the kills on one sync driver per server (postgresql+psycopg, mysql+pymys
 from __future__ import annotations
 
 import contextlib
-import logging
 import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +62,7 @@ from harness.reliability import (
 from locksafe import NEW_SESSION, LockUnavailable, is_retryable_lock_error, transactional
 from locksafe.testing import OtherConnection
 
-
-@pytest.fixture(autouse=True)
-def _quiet_retries() -> Iterator[None]:
-    logger = logging.getLogger("locksafe.transactions")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_retries")
 
 
 PID_SQL = {"postgresql": "SELECT pg_backend_pid()", "mariadb": "SELECT CONNECTION_ID()"}
