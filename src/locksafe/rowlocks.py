@@ -650,31 +650,6 @@ class _Found:
     verified: dict[tuple[Any, ...], bool] = field(default_factory=dict)
 
 
-_Lock = tuple[RowLockPlan, tuple[TableClause, ...], bool]
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """What executing one compiled statement with one execution-option value on one server
-    takes, once its per-statement checks passed (the locks are planned, rendered as planned):
-    what is left to check or do on each execution."""
-
-    value: object
-    dialect: Dialect
-    #: ``dialect.server_version_info`` when prepared: plans depend on the server's version.
-    version: object
-    #: (plan, tables it reads, whether it is the statement itself) of each lock.
-    locks: tuple[_Lock, ...]
-    #: Some lock is a clause (then a connection without a transaction is refused).
-    rows: bool
-    #: Some lock is a NOWAIT clause (a savepoint may surround it).
-    nowait_rows: bool
-    #: The dialect's step before a "database" lock, and the (plan, tables) it runs for, each
-    #: once.
-    hook: _LockingHook | None
-    database_locks: tuple[tuple[RowLockPlan, tuple[TableClause, ...]], ...]
-
-
 @dataclass
 class _Scan:
     """What one compiled statement holds for locksafe, found once per compiled form."""
@@ -682,9 +657,6 @@ class _Scan:
     found: tuple[_Found, ...]
     #: The tables the whole statement reads (for a lock requested by the execution option).
     tables: tuple[TableClause, ...]
-    #: The last execution prepared for this compiled statement (nearly always the only one:
-    #: one engine, one value); another value or server prepares again.
-    prepared: _Prepared | None = field(default=None, compare=False, repr=False)
 
 
 #: id(compiled statement) -> (weak reference to it, what it locks). SQLAlchemy caches compiled
@@ -787,62 +759,23 @@ def _before_cursor_execute(
 ) -> tuple[str, Any]:
     if context is None:
         return statement, parameters
-    compiled = context.compiled
-    if compiled is None:
-        return statement, parameters  # text run with exec_driver_sql: nothing locked
-    scan = _scan(compiled)
-    if scan is _NOTHING:
-        return statement, parameters  # the common case: nothing locked
     value = context.execution_options.get(OPTION)
+    compiled = context.compiled
+    scan = _NOTHING if compiled is None else _scan(compiled)
     if value is None and not scan.found:
-        return statement, parameters  # a FOR UPDATE of its own, not locksafe's
+        return statement, parameters  # the common case: nothing locked
     dialect = conn.dialect
-    prepared = scan.prepared
-    if (
-        prepared is None
-        or prepared.value is not value
-        or prepared.dialect is not dialect
-        or prepared.version is not getattr(dialect, "server_version_info", None)
-    ):
-        prepared = _prepare(scan, compiled, value, dialect)
-    locks = prepared.locks
-    if not locks:
-        return statement, parameters
-    if prepared.rows:
-        _refuse_autocommit(conn, locks)
-    streams = _streams(context)
-    if streams:
-        _refuse_streaming_that_loses_errors(dialect, locks)
-    elif prepared.nowait_rows and not executemany:
-        _savepoint_around_nowait(conn, context, locks)
-    hook = prepared.hook
-    if hook is not None:
-        for plan, tables in prepared.database_locks:
-            replacement = _call_hook(
-                hook, conn, cursor, context, plan, statement, parameters, tables
-            )
-            if replacement is not None:
-                return replacement, parameters  # nothing is read: no other lock is needed
-    return statement, parameters
-
-
-def _prepare(scan: _Scan, compiled: Compiled, value: Any, dialect: Dialect) -> _Prepared:
-    """Plan and check the locks of ``compiled`` executed with the execution-option ``value``
-    on ``dialect``'s server (raises what the statement is refused for), and remember it on the
-    scan: the checks depend on nothing else."""
-    version = getattr(dialect, "server_version_info", None)
-    top: Any = getattr(compiled, "statement", None)
-    # Where the statement itself locks nothing, the lock, if any, is nested: found by the scan.
-    value_plan = None if value is not None and not _is_locked_select(top) else value
-    locks: list[_Lock] = []
-    if value_plan is not None:
-        plan = _plan_of(value_plan, dialect)
+    if value is not None and not _is_locked_select(getattr(compiled, "statement", None)):
+        value = None  # the lock, if any, is nested: found by the scan
+    locks: list[tuple[RowLockPlan, tuple[TableClause, ...], bool]] = []
+    if value is not None:
+        plan = _plan_of(value, dialect)
         if plan is not None:
-            compound = isinstance(top, CompoundSelect)
+            compound = isinstance(getattr(compiled, "statement", None), CompoundSelect)
             _refuse_unrendered(plan, dialect, compound=compound, nested=False)
             locks.append((plan, scan.tables, True))
     for found in scan.found:
-        if found.top and value_plan is not None:
+        if found.top and value is not None:
             continue  # planned above, from the statement's own option
         plan = _plan_of(found.value, dialect)
         if plan is None:
@@ -851,19 +784,15 @@ def _prepare(scan: _Scan, compiled: Compiled, value: Any, dialect: Dialect) -> _
         if plan.mechanism == "row":
             _verify_rendered(found, plan, dialect)
         locks.append((plan, scan.tables if found.top else found.tables, found.top))
-    hook, database_locks = _database_locks(dialect, locks)
-    prepared = _Prepared(
-        value=value,
-        dialect=dialect,
-        version=version,
-        locks=tuple(locks),
-        rows=any(plan.mechanism == "row" for plan, _, _ in locks),
-        nowait_rows=any(plan.mechanism == "row" and plan.effective.nowait for plan, _, _ in locks),
-        hook=hook,
-        database_locks=database_locks,
-    )
-    scan.prepared = prepared
-    return prepared
+    if not locks:
+        return statement, parameters
+    _refuse_autocommit(conn, locks)
+    streams = _streams(context)
+    if streams:
+        _refuse_streaming_that_loses_errors(dialect, locks)
+    if not streams and not executemany:
+        _savepoint_around_nowait(conn, context, locks)
+    return _take_database_locks(conn, cursor, context, statement, parameters, locks)
 
 
 def _autocommit(conn: object) -> str | None:
@@ -882,7 +811,9 @@ def _autocommit(conn: object) -> str | None:
     return None
 
 
-def _refuse_autocommit(conn: Connection, locks: Sequence[_Lock]) -> None:
+def _refuse_autocommit(
+    conn: Connection, locks: list[tuple[RowLockPlan, tuple[TableClause, ...], bool]]
+) -> None:
     """A row lock lasts until the transaction ends; without a transaction it ends with the
     statement, so the SELECT would lock nothing that outlives it. Refuse, before it is sent
     (SQLite's hook refuses its "database" lock there in its own words)."""
@@ -909,10 +840,15 @@ def _streams(context: ExecutionContext) -> bool:
     ``stream_results`` / ``yield_per``, or chosen by the dialect for every SELECT
     (``create_engine(server_side_cursors=True)``). SQLAlchemy records its choice on the
     execution context when it creates the cursor, before ``before_cursor_execute``."""
-    return bool(is_server_side(context) or context.execution_options.get("stream_results"))
+    return bool(
+        is_server_side(context)
+        or context.execution_options.get("stream_results")
+    )
 
 
-def _refuse_streaming_that_loses_errors(dialect: Dialect, locks: Sequence[_Lock]) -> None:
+def _refuse_streaming_that_loses_errors(
+    dialect: Dialect, locks: list[tuple[RowLockPlan, tuple[TableClause, ...], bool]]
+) -> None:
     """Some drivers end a streamed result quietly when the server reports an error while rows
     are fetched (the dialect module lists them): a row lock that fails half-way would return
     a truncated result, silently. Refuse, before anything runs. SKIP LOCKED never waits for
@@ -1015,22 +951,25 @@ def _verify_rendered(found: _Found, plan: RowLockPlan, dialect: Dialect) -> None
         )
 
 
-def _database_locks(
-    dialect: Dialect, locks: list[_Lock]
-) -> tuple[_LockingHook | None, tuple[tuple[RowLockPlan, tuple[TableClause, ...]], ...]]:
-    """The dialect's step before each lock planned as a "database" lock (SQLite), and the
-    (plan, tables) it is run for, each once."""
-    if not any(plan.mechanism == "database" for plan, _, _ in locks):
-        return None, ()
-    support = support_for(dialect.name)
-    hook = support.before_locking_select if support is not None else None
-    if hook is None:  # only a dialect with this hook plans "database" locks
-        return None, ()
-    calls: list[tuple[RowLockPlan, tuple[TableClause, ...]]] = []
+def _take_database_locks(
+    conn: Connection,
+    cursor: DBAPICursor,
+    context: ExecutionContext,
+    statement: str,
+    parameters: Any,
+    locks: list[tuple[RowLockPlan, tuple[TableClause, ...], bool]],
+) -> tuple[str, Any]:
+    """Run the dialect's step before each lock planned as a "database" lock (SQLite)."""
+    hook: _LockingHook | None = None
     done: set[tuple[Any, ...]] = set()
     for plan, tables, top in locks:
         if plan.mechanism != "database":
             continue
+        if hook is None:
+            support = support_for(conn.dialect.name)
+            hook = support.before_locking_select if support is not None else None
+            if hook is None:  # only a dialect with this hook plans "database" locks
+                return statement, parameters
         if not top and plan.effective.skip_locked:
             # Skipping means the whole statement returns no rows; a SELECT nested in another
             # statement cannot be made to return none, so it fails at once instead of waiting.
@@ -1040,8 +979,10 @@ def _database_locks(
         if key in done:
             continue
         done.add(key)
-        calls.append((plan, tables))
-    return hook, tuple(calls)
+        replacement = _call_hook(hook, conn, cursor, context, plan, statement, parameters, tables)
+        if replacement is not None:
+            return replacement, parameters  # nothing is read: no other lock is needed
+    return statement, parameters
 
 
 _LockingHook = Callable[
@@ -1119,7 +1060,9 @@ _savepoints: dict[int, tuple[weakref.ref[Any], Any]] = {}
 
 
 def _savepoint_around_nowait(
-    conn: Connection, context: ExecutionContext, locks: Sequence[_Lock]
+    conn: Connection,
+    context: ExecutionContext,
+    locks: list[tuple[RowLockPlan, tuple[TableClause, ...], bool]],
 ) -> None:
     """Set locksafe's savepoint before a NOWAIT locking SELECT that runs in a transaction on
     a server that aborts transactions on errors; statements without NOWAIT pay nothing."""

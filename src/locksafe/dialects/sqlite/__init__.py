@@ -46,7 +46,6 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from sqlalchemy import CompoundSelect, Select, Table
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 
-from locksafe._cache import Memo
 from locksafe._sa import (
     adapted_driver_connection,
     is_autocommit_isolation,
@@ -220,11 +219,11 @@ def _driver_autocommit(dbapi_connection: Any) -> bool:
 
 
 def _in_transaction(dbapi_connection: Any, unknown: bool = True) -> bool:
-    value = getattr(dbapi_connection, "in_transaction", None)  # sqlite3 itself: pysqlite
-    if isinstance(value, bool):
-        return value
-    value = getattr(adapted_driver_connection(dbapi_connection), "in_transaction", None)
-    return value if isinstance(value, bool) else unknown
+    for candidate in (dbapi_connection, adapted_driver_connection(dbapi_connection)):
+        value = getattr(candidate, "in_transaction", None)
+        if isinstance(value, bool):
+            return value
+    return unknown
 
 
 def adopt_a_transaction_in_progress(connection: Connection) -> bool:
@@ -384,8 +383,6 @@ _holders_lock = threading.Lock()
 #: this call is part of and waits for" — not merely in this thread: a thread pool's thread
 #: moves on to other requests while a transaction it began is finished elsewhere.
 _call: contextvars.ContextVar[tuple[object, ...]] = contextvars.ContextVar("locksafe_sqlite_call")
-
-
 def main_file(dbapi_connection: Any) -> str:
     """The main database's file name ("" in memory), read without taking any lock."""
     cursor = dbapi_connection.cursor()
@@ -632,6 +629,7 @@ def wait_for_write_lock(
         cursor.execute(f"PRAGMA busy_timeout = {timeout_ms:d}")
 
 
+
 def owe_begin(connection: Connection, sql: str, *, lazy: bool = False) -> None:
     """Record that ``connection``'s new transaction still needs ``sql`` (``BEGIN``,
     ``BEGIN IMMEDIATE`` or ``BEGIN EXCLUSIVE``; ``lazy``: not before the first statement that
@@ -734,7 +732,9 @@ def pay_owed_begin(
     if owed.begun:
         refuse_to_wait_on_ourselves(connection)
         locks = _every_database(cursor)
-        wait_for_write_lock(connection, cursor, lambda: _take_or_raise(connection, cursor, locks))
+        wait_for_write_lock(
+            connection, cursor, lambda: _take_or_raise(connection, cursor, locks)
+        )
         holds_write_lock(connection)
     else:
         if owed.takes_write_lock:
@@ -848,31 +848,12 @@ class _Attempt:
     failed: _Lock | None = None
 
 
-#: The lock statements of a statement's tables (without a ``schema_translate_map``), by the
-#: tables themselves: a Table's name, schema and prefixes are fixed when it is made.
-_table_locks: Memo[tuple[TableClause, ...], tuple[_Lock, ...]] = Memo(
-    "sqlite.table_locks", maxsize=1024
-)
-
-
 def _locks_for_tables(context: ExecutionContext, tables: Sequence[TableClause]) -> list[_Lock]:
     """One no-op write per database the SELECT's tables live in. A name without a schema is
     resolved by SQLite (temp, main, then each attached database), so each such table gets its
     own; databases come in a fixed order, so that two connections take them in the same order.
     """
-    translate = context.execution_options.get("schema_translate_map")
-    if translate or not isinstance(tables, tuple):
-        return _make_locks_for_tables(translate or {}, tables)
-    return list(_table_locks.get_or_make(tables, _locks_without_translation))
-
-
-def _locks_without_translation(tables: tuple[TableClause, ...]) -> tuple[_Lock, ...]:
-    return tuple(_make_locks_for_tables({}, tables))
-
-
-def _make_locks_for_tables(
-    translate: dict[str | None, str | None], tables: Sequence[TableClause]
-) -> list[_Lock]:
+    translate = context.execution_options.get("schema_translate_map") or {}
     found: dict[tuple[bool, str, str], _Lock] = {}
     for table in tables:
         schema = translate.get(table.schema, table.schema)
@@ -1066,22 +1047,7 @@ def take_write_lock(
     fail_fast = requested.nowait or requested.skip_locked
     connection = context.root_connection
     dbapi_connection = connection.connection.dbapi_connection
-    owed = _owed.get(connection) if _owed else None
-    if owed is None and not fail_fast and _in_transaction(dbapi_connection):
-        # The common case, as below without its branches: inside a transaction that owes
-        # nothing, wait (fairly is not needed: this transaction may have read already).
-        # Both guards below are about a database file: nothing to do for one in memory.
-        path = _path_of(connection)
-        locks = _locks_for_tables(context, tables) if tables else _every_database(cursor)
-        if path:
-            refuse_to_wait_on_ourselves(connection)
-        attempt = _Attempt()
-        _take(cursor, locks, attempt)
-        if attempt.read_only and not attempt.taken:
-            raise _read_only(plan, attempt.read_only)
-        if attempt.taken and path:
-            holds_write_lock(connection)
-        return None
+    owed = _owed.get(connection)
     if owed is not None and not owed.begun and adopt_a_transaction_in_progress(connection):
         owed = None  # begun by the application or by sqlite3 itself: lock inside it
     if owed is not None and not owed.begun:
@@ -1197,6 +1163,7 @@ SUPPORT = DialectSupport(
 
 
 # -- named locks (locksafe.named_lock): a lock file next to the database ------------------------
+
 
 
 try:
